@@ -1,0 +1,22 @@
+"""trio-collector: a telemetry collector for IoT sensors.
+
+Sensors register over TCP (or with an authenticated UDP HELLO) and send heartbeats and readings
+as authenticated UDP datagrams; the collector keeps one session per device and knows at every
+moment which devices are alive, and why the others are not.
+"""
+
+from .app import Addresses, Collector, CollectorStatistics, DeviceStatistics, ShutdownReport
+from .config import Config, load_config
+from .devices import DeviceRegistry
+
+__all__ = [
+    "Addresses",
+    "Collector",
+    "CollectorStatistics",
+    "Config",
+    "DeviceRegistry",
+    "DeviceStatistics",
+    "ShutdownReport",
+    "load_config",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,364 @@
+"""The collector: one nursery tree holding the UDP ingest server, the TCP control server, the
+device sessions and the commands, plus the graceful shutdown that drains them.
+
+    Collector.serve()
+    ├── SessionRegistry.serve()     one task per live session (deadline = liveness)
+    ├── CommandManager.serve()      one task per open command (delivery, retransmit, timeout)
+    ├── serve_udp()                 datagrams -> Ingest (batched)
+    └── ControlServer.serve()       control connections (one handler task each)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from . import control
+from .commands import CommandManager, CommandRecord
+from .config import Config, DeviceConfigRule
+from .datagram import DatagramType, encode_datagram, encode_goodbye_payload
+from .events import Event, Listener
+from .ingest import Ingest
+from .sessions import Session, SessionRecord, SessionRegistry
+from .tcp_server import ControlServer
+from .udp_server import serve_udp
+
+log = logging.getLogger("collector")
+
+
+@attrs.frozen
+class Addresses:
+    tcp: tuple[Any, ...]
+    udp: tuple[Any, ...]
+
+
+@attrs.frozen
+class DeviceStatistics:
+    device_id: str
+    online: bool
+    session_id: int | None
+    transport: str | None
+    address: str | None
+    datagrams: int
+    readings: int
+    lost: int
+    duplicates: int
+    out_of_order: int
+    malformed: int
+    address_changes: int
+    sessions: int
+    last_seen: float | None
+    online_since: float | None
+    offline_since: float | None
+    offline_reason: str | None
+    history: tuple[SessionRecord, ...]
+
+    @property
+    def loss_ratio(self) -> float:
+        expected = self.datagrams + self.lost
+        return self.lost / expected if expected else 0.0
+
+
+@attrs.frozen
+class CollectorStatistics:
+    uptime: float
+    devices: Mapping[str, DeviceStatistics]
+    devices_online: int
+    datagrams_received: int
+    datagrams_accepted: int
+    readings: int
+    rejected: Mapping[str, int]
+    replies_sent: int
+    send_errors: int
+    address_changes: int
+    sessions_opened: int
+    sessions_ended: Mapping[str, int]
+    tcp_connections_active: int
+    tcp_connections_total: int
+    control_errors: Mapping[str, int]
+    commands: Mapping[str, int]
+    command_retransmits: int
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+@attrs.frozen
+class ShutdownReport:
+    devices: int
+    sessions_ended: int
+    datagrams_accepted: int
+    datagrams_lost: int
+    datagrams_rejected: int
+    rejected: Mapping[str, int]
+    commands_answered_in_grace: int
+    commands_abandoned: int
+    duration: float
+    clean: bool
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items() if v)
+        return (
+            f"shutdown {'complete' if self.clean else 'forced after grace'} in {self.duration:.2f}s: "
+            f"{self.devices} devices, {self.sessions_ended} sessions ended; "
+            f"datagrams accepted {self.datagrams_accepted}, lost {self.datagrams_lost}, "
+            f"rejected {self.datagrams_rejected}"
+            + (f" ({reasons})" if reasons else "")
+            + f"; commands abandoned {self.commands_abandoned}"
+        )
+
+
+class Collector:
+    def __init__(
+        self,
+        config: Config,
+        devices: Mapping[str, str],
+        *,
+        wall: Callable[[], float] = time.time,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.config = config
+        self.devices = devices
+        self.wall = wall
+        self.listeners: list[Listener] = list(listeners)
+        self.device_config: list[DeviceConfigRule] = list(config.device_config)
+        self.registry = SessionRegistry(
+            timeout=config.timeout,
+            max_devices=config.max_devices,
+            window_blocks=config.replay_window_blocks,
+            wall=wall,
+            emit=self._emit,
+        )
+        self.ingest = Ingest(
+            self.registry,
+            devices,
+            heartbeat_interval=config.heartbeat_interval,
+            timeout=config.timeout,
+            max_datagram=config.max_datagram,
+            wall=wall,
+            listeners=self.listeners,
+            rate_limit=config.log_rate_limit,
+        )
+        self.commands = CommandManager(
+            self.registry,
+            known_device=lambda d: d in self.devices,
+            send_datagram=self.ingest.send_datagram,
+            wall=wall,
+            emit=self._emit,
+            timeout=config.command_timeout,
+            expiry=config.command_expiry,
+            queue_limit=config.command_queue,
+            retransmit_initial=config.command_retransmit_initial,
+            retransmit_max=config.command_retransmit_max,
+        )
+        self.ingest.commands = self.commands
+        self.control = ControlServer(self)
+        self.accepting = True
+        self.tcp_address: tuple[Any, ...] | None = None
+        self.udp_address: tuple[Any, ...] | None = None
+        self.started_at = 0.0
+        self.stopped_at: float | None = None
+        self._stop = trio.Event()
+        self._shutdown_report: ShutdownReport | None = None
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until `shutdown()` finishes (or the caller cancels). Reports the bound addresses."""
+        cfg = self.config
+        self.started_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.registry.serve)
+            await nursery.start(self.commands.serve)
+            self.udp_address = await nursery.start(
+                functools.partial(
+                    serve_udp, self.ingest, cfg.host, cfg.udp_port, rcvbuf=cfg.udp_rcvbuf
+                )
+            )
+            self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)
+            task_status.started(Addresses(self.tcp_address, self.udp_address))
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    async def shutdown(self, grace: float | None = None) -> ShutdownReport:
+        """Stop accepting, let in-flight commands finish, say goodbye to every device, stop.
+
+        Everything after "stop accepting" shares one grace period; whatever is still running
+        when it runs out is cancelled. Returns what was done.
+        """
+        if self._shutdown_report is not None:
+            return self._shutdown_report
+        grace = self.config.shutdown_grace if grace is None else grace
+        start = trio.current_time()
+        deadline = start + grace
+        log.info("shutting down: no new connections or registrations (grace %.1fs)", grace)
+        self.accepting = False
+        self.ingest.accepting_hellos = False
+        self.commands.stop_accepting()
+        self.control.stop_accepting()
+        abandoned = self.commands.expire_queued("the collector is shutting down")
+        in_flight = len([c for c in self.commands.in_flight if c.state == "sent"])
+        with trio.move_on_at(deadline):
+            await self.commands.wait_sent_finished()
+        answered = in_flight - len([c for c in self.commands.in_flight if c.state == "sent"])
+        for session in list(self.registry.online.values()):
+            self._goodbye_udp(session, "shutdown")
+        ended = self.registry.end_all("shutdown")
+        with trio.move_on_at(deadline):
+            await self.control.handlers_done.wait()
+        clean = trio.current_time() < deadline
+        abandoned += len(self.commands.in_flight)
+        stats = self.ingest
+        rejected = dict(stats.rejected)
+        self._shutdown_report = ShutdownReport(
+            devices=len(self.registry.devices),
+            sessions_ended=ended,
+            datagrams_accepted=stats.accepted,
+            datagrams_lost=sum(d.lost for d in self.registry.devices.values()),
+            datagrams_rejected=sum(rejected.values()),
+            rejected=rejected,
+            commands_answered_in_grace=answered,
+            commands_abandoned=abandoned,
+            duration=trio.current_time() - start,
+            clean=clean,
+        )
+        self.stopped_at = trio.current_time()
+        self._stop.set()
+        return self._shutdown_report
+
+    def _emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            listener.on_event(event)
+
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)  # shared with Ingest
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    def config_for(self, device_id: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for rule in self.device_config:
+            if rule.applies_to(device_id):
+                merged.update(rule.config)
+        return merged
+
+    def push_config(self, match: str, config: Mapping[str, Any]) -> list[str]:
+        """Send configuration to every online device whose id matches the glob `match`.
+
+        The rule is also kept, so devices that register later get it in their welcome.
+        TCP devices get a `config` line; UDP-only devices a `config` command (retransmitted).
+        Returns the ids of the online devices it went to.
+        """
+        self.device_config.append(DeviceConfigRule(match, dict(config)))
+        sent = []
+        for device_id, session in list(self.registry.online.items()):
+            if not fnmatch.fnmatchcase(device_id, match):
+                continue
+            if session.outbox is not None:
+                try:
+                    session.outbox.send_nowait(control.Config(dict(config)))
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    self.control.errors["outbox_full"] += 1
+                    log.warning("config for %s dropped: control channel full", device_id)
+                    continue
+            else:
+                self.commands.submit(device_id, "config", dict(config))
+            sent.append(device_id)
+        log.info("config pushed to %d devices matching %r", len(sent), match)
+        return sent
+
+    def send_command(
+        self,
+        device_id: str,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        expires_in: float | None = None,
+    ) -> CommandRecord:
+        return self.commands.submit(device_id, name, args, timeout=timeout, expires_in=expires_in)
+
+    def kick(self, device_id: str) -> bool:
+        session = self.registry.online.get(device_id)
+        if session is None:
+            return False
+        self._goodbye_udp(session, "kicked")
+        self.registry.end(session, "kicked")
+        return True
+
+    def _goodbye_udp(self, session: Session, reason: str) -> None:
+        if session.transport != "udp" or session.address is None:
+            return
+        data = encode_datagram(
+            session.key,
+            DatagramType.GOODBYE,
+            session.session_id,
+            session.next_out_seq(),
+            int(self.wall() * 1e6),
+            encode_goodbye_payload(reason),
+        )
+        self.ingest.send_datagram(data, session.address)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def statistics(self) -> CollectorStatistics:
+        devices = {}
+        for device_id, d in self.registry.devices.items():
+            s = d.session
+            devices[device_id] = DeviceStatistics(
+                device_id=device_id,
+                online=s is not None,
+                session_id=s.session_id if s else None,
+                transport=s.transport if s else None,
+                address=d.address,
+                datagrams=d.datagrams,
+                readings=d.readings,
+                lost=d.lost,
+                duplicates=d.duplicates,
+                out_of_order=d.out_of_order,
+                malformed=d.malformed,
+                address_changes=d.address_changes,
+                sessions=d.sessions,
+                last_seen=d.last_seen,
+                online_since=d.online_since,
+                offline_since=d.offline_since,
+                offline_reason=d.offline_reason,
+                history=tuple(d.history),
+            )
+        ing = self.ingest
+        return CollectorStatistics(
+            uptime=(self.stopped_at or trio.current_time()) - self.started_at,
+            devices=devices,
+            devices_online=len(self.registry.online),
+            datagrams_received=ing.received,
+            datagrams_accepted=ing.accepted,
+            readings=ing.readings,
+            rejected=dict(ing.rejected),
+            replies_sent=ing.replies_sent,
+            send_errors=ing.send_errors,
+            address_changes=ing.address_changes,
+            sessions_opened=self.registry.opened,
+            sessions_ended=dict(self.registry.ended_by_reason),
+            tcp_connections_active=self.control.active,
+            tcp_connections_total=self.control.accepted,
+            control_errors=dict(self.control.errors),
+            commands=dict(self.commands.by_state),
+            command_retransmits=self.commands.retransmits,
+        )
+
+
+def statistics_to_json(stats: CollectorStatistics) -> dict[str, Any]:
+    out = attrs.asdict(stats, recurse=True)
+    for device_id, d in stats.devices.items():
+        out["devices"][device_id]["loss_ratio"] = d.loss_ratio
+    return out

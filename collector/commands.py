@@ -1,0 +1,321 @@
+r"""Server-to-device commands and their life cycle.
+
+    queued --> sent --> acked        (the device ran it; `result` holds its answer)
+       |         \----> failed       (the device reported an error, or its session ended)
+       |          \---> timed_out    (no answer within `timeout` of the first send)
+       \--------------> expired      (not sent within `expires_in`: the device never came online)
+
+Over TCP a command is one `command` line, answered by one `ack` line. Over UDP it is a COMMAND
+datagram with ACK_REQUESTED, retransmitted (same bytes, same sequence number) with capped
+exponential backoff until the device's ACK arrives or the command times out.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from . import control
+from .datagram import DatagramType, Flag, encode_command_payload, encode_datagram
+from .events import CommandUpdate, Event
+
+if TYPE_CHECKING:
+    from .sessions import Session, SessionRegistry
+
+log = logging.getLogger("collector.commands")
+
+FINAL_STATES = frozenset({"acked", "failed", "timed_out", "expired"})
+KEEP_FINISHED = 1000
+
+
+class CommandError(Exception):
+    """A command could not be accepted (unknown device, queue full, collector stopping)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define(eq=False)
+class CommandRecord:
+    id: str
+    device_id: str
+    name: str
+    args: Mapping[str, Any]
+    timeout: float
+    expires_at: float  # trio clock
+    created: float  # wall clock
+    state: str = "queued"
+    updated: float = 0.0
+    result: Any = None
+    error: str | None = None
+    attempts: int = 0
+    transport: str | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class CommandManager:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        *,
+        known_device: Callable[[str], bool],
+        send_datagram: Callable[[bytes, Any], bool],
+        wall: Callable[[], float],
+        emit: Callable[[Event], None],
+        timeout: float,
+        expiry: float,
+        queue_limit: int,
+        retransmit_initial: float,
+        retransmit_max: float,
+    ) -> None:
+        self.registry = registry
+        self.known_device = known_device
+        self.send_datagram = send_datagram
+        self.wall = wall
+        self.emit = emit
+        self.timeout = timeout
+        self.expiry = expiry
+        self.queue_limit = queue_limit
+        self.retransmit_initial = retransmit_initial
+        self.retransmit_max = retransmit_max
+        self.commands: dict[str, CommandRecord] = {}
+        self.active_by_device: collections.Counter[str] = collections.Counter()
+        self.by_state: collections.Counter[str] = collections.Counter()
+        self.retransmits = 0
+        self._finished: collections.deque[str] = collections.deque()
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._accepting = True
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- API ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        device_id: str,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        expires_in: float | None = None,
+    ) -> CommandRecord:
+        if not self._accepting:
+            raise CommandError("shutting_down", "the collector is shutting down")
+        if not self.known_device(device_id):
+            raise CommandError("unknown_device", f"no device {device_id!r}")
+        if not name or len(name) > 128:
+            raise CommandError("bad_command", "a command needs a name of 1-128 characters")
+        if self.active_by_device[device_id] >= self.queue_limit:
+            raise CommandError(
+                "queue_full", f"device {device_id!r} already has {self.queue_limit} open commands"
+            )
+        assert self._nursery is not None, "CommandManager.serve() is not running"
+        now = trio.current_time()
+        cmd = CommandRecord(
+            id=f"c{next(self._ids):06d}",
+            device_id=device_id,
+            name=name,
+            args=dict(args or {}),
+            timeout=self.timeout if timeout is None else timeout,
+            expires_at=now + (self.expiry if expires_in is None else expires_in),
+            created=self.wall(),
+        )
+        self.commands[cmd.id] = cmd
+        self.active_by_device[device_id] += 1
+        self._set_state(cmd, "queued")
+        self._nursery.start_soon(self._drive, cmd, name=f"command {cmd.id}")
+        return cmd
+
+    def get(self, command_id: str) -> CommandRecord | None:
+        return self.commands.get(command_id)
+
+    def for_device(self, device_id: str) -> list[CommandRecord]:
+        return [c for c in self.commands.values() if c.device_id == device_id]
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    @property
+    def in_flight(self) -> list[CommandRecord]:
+        return [c for c in self.commands.values() if not c.final]
+
+    async def wait_sent_finished(self) -> None:
+        """Wait until no command is waiting for a device's answer (used on shutdown)."""
+        for cmd in list(self.commands.values()):
+            if cmd.state == "sent":
+                await cmd.done.wait()
+
+    def expire_queued(self, why: str) -> int:
+        n = 0
+        for cmd in list(self.commands.values()):
+            if cmd.state == "queued":
+                self._finish(cmd, "expired", error=why)
+                n += 1
+        return n
+
+    # -- answers from devices ------------------------------------------------------------------
+
+    def on_tcp_ack(self, session: Session, ack: control.Ack) -> bool:
+        cmd = self.commands.get(ack.id)
+        if cmd is None or cmd.device_id != session.device_id or cmd.final:
+            return False
+        if ack.ok:
+            self._finish(cmd, "acked", result=ack.result)
+        else:
+            self._finish(cmd, "failed", error=ack.error or "the device reported a failure")
+        return True
+
+    def on_udp_ack(
+        self, session: Session, acked_seq: int, result: Mapping[str, Any] | None
+    ) -> bool:
+        cmd = session.udp_commands.pop(acked_seq, None)
+        if cmd is None or cmd.final:
+            return False
+        body = result or {}
+        if body.get("ok", True) is False:
+            error = body.get("error")
+            self._finish(
+                cmd, "failed", error=str(error) if error else "the device reported a failure"
+            )
+        else:
+            self._finish(cmd, "acked", result=body.get("result"))
+        return True
+
+    # -- driving one command -------------------------------------------------------------------
+
+    async def _drive(self, cmd: CommandRecord) -> None:
+        session: Session | None = None
+        try:
+            with trio.move_on_at(cmd.expires_at):
+                session = await self.registry.wait_online(cmd.device_id)
+            if cmd.final:
+                return
+            if session is None or not session.active:
+                self._finish(cmd, "expired", error="the device did not come online in time")
+                return
+            cmd.transport = session.transport
+            if session.transport == "tcp":
+                await self._drive_tcp(cmd, session)
+            else:
+                await self._drive_udp(cmd, session)
+        finally:
+            if not cmd.final:
+                self._finish(cmd, "expired", error="the collector stopped")
+
+    async def _drive_tcp(self, cmd: CommandRecord, session: Session) -> None:
+        assert session.outbox is not None
+        try:
+            session.outbox.send_nowait(control.Command(cmd.id, cmd.name, cmd.args))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._finish(cmd, "failed", error="the device's control channel is full or closed")
+            return
+        cmd.attempts = 1
+        self._set_state(cmd, "sent")
+        await self._await_answer(cmd, session)
+
+    async def _drive_udp(self, cmd: CommandRecord, session: Session) -> None:
+        seq = session.next_out_seq()
+        data = encode_datagram(
+            session.key,
+            DatagramType.COMMAND,
+            session.session_id,
+            seq,
+            int(self.wall() * 1e6),
+            encode_command_payload(cmd.id, cmd.name, cmd.args),
+            flags=Flag.ACK_REQUESTED,
+        )
+        session.udp_commands[seq] = cmd
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._retransmit, cmd, session, data)
+                self._set_state(cmd, "sent")
+                await self._await_answer(cmd, session)
+                nursery.cancel_scope.cancel()
+        finally:
+            session.udp_commands.pop(seq, None)
+
+    async def _retransmit(self, cmd: CommandRecord, session: Session, data: bytes) -> None:
+        delay = self.retransmit_initial
+        while True:
+            if session.address is not None:
+                self.send_datagram(data, session.address)
+                cmd.attempts += 1
+                if cmd.attempts > 1:
+                    self.retransmits += 1
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.retransmit_max)
+
+    async def _await_answer(self, cmd: CommandRecord, session: Session) -> None:
+        with trio.move_on_after(cmd.timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def session_watch() -> None:
+                    await session.ended.wait()
+                    if not cmd.final:
+                        self._finish(
+                            cmd,
+                            "failed",
+                            error=f"the device's session ended ({session.end_reason}) before it answered",
+                        )
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(session_watch)
+                await cmd.done.wait()
+                nursery.cancel_scope.cancel()
+        if not cmd.final:
+            self._finish(cmd, "timed_out", error=f"no answer within {cmd.timeout:g}s")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _finish(
+        self, cmd: CommandRecord, state: str, *, result: Any = None, error: str | None = None
+    ) -> None:
+        if cmd.final:
+            return
+        cmd.result = result
+        cmd.error = error
+        self._set_state(cmd, state)
+        self.active_by_device[cmd.device_id] -= 1
+        if self.active_by_device[cmd.device_id] <= 0:
+            del self.active_by_device[cmd.device_id]
+        cmd.done.set()
+        self._finished.append(cmd.id)
+        while len(self._finished) > KEEP_FINISHED:
+            self.commands.pop(self._finished.popleft(), None)
+
+    def _set_state(self, cmd: CommandRecord, state: str) -> None:
+        cmd.state = state
+        cmd.updated = self.wall()
+        self.by_state[state] += 1
+        level = logging.INFO if state != "failed" else logging.WARNING
+        log.log(
+            level,
+            "command %s %s on %s: %s%s",
+            cmd.id,
+            cmd.name,
+            cmd.device_id,
+            state,
+            f" ({cmd.error})" if cmd.error else "",
+        )
+        self.emit(
+            CommandUpdate(
+                cmd.updated, cmd.device_id, cmd.id, cmd.name, state, cmd.result, cmd.error
+            )
+        )

@@ -1,0 +1,188 @@
+"""Collector configuration: defaults, TOML loading and validation.
+
+A config file has sections matching the groups below; every key is optional. Unknown sections
+or keys are an error, so a typo never silently falls back to a default. See
+docs/CONFIGURATION.md (and `collector serve --help`) for the list.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .datagram import MAX_DATAGRAM, MIN_HELLO_LEN
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@attrs.frozen
+class DeviceConfigRule:
+    """Configuration sent to every device whose id matches the glob `match`."""
+
+    match: str
+    config: Mapping[str, Any]
+
+    def applies_to(self, device_id: str) -> bool:
+        return fnmatch.fnmatchcase(device_id, self.match)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    # [server]
+    host: str = "0.0.0.0"
+    tcp_port: int = 8080
+    udp_port: int = 8081
+    http_port: int = 8082
+    udp_rcvbuf: int = 8 * 1024 * 1024
+    # [sessions]
+    heartbeat_interval: float = 5.0
+    timeout: float = 15.0
+    replay_window_blocks: int = 16
+    # [limits]
+    max_tcp_connections: int = 1024
+    max_line: int = 4096
+    registration_timeout: float = 10.0
+    max_datagram: int = MAX_DATAGRAM
+    max_devices: int = 10_000
+    command_queue: int = 32
+    # [commands]
+    command_timeout: float = 30.0
+    command_expiry: float = 300.0
+    command_retransmit_initial: float = 0.5
+    command_retransmit_max: float = 8.0
+    # [shutdown]
+    shutdown_grace: float = 5.0
+    # [logging]
+    log_level: str = "INFO"
+    log_format: str = "text"
+    log_rate_limit: float = 10.0  # lines per second per kind of problem, then suppressed
+    # [[device_config]]
+    device_config: tuple[DeviceConfigRule, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        if self.heartbeat_interval <= 0:
+            problems.append("heartbeat_interval must be positive")
+        if self.timeout <= self.heartbeat_interval:
+            problems.append("timeout must be longer than heartbeat_interval")
+        if not MIN_HELLO_LEN <= self.max_datagram <= 65507:
+            problems.append(f"max_datagram must be between {MIN_HELLO_LEN} and 65507")
+        if self.max_line < 256:
+            problems.append("max_line must be at least 256")
+        for name in ("max_tcp_connections", "max_devices", "command_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("registration_timeout", "command_timeout", "command_expiry", "shutdown_grace"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be 'text' or 'json'")
+        if self.replay_window_blocks < 2 or self.replay_window_blocks & (
+            self.replay_window_blocks - 1
+        ):
+            problems.append("replay_window_blocks must be a power of two >= 2")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.timeout < 2.5 * self.heartbeat_interval:
+            log.warning(
+                "timeout %.1fs is under 2.5 heartbeat intervals (%.1fs): one lost heartbeat "
+                "may mark a device offline",
+                self.timeout,
+                2.5 * self.heartbeat_interval,
+            )
+
+
+# section -> {toml key: Config field}
+_SECTIONS: dict[str, dict[str, str]] = {
+    "server": {k: k for k in ("host", "tcp_port", "udp_port", "http_port", "udp_rcvbuf")},
+    "sessions": {k: k for k in ("heartbeat_interval", "timeout", "replay_window_blocks")},
+    "limits": {
+        k: k
+        for k in (
+            "max_tcp_connections",
+            "max_line",
+            "registration_timeout",
+            "max_datagram",
+            "max_devices",
+            "command_queue",
+        )
+    },
+    "commands": {
+        "timeout": "command_timeout",
+        "expiry": "command_expiry",
+        "retransmit_initial": "command_retransmit_initial",
+        "retransmit_max": "command_retransmit_max",
+    },
+    "shutdown": {"grace": "shutdown_grace"},
+    "logging": {"level": "log_level", "format": "log_format", "rate_limit": "log_rate_limit"},
+}
+
+
+def _check_type(field: str, value: Any) -> Any:
+    default = getattr(Config(), field)
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = type(value) is type(default)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float)
+        value = float(value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{field}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def config_from_mapping(data: Mapping[str, Any], **overrides: Any) -> Config:
+    kwargs: dict[str, Any] = {}
+    rules: list[DeviceConfigRule] = []
+    for section, body in data.items():
+        if section == "device_config":
+            if not isinstance(body, list):
+                raise ConfigError("[[device_config]] must be an array of tables")
+            for rule in body:
+                if not isinstance(rule, dict) or set(rule) != {"match", "config"}:
+                    raise ConfigError("each [[device_config]] needs exactly 'match' and 'config'")
+                if not isinstance(rule["match"], str) or not isinstance(rule["config"], dict):
+                    raise ConfigError("[[device_config]]: 'match' is a glob, 'config' a table")
+                rules.append(DeviceConfigRule(rule["match"], rule["config"]))
+            continue
+        keys = _SECTIONS.get(section)
+        if keys is None:
+            raise ConfigError(f"unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        for key, value in body.items():
+            field = keys.get(key)
+            if field is None:
+                raise ConfigError(f"unknown key {key!r} in [{section}]")
+            kwargs[field] = _check_type(field, value)
+    if rules:
+        kwargs["device_config"] = tuple(rules)
+    if "timeout" not in kwargs and "heartbeat_interval" in kwargs and "timeout" not in overrides:
+        kwargs["timeout"] = 3 * kwargs["heartbeat_interval"]
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read a TOML file (if given) and apply command-line `overrides` (None means unset)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return config_from_mapping(data, **overrides)

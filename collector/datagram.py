@@ -1,0 +1,378 @@
+"""The UDP datagram codec (sans-IO): bytes in, values out, and back.
+
+Wire layout (all integers big-endian), specified in docs/PROTOCOL.md::
+
+    0      1      2      3      4          8          12                  20
+    +------+------+------+------+----------+----------+-------------------+---------+-----+
+    | ver  | type | flags| rsvd | session  | sequence | device time (us)  | payload | tag |
+    +------+------+------+------+----------+----------+-------------------+---------+-----+
+
+The tag is HMAC-SHA256 over header and payload, truncated to TAG_LEN bytes.
+
+Nothing here does I/O or keeps state between datagrams; the anti-replay window lives in
+`collector.replay` and the per-session logic in `collector.ingest`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeAlias
+
+import attrs
+
+VERSION = 1
+HEADER = struct.Struct(">BBBBIIQ")
+HEADER_LEN = HEADER.size  # 20
+TAG_LEN = 16
+MIN_DATAGRAM = HEADER_LEN + TAG_LEN
+#: Largest datagram the collector accepts by default: fits a 1280-byte IPv6 minimum MTU with
+#: room for IP and UDP headers, so nothing is ever fragmented.
+MAX_DATAGRAM = 1200
+MAX_SEQ = 0xFFFF_FFFF
+NONCE_LEN = 16
+#: HELLO must be at least this long, which is exactly the size of a WELCOME, so the collector
+#: never answers with more bytes than it received.
+WELCOME_PAYLOAD = struct.Struct(">16sIIHH")
+WELCOME_LEN = HEADER_LEN + WELCOME_PAYLOAD.size + TAG_LEN  # 64
+MIN_HELLO_LEN = WELCOME_LEN
+U32 = struct.Struct(">I")
+F64 = struct.Struct(">d")
+I64 = struct.Struct(">q")
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}\Z")
+DEVICE_ID_RE = NAME_RE
+MAX_READINGS = 255
+MAX_STRING = 255
+
+
+class DatagramType(enum.IntEnum):
+    HEARTBEAT = 1
+    TELEMETRY = 2
+    ACK = 3
+    COMMAND = 4
+    HELLO = 5
+    WELCOME = 6
+    GOODBYE = 7
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    ACK_REQUESTED = 0x01
+
+
+class ValueType(enum.IntEnum):
+    FLOAT = 1
+    INT = 2
+    BOOL = 3
+    STRING = 4
+
+
+Value: TypeAlias = float | int | bool | str
+
+_KNOWN_TYPES = frozenset(int(t) for t in DatagramType)
+_KNOWN_FLAGS = int(Flag.ACK_REQUESTED)
+
+
+class DatagramError(ValueError):
+    """A datagram that cannot be accepted. `reason` is the rejection counter it belongs to."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen
+class Header:
+    version: int
+    type: DatagramType
+    flags: Flag
+    session_id: int
+    seq: int
+    timestamp_us: int
+
+    @property
+    def ack_requested(self) -> bool:
+        return bool(self.flags & Flag.ACK_REQUESTED)
+
+
+@attrs.frozen
+class Reading:
+    """One metric value. `name` is validated by the decoder; `value` keeps its wire type."""
+
+    name: str
+    value: Value
+
+
+@attrs.frozen
+class Hello:
+    device_id: str
+    client_nonce: bytes
+
+
+@attrs.frozen
+class Welcome:
+    server_nonce: bytes
+    heartbeat_ms: int
+    timeout_ms: int
+    max_datagram: int
+
+
+@attrs.frozen
+class AckPayload:
+    acked_seq: int
+    result: Mapping[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags
+
+
+def compute_tag(key: bytes, signed: bytes | memoryview) -> bytes:
+    return hmac.digest(key, signed, "sha256")[:TAG_LEN]
+
+
+def verify_tag(key: bytes, data: bytes) -> bool:
+    """Constant-time check of the tag at the end of `data` (a whole datagram)."""
+    return hmac.compare_digest(
+        hmac.digest(key, data[:-TAG_LEN], "sha256")[:TAG_LEN], data[-TAG_LEN:]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_datagram(
+    key: bytes,
+    type: DatagramType,
+    session_id: int,
+    seq: int,
+    timestamp_us: int,
+    payload: bytes = b"",
+    *,
+    flags: Flag = Flag.NONE,
+) -> bytes:
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"sequence number out of range: {seq}")
+    header = HEADER.pack(VERSION, type, flags, 0, session_id, seq, timestamp_us)
+    signed = header + payload
+    return signed + compute_tag(key, signed)
+
+
+def encode_heartbeat_payload(uptime_s: int) -> bytes:
+    return U32.pack(uptime_s & MAX_SEQ)
+
+
+def encode_readings(readings: Mapping[str, Value] | Iterable[Reading]) -> bytes:
+    """Encode readings for a TELEMETRY payload; raises ValueError on anything not encodable."""
+    items = (
+        list(readings.items())
+        if isinstance(readings, Mapping)
+        else [(r.name, r.value) for r in readings]
+    )
+    if not 1 <= len(items) <= MAX_READINGS:
+        raise ValueError(f"a datagram carries 1 to {MAX_READINGS} readings, not {len(items)}")
+    out = bytearray([len(items)])
+    for name, value in items:
+        if not NAME_RE.match(name):
+            raise ValueError(f"bad metric name {name!r}")
+        out.append(len(name))
+        out += name.encode("ascii")
+        if isinstance(value, bool):
+            out += bytes([ValueType.BOOL, 1 if value else 0])
+        elif isinstance(value, int):
+            out.append(ValueType.INT)
+            out += I64.pack(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"metric {name!r}: non-finite value")
+            out.append(ValueType.FLOAT)
+            out += F64.pack(value)
+        elif isinstance(value, str):
+            raw = value.encode("utf-8")
+            if len(raw) > MAX_STRING:
+                raise ValueError(f"metric {name!r}: string longer than {MAX_STRING} bytes")
+            out += bytes([ValueType.STRING, len(raw)])
+            out += raw
+        else:
+            raise ValueError(f"metric {name!r}: unsupported value type {type(value).__name__}")
+    return bytes(out)
+
+
+def encode_hello_payload(device_id: str, client_nonce: bytes) -> bytes:
+    if not DEVICE_ID_RE.match(device_id):
+        raise ValueError(f"bad device id {device_id!r}")
+    if len(client_nonce) != NONCE_LEN:
+        raise ValueError("client nonce must be 16 bytes")
+    payload = bytes([len(device_id)]) + device_id.encode("ascii") + client_nonce
+    minimum = MIN_HELLO_LEN - HEADER_LEN - TAG_LEN
+    return payload + bytes(max(0, minimum - len(payload)))
+
+
+def encode_welcome_payload(w: Welcome) -> bytes:
+    return WELCOME_PAYLOAD.pack(w.server_nonce, w.heartbeat_ms, w.timeout_ms, w.max_datagram, 0)
+
+
+def encode_ack_payload(acked_seq: int, result: Mapping[str, Any] | None = None) -> bytes:
+    out = U32.pack(acked_seq)
+    if result is not None:
+        out += json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+    return out
+
+
+def encode_command_payload(command_id: str, name: str, args: Mapping[str, Any]) -> bytes:
+    body = {"id": command_id, "name": name, "args": dict(args)}
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_goodbye_payload(reason: str) -> bytes:
+    return reason.encode("utf-8")[:MAX_STRING]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding untrusted bytes. Every function raises DatagramError and nothing else on bad input.
+
+
+def decode_header_untrusted(data: bytes, max_size: int = MAX_DATAGRAM) -> Header:
+    """Check size, version, type and flags; does not verify the tag."""
+    n = len(data)
+    if n > max_size:
+        raise DatagramError("too_large", f"{n} bytes > {max_size}")
+    if n < MIN_DATAGRAM:
+        raise DatagramError("malformed", f"{n} bytes is shorter than header and tag")
+    version, typ, flags, reserved, session_id, seq, ts = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise DatagramError("malformed", f"unsupported version {version}")
+    if typ not in _KNOWN_TYPES:
+        raise DatagramError("malformed", f"unknown type {typ}")
+    if flags & ~_KNOWN_FLAGS or reserved:
+        raise DatagramError("malformed", f"unknown flags {flags:#04x}/{reserved:#04x}")
+    return Header(version, DatagramType(typ), Flag(flags), session_id, seq, ts)
+
+
+def payload_of(data: bytes) -> bytes:
+    return data[HEADER_LEN:-TAG_LEN]
+
+
+def decode_heartbeat_untrusted(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise DatagramError("malformed", f"heartbeat payload is {len(payload)} bytes, not 4")
+    return U32.unpack(payload)[0]
+
+
+def decode_readings_untrusted(payload: bytes) -> list[Reading]:
+    try:
+        return _decode_readings(payload)
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise DatagramError("malformed", f"truncated or bad telemetry payload ({exc})") from None
+
+
+def _decode_readings(p: bytes) -> list[Reading]:
+    count = p[0]
+    if count == 0:
+        raise DatagramError("malformed", "telemetry with no readings")
+    pos = 1
+    out: list[Reading] = []
+    for _ in range(count):
+        nlen = p[pos]
+        name = p[pos + 1 : pos + 1 + nlen].decode("ascii")
+        if len(name) != nlen or not NAME_RE.match(name):
+            raise DatagramError("malformed", f"bad metric name {name!r}")
+        pos += 1 + nlen
+        vtype = p[pos]
+        pos += 1
+        value: Value
+        if vtype == ValueType.FLOAT:
+            value = F64.unpack_from(p, pos)[0]
+            if not math.isfinite(value):
+                raise DatagramError("malformed", f"metric {name!r}: non-finite value")
+            pos += 8
+        elif vtype == ValueType.INT:
+            value = I64.unpack_from(p, pos)[0]
+            pos += 8
+        elif vtype == ValueType.BOOL:
+            b = p[pos]
+            if b > 1:
+                raise DatagramError("malformed", f"metric {name!r}: bool byte {b}")
+            value = b == 1
+            pos += 1
+        elif vtype == ValueType.STRING:
+            slen = p[pos]
+            raw = p[pos + 1 : pos + 1 + slen]
+            if len(raw) != slen:
+                raise DatagramError("malformed", f"metric {name!r}: truncated string")
+            value = raw.decode("utf-8")
+            pos += 1 + slen
+        else:
+            raise DatagramError("malformed", f"metric {name!r}: unknown value type {vtype}")
+        out.append(Reading(name, value))
+    if pos != len(p):
+        raise DatagramError("malformed", f"{len(p) - pos} trailing bytes after readings")
+    return out
+
+
+def decode_hello_untrusted(payload: bytes) -> Hello:
+    if len(payload) < MIN_HELLO_LEN - HEADER_LEN - TAG_LEN:
+        raise DatagramError("malformed", "HELLO shorter than a WELCOME")
+    n = payload[0]
+    try:
+        device_id = payload[1 : 1 + n].decode("ascii")
+    except UnicodeDecodeError:
+        raise DatagramError("malformed", "HELLO device id is not ASCII") from None
+    if len(device_id) != n or not DEVICE_ID_RE.match(device_id):
+        raise DatagramError("malformed", f"HELLO has a bad device id {device_id!r}")
+    nonce = payload[1 + n : 1 + n + NONCE_LEN]
+    if len(nonce) != NONCE_LEN:
+        raise DatagramError("malformed", "HELLO nonce truncated")
+    if any(payload[1 + n + NONCE_LEN :]):
+        raise DatagramError("malformed", "HELLO padding is not zero")
+    return Hello(device_id, nonce)
+
+
+def decode_welcome_untrusted(payload: bytes) -> Welcome:
+    if len(payload) != WELCOME_PAYLOAD.size:
+        raise DatagramError("malformed", f"WELCOME payload is {len(payload)} bytes")
+    nonce, hb, to, maxd, _ = WELCOME_PAYLOAD.unpack(payload)
+    return Welcome(nonce, hb, to, maxd)
+
+
+def decode_ack_untrusted(payload: bytes) -> AckPayload:
+    if len(payload) < 4:
+        raise DatagramError("malformed", "ACK payload shorter than 4 bytes")
+    (acked,) = U32.unpack_from(payload)
+    if len(payload) == 4:
+        return AckPayload(acked, None)
+    result = _json_object(payload[4:], "ACK result")
+    return AckPayload(acked, result)
+
+
+def decode_command_untrusted(payload: bytes) -> tuple[str, str, dict[str, Any]]:
+    body = _json_object(payload, "COMMAND")
+    cid, name, args = body.get("id"), body.get("name"), body.get("args", {})
+    if not isinstance(cid, str) or not isinstance(name, str) or not isinstance(args, dict):
+        raise DatagramError("malformed", "COMMAND needs string id and name and an object args")
+    return cid, name, args
+
+
+def decode_goodbye_untrusted(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatagramError("malformed", "GOODBYE reason is not UTF-8") from None
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise DatagramError("malformed", f"{what} is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise DatagramError("malformed", f"{what} is not a JSON object")
+    return body

@@ -1,0 +1,311 @@
+"""The datagram path: authenticate, de-duplicate, account, and hand telemetry on.
+
+`Ingest` is synchronous. The UDP server calls `begin_batch()`, then `handle_datagram()` for
+every datagram it drained from the socket, then `end_batch()`, which hands the batch's
+telemetry to the listeners in one call. Replies (ACK, WELCOME) go out with a non-blocking
+`sendto`; a reply that cannot be sent is counted, never waited for.
+
+Order of checks for a datagram, cheapest first, and nothing touches a device before the tag
+verified: size -> header -> session lookup -> tag -> payload -> anti-replay window.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import auth
+from .datagram import (
+    HEADER,
+    HEADER_LEN,
+    MIN_DATAGRAM,
+    TAG_LEN,
+    U32,
+    VERSION,
+    DatagramError,
+    DatagramType,
+    Flag,
+    Welcome,
+    decode_ack_untrusted,
+    decode_goodbye_untrusted,
+    decode_heartbeat_untrusted,
+    decode_hello_untrusted,
+    decode_readings_untrusted,
+    encode_datagram,
+    encode_welcome_payload,
+    verify_tag,
+)
+from .events import Listener, Telemetry, format_address
+from .logs import RateLimitedLog
+from .replay import LATE, TOO_OLD
+
+if TYPE_CHECKING:
+    from .commands import CommandManager
+    from .sessions import Session, SessionRegistry
+
+log = logging.getLogger("collector.ingest")
+
+REJECT_REASONS = ("malformed", "unknown_session", "bad_tag", "replay", "too_large", "over_limit")
+
+_unpack_header = HEADER.unpack_from
+_digest = hmac.digest
+_compare = hmac.compare_digest
+_HEARTBEAT = int(DatagramType.HEARTBEAT)
+_TELEMETRY = int(DatagramType.TELEMETRY)
+_ACK = int(DatagramType.ACK)
+_HELLO = int(DatagramType.HELLO)
+_GOODBYE = int(DatagramType.GOODBYE)
+_ACK_REQUESTED = int(Flag.ACK_REQUESTED)
+_KNOWN_TYPES = frozenset(int(t) for t in DatagramType)
+
+
+class Ingest:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        secrets_by_device: Mapping[str, str],
+        *,
+        heartbeat_interval: float,
+        timeout: float,
+        max_datagram: int,
+        wall: Callable[[], float],
+        listeners: Sequence[Listener],
+        rate_limit: float = 10.0,
+    ) -> None:
+        self.registry = registry
+        self.secrets = secrets_by_device
+        self.heartbeat_ms = int(heartbeat_interval * 1000)
+        self.timeout_ms = int(timeout * 1000)
+        self.max_datagram = max_datagram
+        self.wall = wall
+        self.listeners = listeners
+        self.commands: CommandManager | None = None
+        self.sock: socket.socket | None = None
+        self.rlog = RateLimitedLog(log, rate_limit)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.received = 0
+        self.accepted = 0
+        self.readings = 0
+        self.replies_sent = 0
+        self.send_errors = 0
+        self.address_changes = 0
+        self.accepting_hellos = True
+        self.batches = 0
+        self._hello_counters: dict[str, int] = {}
+        self._hello_keys: dict[str, bytes] = {}
+        self._pending: list[Telemetry] = []
+        self.now = 0.0
+        self.wall_now = 0.0
+
+    # -- batching ----------------------------------------------------------------------------
+
+    def begin_batch(self, now: float) -> None:
+        self.now = now
+        self.wall_now = self.wall()
+
+    def end_batch(self) -> None:
+        self.batches += 1
+        if self._pending:
+            batch, self._pending = self._pending, []
+            for listener in self.listeners:
+                listener.on_telemetry(batch)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def send_datagram(self, data: bytes, addr: Any) -> bool:
+        """Send without waiting; a full socket buffer or a network error is counted."""
+        if self.sock is None:
+            self.send_errors += 1
+            return False
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:
+            self.send_errors += 1
+            self.rlog.warning("send_error", self.now, "cannot send to %s: %s", addr, exc)
+            return False
+        self.replies_sent += 1
+        return True
+
+    def _reply(self, data: bytes, addr: Any, request_len: int) -> None:
+        # The collector never answers with more bytes than it was sent (no amplification).
+        if len(data) <= request_len:
+            self.send_datagram(data, addr)
+        else:  # pragma: no cover - ruled out by the sizes in docs/PROTOCOL.md
+            log.error("refusing a %d-byte reply to a %d-byte datagram", len(data), request_len)
+
+    def _send_ack(self, session: Session, seq: int, request_len: int, addr: Any) -> None:
+        ack = encode_datagram(
+            session.key,
+            DatagramType.ACK,
+            session.session_id,
+            session.next_out_seq(),
+            int(self.wall_now * 1e6),
+            U32.pack(seq),
+        )
+        self._reply(ack, addr, request_len)
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def reject(self, reason: str, addr: Any, detail: str) -> None:
+        self.rejected[reason] += 1
+        self.rlog.warning(
+            reason, self.now, "rejected datagram from %s: %s (%s)", addr, reason, detail
+        )
+
+    def handle_datagram(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        n = len(data)
+        if n > self.max_datagram:
+            return self.reject("too_large", addr, f"{n} bytes > {self.max_datagram}")
+        if n < MIN_DATAGRAM:
+            return self.reject("malformed", addr, f"{n} bytes is shorter than header and tag")
+        version, typ, flags, reserved, sid, seq, ts = _unpack_header(data)
+        if version != VERSION or reserved or flags & ~_ACK_REQUESTED or typ not in _KNOWN_TYPES:
+            return self.reject(
+                "malformed", addr, f"version {version} type {typ} flags {flags:#x}/{reserved:#x}"
+            )
+        if typ == _HELLO:
+            return self._hello(data, addr, sid, seq)
+        session = self.registry.by_id.get(sid)
+        if session is None:
+            return self.reject("unknown_session", addr, f"session {sid}")
+        if not _compare(_digest(session.key, data[:-TAG_LEN], "sha256")[:TAG_LEN], data[-TAG_LEN:]):
+            return self.reject("bad_tag", addr, f"session {sid} seq {seq}")
+
+        # Authenticated: from here on the datagram is the device's own.
+        device = session.device
+        payload = data[HEADER_LEN:-TAG_LEN]
+        try:
+            if typ == _TELEMETRY:
+                readings = decode_readings_untrusted(payload)
+            elif typ == _HEARTBEAT:
+                decode_heartbeat_untrusted(payload)
+            elif typ == _ACK:
+                ack = decode_ack_untrusted(payload)
+            elif typ == _GOODBYE:
+                decode_goodbye_untrusted(payload)
+            else:
+                raise DatagramError("malformed", f"devices do not send {DatagramType(typ).name}")
+        except DatagramError as exc:
+            device.malformed += 1
+            return self.reject("malformed", addr, f"device {device.device_id}: {exc.detail}")
+
+        gap = session.window.update(seq)
+        if gap < 0:
+            if gap == LATE:
+                device.out_of_order += 1
+                device.lost -= 1
+            else:
+                device.duplicates += 1
+                self.rejected["replay"] += 1
+                self.rlog.info(
+                    "replay",
+                    self.now,
+                    "duplicate datagram from %s: device %s seq %d (%s)",
+                    addr,
+                    device.device_id,
+                    seq,
+                    "too old" if gap == TOO_OLD else "seen before",
+                )
+                # A retransmission whose ACK was lost: answer again, but only to the address
+                # the device last proved, so a captured datagram cannot be reflected elsewhere.
+                if flags & _ACK_REQUESTED and typ != _ACK and addr == session.address:
+                    self._send_ack(session, seq, n, addr)
+                return None
+        elif gap:
+            device.lost += gap
+
+        self.accepted += 1
+        device.datagrams += 1
+        device.last_seen = self.wall_now
+        if addr != session.address:
+            self._address_changed(session, addr)
+        now = self.now
+        if now + session.timeout > session.deadline:
+            self.registry.touch(session, now)
+        if flags & _ACK_REQUESTED and typ != _ACK and typ != _GOODBYE:
+            self._send_ack(session, seq, n, addr)
+        if typ == _TELEMETRY:
+            device.readings += len(readings)
+            self.readings += len(readings)
+            self._pending.append(
+                Telemetry(self.wall_now, device.device_id, seq, ts, tuple(readings))
+            )
+        elif typ == _ACK:
+            if self.commands is None or not self.commands.on_udp_ack(
+                session, ack.acked_seq, ack.result
+            ):
+                log.debug(
+                    "ACK for no open command: device %s seq %d", device.device_id, ack.acked_seq
+                )
+        elif typ == _GOODBYE:
+            self.registry.end(session, "closed")
+        return None
+
+    def _address_changed(self, session: Session, addr: Any) -> None:
+        old = session.address
+        session.address = addr
+        shown = format_address(addr)
+        session.device.address = shown
+        if old is not None:
+            session.device.address_changes += 1
+            self.address_changes += 1
+            log.info(
+                "device %s moved from %s to %s (NAT rebinding)",
+                session.device_id,
+                format_address(old),
+                shown,
+            )
+
+    def _hello(self, data: bytes, addr: Any, sid: int, counter: int) -> None:
+        n = len(data)
+        if sid != 0:
+            return self.reject("malformed", addr, "HELLO with a session id")
+        try:
+            hello = decode_hello_untrusted(data[HEADER_LEN:-TAG_LEN])
+        except DatagramError as exc:
+            return self.reject("malformed", addr, exc.detail)
+        device_id = hello.device_id
+        secret = self.secrets.get(device_id)
+        if secret is None:
+            return self.reject("bad_tag", addr, f"HELLO from unknown device {device_id!r}")
+        key = self._hello_keys.get(device_id)
+        if key is None:
+            key = self._hello_keys[device_id] = auth.hello_key(secret)
+        if not verify_tag(key, data):
+            return self.reject("bad_tag", addr, f"HELLO from {device_id} with a bad tag")
+        last = self._hello_counters.get(device_id, 0)
+        if counter <= last:
+            self.registry.device(device_id).duplicates += 1
+            return self.reject(
+                "replay", addr, f"HELLO counter {counter} of {device_id} is not above {last}"
+            )
+        if not self.accepting_hellos:
+            return self.reject("over_limit", addr, f"HELLO from {device_id} while shutting down")
+        if not self.registry.can_open(device_id):
+            return self.reject("over_limit", addr, f"HELLO from {device_id}: too many devices")
+        self._hello_counters[device_id] = counter
+        server_nonce = secrets.token_bytes(16)
+        session_id = self.registry.new_session_id()
+        skey = auth.session_key(
+            secret, device_id, server_nonce.hex(), hello.client_nonce.hex(), session_id
+        )
+        session = self.registry.open(device_id, skey, "udp", address=addr, session_id=session_id)
+        self.accepted += 1
+        session.device.datagrams += 1
+        welcome = encode_datagram(
+            skey,
+            DatagramType.WELCOME,
+            session_id,
+            counter,
+            int(self.wall_now * 1e6),
+            encode_welcome_payload(
+                Welcome(server_nonce, self.heartbeat_ms, self.timeout_ms, self.max_datagram)
+            ),
+        )
+        self._reply(welcome, addr, n)
+        return None

@@ -1,0 +1,282 @@
+"""Device sessions: one Trio task per session, owning a cancel scope whose deadline is liveness.
+
+Every authenticated datagram or control message from the device pushes the deadline forward
+(`touch`). When the deadline passes, trio cancels the scope and the session ends with reason
+`timeout`: offline detection is an event, not a sweep. Every other ending (`closed`,
+`superseded`, `kicked`, `shutdown`) goes through `end()`, which records the reason first.
+
+Per-device state (`DeviceState`) outlives sessions, so counts accumulate across reconnects.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .events import DeviceOffline, DeviceOnline, Event, format_address
+from .replay import ReplayWindow
+
+if TYPE_CHECKING:
+    from .commands import CommandRecord
+    from .control import Message
+
+log = logging.getLogger("collector.sessions")
+
+#: A pushed deadline is set this much further than needed, so that a busy device does not move
+#: trio's deadline heap on every datagram: only when the deadline would otherwise lag by more.
+#: Offline detection therefore fires between `timeout` and `timeout + DEADLINE_SLACK` after the
+#: last datagram, never earlier.
+DEADLINE_SLACK = 0.05
+HISTORY = 16
+
+
+@attrs.frozen
+class SessionRecord:
+    """One finished session, kept in a short per-device history."""
+
+    session_id: int
+    transport: str
+    opened: float  # wall clock
+    closed: float
+    reason: str
+
+
+@attrs.define(eq=False)
+class DeviceState:
+    """What the collector knows about one device, across its sessions."""
+
+    device_id: str
+    datagrams: int = 0  # accepted (authenticated, new, well-formed)
+    readings: int = 0
+    lost: int = 0  # sequence numbers skipped and not (yet) filled in
+    duplicates: int = 0  # authenticated but already seen: retransmissions, duplicates, replays
+    out_of_order: int = 0  # arrived after a higher sequence number, within the window
+    malformed: int = 0  # authenticated but with a payload that does not decode
+    address_changes: int = 0
+    sessions: int = 0
+    address: str | None = None
+    last_seen: float | None = None  # wall clock of the last accepted datagram or message
+    online_since: float | None = None  # wall clock, None while offline
+    offline_since: float | None = None
+    offline_reason: str | None = None
+    session: Session | None = None
+    history: collections.deque[SessionRecord] = attrs.field(
+        factory=lambda: collections.deque(maxlen=HISTORY)
+    )
+
+
+@attrs.define(eq=False)
+class Session:
+    session_id: int
+    device: DeviceState
+    key: bytes
+    transport: str  # "tcp" (registered on the control channel) or "udp" (HELLO)
+    timeout: float
+    scope: trio.CancelScope
+    window: ReplayWindow
+    opened_at: float  # trio clock
+    opened_wall: float
+    address: Any = None  # the device's UDP source address, once known
+    tcp_peer: str | None = None
+    deadline: float = 0.0  # mirrors scope.deadline, read on the hot path without the property
+    out_seq: int = 0  # collector -> device datagram sequence numbers
+    end_reason: str | None = None
+    ended: trio.Event = attrs.field(factory=trio.Event)
+    outbox: trio.MemorySendChannel[Message] | None = None  # TCP control messages
+    udp_commands: dict[int, CommandRecord] = attrs.field(factory=dict)  # by datagram seq
+
+    @property
+    def device_id(self) -> str:
+        return self.device.device_id
+
+    @property
+    def active(self) -> bool:
+        return self.end_reason is None
+
+    def next_out_seq(self) -> int:
+        self.out_seq += 1
+        return self.out_seq
+
+
+class SessionRegistry:
+    """All devices and their live sessions; runs the session tasks in its own nursery."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_devices: int,
+        window_blocks: int,
+        wall: Callable[[], float],
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.timeout = timeout
+        self.max_devices = max_devices
+        self.window_blocks = window_blocks
+        self.wall = wall
+        self.emit = emit
+        self.devices: dict[str, DeviceState] = {}
+        self.by_id: dict[int, Session] = {}
+        self.online: dict[str, Session] = {}
+        self.opened = 0
+        self.ended_by_reason: collections.Counter[str] = collections.Counter()
+        self._nursery: trio.Nursery | None = None
+        self._online_waiters: dict[str, trio.Event] = {}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def device(self, device_id: str) -> DeviceState:
+        d = self.devices.get(device_id)
+        if d is None:
+            d = self.devices[device_id] = DeviceState(device_id)
+        return d
+
+    def can_open(self, device_id: str) -> bool:
+        return device_id in self.online or len(self.online) < self.max_devices
+
+    def open(
+        self,
+        device_id: str,
+        key: bytes,
+        transport: str,
+        *,
+        address: Any = None,
+        tcp_peer: str | None = None,
+        session_id: int | None = None,
+    ) -> Session:
+        """Start a session (superseding the device's current one). Synchronous: never waits."""
+        assert self._nursery is not None, "SessionRegistry.serve() is not running"
+        old = self.online.get(device_id)
+        if old is not None:
+            self.end(old, "superseded")
+        now = trio.current_time()
+        wall = self.wall()
+        sid = session_id if session_id is not None else self.new_session_id()
+        deadline = now + self.timeout + DEADLINE_SLACK
+        device = self.device(device_id)
+        session = Session(
+            session_id=sid,
+            device=device,
+            key=key,
+            transport=transport,
+            timeout=self.timeout,
+            scope=trio.CancelScope(deadline=deadline),
+            window=ReplayWindow(self.window_blocks),
+            opened_at=now,
+            opened_wall=wall,
+            address=address,
+            tcp_peer=tcp_peer,
+            deadline=deadline,
+        )
+        self.by_id[sid] = session
+        self.online[device_id] = session
+        self.opened += 1
+        device.session = session
+        device.sessions += 1
+        device.online_since = wall
+        device.offline_since = None
+        device.offline_reason = None
+        device.last_seen = wall
+        shown = format_address(address) if address is not None else tcp_peer
+        if shown is not None:
+            device.address = shown
+        self._nursery.start_soon(self._run, session, name=f"session {device_id} {sid}")
+        log.info("session %d opened: device %s over %s from %s", sid, device_id, transport, shown)
+        self.emit(DeviceOnline(wall, device_id, sid, transport, shown))
+        waiter = self._online_waiters.pop(device_id, None)
+        if waiter is not None:
+            waiter.set()
+        return session
+
+    def new_session_id(self) -> int:
+        while True:
+            sid = secrets.randbits(32)
+            if sid and sid not in self.by_id:
+                return sid
+
+    def touch(self, session: Session, now: float) -> None:
+        """Push the session's deadline: the device just proved it is alive."""
+        deadline = now + session.timeout
+        if deadline > session.deadline:
+            session.deadline = deadline + DEADLINE_SLACK
+            session.scope.deadline = session.deadline
+
+    def end(self, session: Session, reason: str) -> None:
+        if session.end_reason is not None:
+            return
+        session.end_reason = reason
+        session.scope.cancel(reason)
+        self._finish(session)
+
+    def end_all(self, reason: str) -> int:
+        sessions = list(self.online.values())
+        for s in sessions:
+            self.end(s, reason)
+        return len(sessions)
+
+    def kick(self, device_id: str) -> bool:
+        session = self.online.get(device_id)
+        if session is None:
+            return False
+        self.end(session, "kicked")
+        return True
+
+    async def wait_online(self, device_id: str) -> Session:
+        """Wait until the device has a live session, and return it."""
+        while True:
+            session = self.online.get(device_id)
+            if session is not None:
+                return session
+            waiter = self._online_waiters.get(device_id)
+            if waiter is None:
+                waiter = self._online_waiters[device_id] = trio.Event()
+            await waiter.wait()
+
+    async def _run(self, session: Session) -> None:
+        try:
+            with session.scope:
+                await trio.sleep_forever()
+        finally:
+            if session.end_reason is None:
+                session.end_reason = "timeout" if session.scope.cancelled_caught else "shutdown"
+            self._finish(session)
+
+    def _finish(self, session: Session) -> None:
+        if session.ended.is_set():
+            return
+        session.ended.set()
+        reason = session.end_reason or "shutdown"
+        self.by_id.pop(session.session_id, None)
+        device = session.device
+        if self.online.get(device.device_id) is session:
+            del self.online[device.device_id]
+            device.session = None
+            device.online_since = None
+        wall = self.wall()
+        duration = trio.current_time() - session.opened_at
+        device.offline_since = wall
+        device.offline_reason = reason
+        device.history.append(
+            SessionRecord(session.session_id, session.transport, session.opened_wall, wall, reason)
+        )
+        self.ended_by_reason[reason] += 1
+        if session.outbox is not None:
+            session.outbox.close()
+        log.info(
+            "session %d ended: device %s offline (%s) after %.1fs",
+            session.session_id,
+            device.device_id,
+            reason,
+            duration,
+        )
+        self.emit(DeviceOffline(wall, device.device_id, session.session_id, reason, duration))

@@ -1,0 +1,311 @@
+"""The TCP control server: moves lines between sockets and `ControlConnection` objects.
+
+Each connection handler is an error boundary: a misbehaving device gets an error line, the
+connection is closed and counted, and nothing else is affected. The accept loop is not one: a
+real bug there should crash loudly.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import auth, control
+from .datagram import TAG_LEN
+from .events import format_address
+from .logs import RateLimitedLog
+
+if TYPE_CHECKING:
+    from .app import Collector
+    from .sessions import Session
+
+log = logging.getLogger("collector.tcp")
+
+RECEIVE_SIZE = 65536
+GOODBYE_TIMEOUT = 2.0
+
+
+class _Refused(Exception):
+    """Close this connection after sending `error`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ControlServer:
+    def __init__(self, app: Collector) -> None:
+        self.app = app
+        self.config = app.config
+        self.active = 0
+        self.accepted = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.rlog = RateLimitedLog(log, self.config.log_rate_limit)
+        self.accept_scope: trio.CancelScope | None = None
+        self.handlers_done = trio.Event()
+        self._registering: set[trio.CancelScope] = set()
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept connections until `stop_accepting()`, then wait for the open ones to end."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        address = listeners[0].socket.getsockname()
+        log.info("TCP control channel on %s:%d", address[0], address[1])
+        try:
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as acceptor:
+                    self.accept_scope = acceptor.cancel_scope
+                    # serve_listeners closes the listeners when cancelled: "stop accepting".
+                    await acceptor.start(
+                        functools.partial(
+                            trio.serve_listeners, self.handle, listeners, handler_nursery=handlers
+                        )
+                    )
+                    task_status.started(address)
+        finally:
+            self.handlers_done.set()
+
+    def stop_accepting(self) -> None:
+        """Close the listeners, and refuse connections still waiting to register."""
+        if self.accept_scope is not None:
+            self.accept_scope.cancel()
+        for scope in self._registering:
+            scope.cancel()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = format_address(stream.socket.getpeername())
+        except OSError:  # already reset by the peer
+            peer = None
+        started = trio.current_time()
+        self.accepted += 1
+        self.active += 1
+        conn = control.ControlConnection(control.Role.SERVER, max_line=self.config.max_line)
+        session: Session | None = None
+        outcome = "closed"
+        try:
+            async with stream:
+                try:
+                    if self.active > self.config.max_tcp_connections:
+                        raise _Refused(
+                            "too_many_connections",
+                            f"the collector accepts at most {self.config.max_tcp_connections} connections",
+                        )
+                    log.info("connection from %s", peer)
+                    session, outbox = await self._register(stream, conn, peer)
+                    outcome = await self._run_registered(stream, conn, session, outbox)
+                except (_Refused, control.ControlError) as exc:
+                    outcome = exc.code
+                    self.errors[exc.code] += 1
+                    self.rlog.warning(
+                        exc.code,
+                        trio.current_time(),
+                        "refused %s: %s (%s)",
+                        peer,
+                        exc.code,
+                        exc.message,
+                    )
+                    await self._send_final_error(stream, conn, exc.code, exc.message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            outcome = "broken"
+            log.info("connection from %s broke: %s", peer, exc or type(exc).__name__)
+        finally:
+            self.active -= 1
+            if session is not None and session.active:
+                self.app.registry.end(session, "closed")
+            log.info(
+                "disconnect %s%s after %.1fs (%s)",
+                peer,
+                f" device {session.device_id}" if session else "",
+                trio.current_time() - started,
+                outcome,
+            )
+
+    async def _send_final_error(
+        self, stream: trio.SocketStream, conn: control.ControlConnection, code: str, message: str
+    ) -> None:
+        with trio.move_on_after(GOODBYE_TIMEOUT) as cs:
+            cs.shield = True
+            try:
+                await stream.send_all(conn.send(control.Error(code, message)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _receive_event(
+        self, stream: trio.SocketStream, conn: control.ControlConnection
+    ) -> control.Event:
+        while True:
+            event = conn.next_event()
+            if not isinstance(event, control.NeedData):
+                return event
+            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+
+    async def _await_register(
+        self, stream: trio.SocketStream, conn: control.ControlConnection
+    ) -> control.Register:
+        """The device's `register` line, within the registration timeout; a shutdown ends the
+        wait at once (connections that are not devices yet are not worth a grace period)."""
+        with trio.CancelScope() as waiting:
+            self._registering.add(waiting)
+            try:
+                with trio.move_on_after(self.config.registration_timeout):
+                    event = await self._receive_event(stream, conn)
+                    if isinstance(event, control.ConnectionClosed):
+                        raise trio.BrokenResourceError("closed before registering")
+                    if isinstance(event, control.Goodbye | control.Error):
+                        raise trio.BrokenResourceError(f"{event.TYPE} before registering")
+                    assert isinstance(event, control.Register)
+                    return event
+            finally:
+                self._registering.discard(waiting)
+        if waiting.cancelled_caught:
+            raise _Refused("shutting_down", "the collector is shutting down")
+        raise _Refused(
+            "registration_timeout", f"no registration within {self.config.registration_timeout:g}s"
+        )
+
+    async def _register(
+        self, stream: trio.SocketStream, conn: control.ControlConnection, peer: str | None
+    ) -> tuple[Session, trio.MemoryReceiveChannel[control.Message]]:
+        app = self.app
+        nonce = secrets.token_hex(16)
+        await stream.send_all(conn.send(control.Challenge(nonce)))
+        event = await self._await_register(stream, conn)
+        secret = app.devices.get(event.device_id)
+        if secret is None or not auth.check_registration_proof(
+            secret, event.device_id, nonce, event.cnonce, event.proof
+        ):
+            # One answer for unknown devices and wrong proofs: no device enumeration.
+            raise _Refused("auth_failed", "unknown device or wrong proof")
+        if not app.accepting:
+            raise _Refused("shutting_down", "the collector is shutting down")
+        if not app.registry.can_open(event.device_id):
+            raise _Refused(
+                "too_many_devices", f"at most {self.config.max_devices} devices may be online"
+            )
+        registry = app.registry
+        sid = registry.new_session_id()
+        key = auth.session_key(secret, event.device_id, nonce, event.cnonce, sid)
+        welcome = control.Welcome(
+            session_id=sid,
+            session_key=f"HMAC-SHA256(secret, 'session|{event.device_id}|{nonce}|{event.cnonce}|{sid}')",
+            udp_port=app.udp_address[1] if app.udp_address else self.config.udp_port,
+            heartbeat_interval=self.config.heartbeat_interval,
+            timeout=self.config.timeout,
+            max_datagram=self.config.max_datagram,
+            tag_len=TAG_LEN,
+            config=app.config_for(event.device_id),
+        )
+        data = conn.send(welcome)
+        session = registry.open(event.device_id, key, "tcp", tcp_peer=peer, session_id=sid)
+        send, receive = trio.open_memory_channel[control.Message](self.config.command_queue + 16)
+        session.outbox = send
+        await stream.send_all(data)
+        return session, receive
+
+    async def _run_registered(
+        self,
+        stream: trio.SocketStream,
+        conn: control.ControlConnection,
+        session: Session,
+        outbox: trio.MemoryReceiveChannel[control.Message],
+    ) -> str:
+        """Read from the device and write its outbox until the session ends, then say goodbye."""
+        registry = self.app.registry
+        outcome = "closed"
+        fatal: control.ControlError | None = None
+
+        async def reader() -> None:
+            nonlocal outcome, fatal
+            try:
+                outcome = await self._read_loop(stream, conn, session)
+            except control.ControlError as exc:
+                fatal, outcome = exc, exc.code
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                outcome = "broken"
+            registry.end(session, "closed")  # no-op if the session already ended
+
+        async def bounded_drain() -> None:
+            # Once the session is over, the writer gets a short while to finish: a device that
+            # stopped reading cannot hold its connection (or the shutdown) open.
+            await session.ended.wait()
+            await trio.sleep(GOODBYE_TIMEOUT)
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(bounded_drain)
+            try:
+                async with outbox:
+                    async for msg in outbox:  # ends when the session ends (it closes the outbox)
+                        await stream.send_all(conn.send(msg))
+                if fatal is not None:
+                    await stream.send_all(conn.send(control.Error(fatal.code, fatal.message)))
+                elif conn.state is not control.State.CLOSED:
+                    await stream.send_all(
+                        conn.send(control.Goodbye(session.end_reason or "closed"))
+                    )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                outcome = "broken"
+                registry.end(session, "closed")
+            nursery.cancel_scope.cancel()
+        reason = session.end_reason or "closed"
+        return outcome if outcome not in ("closed", "eof") or reason == "closed" else reason
+
+    async def _read_loop(
+        self, stream: trio.SocketStream, conn: control.ControlConnection, session: Session
+    ) -> str:
+        app = self.app
+        while True:
+            try:
+                event = await self._receive_event(stream, conn)
+            except control.ControlError as exc:
+                self.errors[exc.code] += 1
+                self.rlog.warning(
+                    exc.code,
+                    trio.current_time(),
+                    "control error from %s: %s",
+                    session.device_id,
+                    exc,
+                )
+                if exc.fatal:
+                    raise
+                self._queue(session, control.Error(exc.code, exc.message))
+                continue
+            if isinstance(event, control.ConnectionClosed):
+                app.registry.end(session, "closed")
+                return "eof" if event.clean else "eof mid-line"
+            if not session.active:
+                return session.end_reason or "closed"
+            app.registry.touch(session, trio.current_time())
+            session.device.last_seen = app.wall()
+            if isinstance(event, control.Goodbye):
+                app.registry.end(session, "closed")
+                return "goodbye"
+            if isinstance(event, control.Ping):
+                self._queue(session, control.Pong())
+            elif isinstance(event, control.Ack):
+                if not app.commands.on_tcp_ack(session, event):
+                    self.errors["unknown_command"] += 1
+                    self._queue(
+                        session, control.Error("unknown_command", f"no open command {event.id!r}")
+                    )
+            elif isinstance(event, control.Error):
+                log.warning(
+                    "device %s reported error %s: %s", session.device_id, event.code, event.message
+                )
+
+    def _queue(self, session: Session, msg: control.Message) -> None:
+        if session.outbox is None:
+            return
+        try:
+            session.outbox.send_nowait(msg)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.errors["outbox_full"] += 1

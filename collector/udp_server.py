@@ -1,0 +1,88 @@
+"""The UDP ingest server: moves datagrams from the socket to `Ingest` in drained batches.
+
+One `await` per datagram costs a trio checkpoint (about 9 us here) and caps ingest near 50k
+datagrams/s. Instead the loop waits for readability once, then reads without blocking until the
+socket is empty (or a batch limit is reached, so other tasks still get their turn).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any
+
+import trio
+
+from .ingest import Ingest
+
+log = logging.getLogger("collector.udp")
+
+BATCH_LIMIT = 256
+RECV_SIZE = 65536  # smaller buffers silently truncate larger datagrams
+
+
+def open_udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if rcvbuf:
+            # SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; fall back to SO_RCVBUF.
+            force = getattr(socket, "SO_RCVBUFFORCE", None)
+            try:
+                if force is None:
+                    raise PermissionError
+                sock.setsockopt(socket.SOL_SOCKET, force, rcvbuf)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_udp(
+    ingest: Ingest,
+    host: str,
+    port: int,
+    *,
+    rcvbuf: int = 8 * 1024 * 1024,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receive datagrams until cancelled. Reports the bound address through `task_status`.
+
+    The socket stays open (and attached to `ingest` for replies) until this task exits.
+    """
+    sock = open_udp_socket(host, port, rcvbuf)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    ingest.sock = sock
+    address = sock.getsockname()
+    log.info(
+        "UDP ingest on %s:%d (receive buffer %d KiB granted)",
+        address[0],
+        address[1],
+        granted // 1024,
+    )
+    try:
+        task_status.started(address)
+        recvfrom = sock.recvfrom
+        handle = ingest.handle_datagram
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            ingest.begin_batch(trio.current_time())
+            for _ in range(BATCH_LIMIT):
+                try:
+                    data, addr = recvfrom(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. an ICMP error queued on the socket
+                    if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        raise
+                    continue
+                handle(data, addr)
+            ingest.end_batch()
+    finally:
+        ingest.sock = None
+        sock.close()

@@ -1,0 +1,123 @@
+"""Shared helpers for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import trio
+
+from collector import auth
+from collector.app import Collector
+from collector.config import Config
+from collector.devices import DeviceRegistry
+
+EPOCH = 1_767_225_600.0  # the wall clock that tests see at trio time 0
+
+
+def wall() -> float:
+    return EPOCH + trio.current_time()
+
+
+SECRETS = {f"dev-{i}": f"secret-{i}" for i in range(1, 9)} | {
+    "udp-1": "udp-secret-1",
+    "udp-2": "udp-secret-2",
+}
+
+
+class EventLog:
+    """A listener that keeps everything it is told."""
+
+    def __init__(self) -> None:
+        self.telemetry: list[Any] = []
+        self.events: list[Any] = []
+
+    def on_telemetry(self, batch):
+        self.telemetry.extend(batch)
+
+    def on_event(self, event):
+        self.events.append(event)
+
+    def of(self, cls, **match):
+        return [
+            e
+            for e in self.events
+            if isinstance(e, cls) and all(getattr(e, k) == v for k, v in match.items())
+        ]
+
+
+async def start_collector(
+    nursery: trio.Nursery, devices=None, **overrides: Any
+) -> tuple[Collector, EventLog]:
+    cfg = Config(host="127.0.0.1", tcp_port=0, udp_port=0, **overrides)
+    log = EventLog()
+    collector = Collector(
+        cfg, devices if devices is not None else DeviceRegistry(SECRETS), wall=wall, listeners=[log]
+    )
+    await nursery.start(collector.serve)
+    return collector, log
+
+
+class Lines:
+    """A raw control connection for tests that misbehave on purpose."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    @classmethod
+    async def connect(cls, collector: Collector) -> Lines:
+        return cls(await trio.open_tcp_stream("127.0.0.1", collector.tcp_address[1]))
+
+    async def send(self, msg: Any) -> None:
+        data = msg if isinstance(msg, bytes) else json.dumps(msg).encode() + b"\n"
+        await self.stream.send_all(data)
+
+    async def recv(self) -> dict | None:
+        while b"\n" not in self.buf:
+            try:
+                chunk = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                chunk = b""
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    async def register(self, device_id: str, secret: str | None = None) -> dict:
+        challenge = await self.recv()
+        assert challenge is not None and challenge["type"] == "challenge"
+        cnonce = secrets.token_hex(16)
+        proof = auth.registration_proof(
+            secret or SECRETS[device_id], device_id, challenge["nonce"], cnonce
+        )
+        await self.send(
+            {"type": "register", "device_id": device_id, "cnonce": cnonce, "proof": proof}
+        )
+        welcome = await self.recv()
+        assert welcome is not None
+        if welcome["type"] == "welcome":
+            welcome["key"] = auth.session_key(
+                secret or SECRETS[device_id],
+                device_id,
+                challenge["nonce"],
+                cnonce,
+                welcome["session_id"],
+            )
+        return welcome
+
+
+async def udp_socket() -> trio.socket.SocketType:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def exchange(sock, collector: Collector, data: bytes, *, wait: float = 0.5) -> bytes | None:
+    """Send a datagram to the collector; return its answer, or None if none came."""
+    await sock.sendto(data, collector.udp_address)
+    with trio.move_on_after(wait):
+        return await sock.recv(65536)
+    return None

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import logging
+import stat
+
+import pytest
+
+from collector.config import Config, ConfigError, load_config
+from collector.devices import DeviceRegistry, DevicesError
+
+
+def test_defaults_are_sane():
+    c = Config()
+    assert (c.tcp_port, c.udp_port, c.http_port) == (8080, 8081, 8082)
+    assert c.timeout >= 2.5 * c.heartbeat_interval
+    assert c.max_datagram == 1200 and c.max_line == 4096
+
+
+def test_toml_sections_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[server]\nudp_port = 9000\n[sessions]\nheartbeat_interval = 2\n[limits]\nmax_devices = 5\n"
+        '[commands]\ntimeout = 3\n[logging]\nformat = "json"\n'
+        '[[device_config]]\nmatch = "temp-*"\nconfig = { rate = 1 }\n'
+    )
+    c = load_config(path, udp_port=None, tcp_port=1234)
+    assert (c.udp_port, c.tcp_port, c.max_devices, c.command_timeout, c.log_format) == (
+        9000,
+        1234,
+        5,
+        3.0,
+        "json",
+    )
+    assert c.heartbeat_interval == 2.0 and c.timeout == 6.0  # follows the interval unless set
+    assert c.device_config[0].applies_to("temp-7") and not c.device_config[0].applies_to("hum-1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[serverr]\n", "unknown section"),
+        ("[server]\nudp_prot = 1\n", "unknown key"),
+        ('[server]\nudp_port = "x"\n', "expected int"),
+        ("[sessions]\nheartbeat_interval = 5\ntimeout = 4\n", "timeout must be longer"),
+        ("[limits]\nmax_datagram = 10\n", "max_datagram"),
+        ("[[device_config]]\nmatch = 1\nconfig = {}\n", "glob"),
+        ("not toml at all [", "c.toml"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_short_timeout_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        Config(heartbeat_interval=5, timeout=10)
+    assert "one lost heartbeat may mark a device offline" in caplog.text
+
+
+def test_devices_file_round_trip_is_private(tmp_path):
+    path = tmp_path / "sub" / "devices.toml"
+    reg = DeviceRegistry()
+    secret = reg.add("temp-1")
+    reg.add("weird", 'with "quotes" \\ and backslash')
+    reg.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = DeviceRegistry.load(path)
+    assert dict(again) == {"temp-1": secret, "weird": 'with "quotes" \\ and backslash'}
+    assert len(secret) >= 32
+    with pytest.raises(DevicesError, match="already exists"):
+        again.add("temp-1")
+    with pytest.raises(DevicesError, match="bad device id"):
+        again.add("has space")
+
+
+def test_bad_devices_files(tmp_path):
+    with pytest.raises(DevicesError, match="does not exist"):
+        DeviceRegistry.load(tmp_path / "none.toml")
+    p = tmp_path / "d.toml"
+    p.write_text('[devices."a"]\nsecret = 3\n')
+    with pytest.raises(DevicesError, match="needs a string 'secret'"):
+        DeviceRegistry.load(p)
+
+
+def test_the_example_config_is_valid_and_complete():
+    from pathlib import Path
+
+    from collector.config import _SECTIONS
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "collector.toml"
+    c = load_config(path)
+    defaults = Config()
+    for section, keys in _SECTIONS.items():
+        for field in keys.values():
+            assert getattr(c, field) == getattr(defaults, field), (section, field)
+    assert len(c.device_config) == 2
