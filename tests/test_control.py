@@ -221,7 +221,7 @@ JSONISH = st.recursive(
     lambda kids: (
         st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4)
     ),
-    max_leaves=20,
+    max_leaves=8,
 )
 
 
