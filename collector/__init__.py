@@ -5,6 +5,7 @@ as authenticated UDP datagrams; the collector keeps one session per device and k
 moment which devices are alive, and why the others are not.
 """
 
+from ._version import __version__
 from .app import Addresses, Collector, CollectorStatistics, DeviceStatistics, ShutdownReport
 from .config import Config, load_config
 from .devices import DeviceRegistry
@@ -17,6 +18,6 @@ __all__ = [
     "DeviceRegistry",
     "DeviceStatistics",
     "ShutdownReport",
+    "__version__",
     "load_config",
 ]
-__version__ = "0.1.0"

@@ -5,7 +5,9 @@ device sessions and the commands, plus the graceful shutdown that drains them.
     ├── SessionRegistry.serve()     one task per live session (deadline = liveness)
     ├── CommandManager.serve()      one task per open command (delivery, retransmit, timeout)
     ├── serve_udp()                 datagrams -> Ingest (batched)
-    └── ControlServer.serve()       control connections (one handler task each)
+    ├── ControlServer.serve()       control connections (one handler task each)
+    ├── StreamHub.serve()           heartbeats and statistics for dashboards
+    └── HttpServer.serve()          dashboard, API, /metrics, WebSocket subscribers
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from .commands import CommandManager, CommandRecord
 from .config import Config, DeviceConfigRule
 from .datagram import DatagramType, encode_datagram, encode_goodbye_payload
 from .events import Event, Listener
+from .http_server import HttpServer
+from .hub import StreamConfig, StreamHub
 from .ingest import Ingest
 from .sessions import Session, SessionRecord, SessionRegistry
+from .stream import CLOSE_GOING_AWAY
 from .tcp_server import ControlServer
 from .udp_server import serve_udp
 
@@ -37,6 +42,16 @@ log = logging.getLogger("collector")
 class Addresses:
     tcp: tuple[Any, ...]
     udp: tuple[Any, ...]
+    http: tuple[Any, ...] | None = None
+
+    @property
+    def dashboard_url(self) -> str | None:
+        if self.http is None:
+            return None
+        host = self.http[0]
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.http[1]}/"
 
 
 @attrs.frozen
@@ -161,6 +176,28 @@ class Collector:
         )
         self.ingest.commands = self.commands
         self.control = ControlServer(self)
+        self.hub: StreamHub = StreamHub(
+            self,
+            StreamConfig(
+                history=config.stream_history,
+                queue_limit=config.stream_queue,
+                batch_limit=config.stream_batch,
+                stall_limit=config.stream_stall_limit,
+                ping_interval=config.stream_ping_interval,
+                ping_timeout=config.stream_ping_timeout,
+                heartbeat_interval=config.stream_heartbeat,
+                max_subscribers=config.stream_max_subscribers,
+                max_message=config.stream_max_message,
+            ),
+            wall=wall,
+        )
+        self.listeners.append(self.hub)
+        self.http: HttpServer | None = None
+        if config.http_port is not None:
+            self.http = HttpServer(
+                self, read_tokens=config.read_tokens, command_tokens=config.command_tokens
+            )
+        self.http_address: tuple[Any, ...] | None = None
         self.accepting = True
         self.tcp_address: tuple[Any, ...] | None = None
         self.udp_address: tuple[Any, ...] | None = None
@@ -186,7 +223,10 @@ class Collector:
                 )
             )
             self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)
-            task_status.started(Addresses(self.tcp_address, self.udp_address))
+            await nursery.start(self.hub.serve)
+            if self.http is not None:
+                self.http_address = await nursery.start(self.http.serve, cfg.host, cfg.http_port)
+            task_status.started(Addresses(self.tcp_address, self.udp_address, self.http_address))
             await self._stop.wait()
             nursery.cancel_scope.cancel()
 
@@ -206,6 +246,8 @@ class Collector:
         self.ingest.accepting_hellos = False
         self.commands.stop_accepting()
         self.control.stop_accepting()
+        if self.http is not None:
+            self.http.stop_accepting()
         abandoned = self.commands.expire_queued("the collector is shutting down")
         in_flight = len([c for c in self.commands.in_flight if c.state == "sent"])
         with trio.move_on_at(deadline):
@@ -216,6 +258,9 @@ class Collector:
         ended = self.registry.end_all("shutdown")
         with trio.move_on_at(deadline):
             await self.control.handlers_done.wait()
+        with trio.move_on_at(deadline):
+            # Dashboards get the final offline events, then a close with 1001 (going away).
+            await self.hub.close_all(CLOSE_GOING_AWAY, "collector shutting down")
         clean = trio.current_time() < deadline
         abandoned += len(self.commands.in_flight)
         stats = self.ingest

@@ -29,6 +29,9 @@ def _add_server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     )
     p.add_argument("--udp-port", type=int, help="UDP datagram port (default 8081; 0 = any free)")
     p.add_argument(
+        "--http-port", type=int, help="dashboards, API and metrics (default 8082; 0 = any free)"
+    )
+    p.add_argument(
         "--config", metavar="FILE.toml", help="configuration file (see docs/CONFIGURATION.md)"
     )
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
@@ -137,6 +140,7 @@ def _config_from_args(args: argparse.Namespace, **defaults: Any) -> Config:
         "host": args.host,
         "tcp_port": args.tcp_port,
         "udp_port": args.udp_port,
+        "http_port": args.http_port,
         "log_level": args.log_level,
         "log_format": args.log_format,
     }
@@ -169,11 +173,14 @@ async def run_until_signalled(
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(collector.serve)
             log.info(
-                "collector ready: TCP %s, UDP %s (%d devices known)",
+                "collector ready: TCP %s, UDP %s, HTTP %s (%d devices known)",
                 _fmt(addresses.tcp),
                 _fmt(addresses.udp),
+                _fmt(addresses.http) if addresses.http else "off",
                 len(collector.devices),
             )
+            if addresses.dashboard_url:
+                print(f"dashboard: {addresses.dashboard_url}", flush=True)
 
             async def shut_down() -> None:
                 nonlocal report
@@ -236,7 +243,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(
             f"demo: collector on TCP {_fmt(addresses.tcp)} and UDP {_fmt(addresses.udp)}, "
             f"{sim_cfg.devices} simulated sensors (credentials in {devices_file})\n"
-            f"demo: watch the status lines below; Ctrl-C stops (twice: at once)",
+            f"demo: open {addresses.dashboard_url} to watch them live "
+            f"(or: .venv/bin/python tools/watch.py {addresses.dashboard_url}); Ctrl-C stops",
             flush=True,
         )
         async with trio.open_nursery() as inner:

@@ -319,3 +319,20 @@ class CommandManager:
                 cmd.updated, cmd.device_id, cmd.id, cmd.name, state, cmd.result, cmd.error
             )
         )
+
+
+def command_json(c: CommandRecord) -> dict[str, Any]:
+    """A command as the API and the stream show it."""
+    return {
+        "id": c.id,
+        "device": c.device_id,
+        "name": c.name,
+        "args": dict(c.args),
+        "state": c.state,
+        "result": c.result,
+        "error": c.error,
+        "created": c.created,
+        "updated": c.updated,
+        "transport": c.transport,
+        "attempts": c.attempts,
+    }

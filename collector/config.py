@@ -42,8 +42,21 @@ class Config:
     host: str = "0.0.0.0"
     tcp_port: int = 8080
     udp_port: int = 8081
-    http_port: int = 8082
+    http_port: int | None = 8082  # None: no HTTP server (dashboards, API, metrics)
     udp_rcvbuf: int = 8 * 1024 * 1024
+    # [http]
+    read_tokens: tuple[str, ...] = ()
+    command_tokens: tuple[str, ...] = ()
+    # [stream]
+    stream_history: int = 300
+    stream_queue: int = 5000
+    stream_batch: int = 2000
+    stream_stall_limit: float = 10.0
+    stream_ping_interval: float = 10.0
+    stream_ping_timeout: float = 10.0
+    stream_heartbeat: float = 1.0
+    stream_max_subscribers: int = 100
+    stream_max_message: int = 65536
     # [sessions]
     heartbeat_interval: float = 5.0
     timeout: float = 15.0
@@ -79,10 +92,16 @@ class Config:
             problems.append(f"max_datagram must be between {MIN_HELLO_LEN} and 65507")
         if self.max_line < 256:
             problems.append("max_line must be at least 256")
-        for name in ("max_tcp_connections", "max_devices", "command_queue"):
+        for name in (
+            "max_tcp_connections", "max_devices", "command_queue", "stream_queue",
+            "stream_batch", "stream_max_subscribers", "stream_max_message",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("registration_timeout", "command_timeout", "command_expiry", "shutdown_grace"):
+        for name in (
+            "registration_timeout", "command_timeout", "command_expiry", "shutdown_grace",
+            "stream_stall_limit", "stream_ping_interval", "stream_ping_timeout", "stream_heartbeat",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.log_format not in ("text", "json"):
@@ -123,6 +142,18 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "retransmit_initial": "command_retransmit_initial",
         "retransmit_max": "command_retransmit_max",
     },
+    "http": {"read_tokens": "read_tokens", "command_tokens": "command_tokens"},
+    "stream": {
+        "history": "stream_history",
+        "queue_limit": "stream_queue",
+        "batch_limit": "stream_batch",
+        "stall_limit": "stream_stall_limit",
+        "ping_interval": "stream_ping_interval",
+        "ping_timeout": "stream_ping_timeout",
+        "heartbeat_interval": "stream_heartbeat",
+        "max_subscribers": "stream_max_subscribers",
+        "max_message": "stream_max_message",
+    },
     "shutdown": {"grace": "shutdown_grace"},
     "logging": {"level": "log_level", "format": "log_format", "rate_limit": "log_rate_limit"},
 }
@@ -130,6 +161,10 @@ _SECTIONS: dict[str, dict[str, str]] = {
 
 def _check_type(field: str, value: Any) -> Any:
     default = getattr(Config(), field)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{field}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if isinstance(default, bool) or isinstance(value, bool):
         ok = type(value) is type(default)
     elif isinstance(default, float):

@@ -50,6 +50,7 @@ class EventLog:
 async def start_collector(
     nursery: trio.Nursery, devices=None, **overrides: Any
 ) -> tuple[Collector, EventLog]:
+    overrides.setdefault("http_port", None)
     cfg = Config(host="127.0.0.1", tcp_port=0, udp_port=0, **overrides)
     log = EventLog()
     collector = Collector(

@@ -58,9 +58,9 @@ def _free_port(kind=socket.SOCK_STREAM) -> int:
 def _start_serve(tmp_path, *extra):
     f = tmp_path / "devices.toml"
     run("devices", "add", "dev-1", "--devices", str(f))
-    tcp, udp = _free_port(), _free_port(socket.SOCK_DGRAM)
+    tcp, udp, http = _free_port(), _free_port(socket.SOCK_DGRAM), _free_port()
     proc = subprocess.Popen(
-        [PY, "-m", "collector", "serve", "--devices", str(f), "--host", "127.0.0.1", "--tcp-port", str(tcp), "--udp-port", str(udp), *extra],
+        [PY, "-m", "collector", "serve", "--devices", str(f), "--host", "127.0.0.1", "--tcp-port", str(tcp), "--udp-port", str(udp), "--http-port", str(http), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -83,8 +83,11 @@ def test_serve_shuts_down_gracefully_on_a_signal(tmp_path, sig):
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    first, last = out.splitlines()[0], out.splitlines()[-1]
+    assert first.startswith("dashboard: http://127.0.0.1:")
     assert (
-        out.startswith("shutdown complete in") and "datagrams accepted 0, lost 0, rejected 0" in out
+        last.startswith("shutdown complete in")
+        and "datagrams accepted 0, lost 0, rejected 0" in last
     )
     assert "shutting down gracefully" in err and "connection from 127.0.0.1" in err
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -110,7 +113,7 @@ def test_bad_config_exits_with_a_message(tmp_path):
 
 def test_demo_runs_and_accounts(tmp_path):
     out = subprocess.run(
-        [PY, "-m", "collector", "demo", "--duration", "6", "--status-interval", "2", "--tcp-port", "0", "--udp-port", "0",
+        [PY, "-m", "collector", "demo", "--duration", "6", "--status-interval", "2", "--tcp-port", "0", "--udp-port", "0", "--http-port", "0",
          "--sensors", "10", "--loss", "0.05", "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

@@ -1,0 +1,647 @@
+"""The stream hub: keeps what dashboards need (last values, short histories) and fans updates
+out to subscribers without ever making ingest wait.
+
+Ingest calls `on_telemetry` / `on_event` synchronously. For each subscriber the hub appends to
+a bounded queue and sets its wake-up event; nothing here awaits. Each subscriber has its own
+sender task that drains everything queued as few messages as possible (one `readings` message
+per wake-up, however many readings), so batches grow with load and latency stays minimal at low
+load.
+
+When a subscriber's queue is full it coalesces: from then on only the latest reading per series
+is kept, and every reading replaced that way is counted and reported to the client in a
+`missed` message. Too many queued events (online/offline/commands) make it resynchronise from a
+fresh snapshot instead. A subscriber whose send makes no progress for `stall_limit` seconds, or
+that does not answer a ping in time, is closed with a code and a reason.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+import trio_websocket
+
+from . import stream
+from ._version import __version__
+from .commands import command_json
+from .events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry
+from .logs import RateLimitedLog
+from .stream import Matcher, Row, StreamError, Subscription
+
+if TYPE_CHECKING:
+    from .app import Collector
+    from .sessions import DeviceState
+
+log = logging.getLogger("collector.stream")
+
+EVENT_LIMIT = 1000  # queued events per subscriber before it resynchronises from a snapshot
+SNAPSHOT_DEVICES_PER_MESSAGE = 50
+RECENT_COMMANDS = 10
+
+
+@attrs.frozen(kw_only=True)
+class StreamConfig:
+    history: int = 300
+    queue_limit: int = 5000  # readings queued per subscriber before coalescing
+    batch_limit: int = 2000  # readings per `readings` message
+    stall_limit: float = 10.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    heartbeat_interval: float = 1.0
+    max_subscribers: int = 100
+    max_message: int = 65536  # largest message a client may send
+
+
+class SeriesRing:
+    """The last `maxlen` (time, value) points of one numeric series, in two flat arrays."""
+
+    __slots__ = ("maxlen", "start", "t", "v")
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen = maxlen
+        self.t = array.array("d")
+        self.v = array.array("d")
+        self.start = 0
+
+    def append(self, t: float, v: float) -> None:
+        if len(self.t) < self.maxlen:
+            self.t.append(t)
+            self.v.append(v)
+        else:
+            i = self.start
+            self.t[i] = t
+            self.v[i] = v
+            self.start = (i + 1) % self.maxlen
+
+    def last(self, n: int) -> tuple[list[float], list[float]]:
+        s = self.start
+        t = self.t[s:].tolist() + self.t[:s].tolist()
+        v = self.v[s:].tolist() + self.v[:s].tolist()
+        return (t[-n:], v[-n:]) if n else ([], [])
+
+
+@attrs.define(eq=False)
+class DeviceView:
+    values: dict[str, tuple[float, Any]] = attrs.field(factory=dict)
+    history: dict[str, SeriesRing] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    id: int
+    remote: str
+    queue_limit: int
+    batch_limit: int
+    connected_at: float
+    matcher: Matcher | None = None
+    items: collections.deque[tuple[str, Any]] = attrs.field(factory=collections.deque)
+    queued_rows: int = 0
+    queued_events: int = 0
+    coalesced: dict[tuple[str, str], Row] | None = None
+    resync: bool = False
+    missed_pending: int = 0
+    missed_total: int = 0
+    pending_stats: dict[str, Any] = attrs.field(factory=dict)
+    pending_heartbeat: dict[str, Any] | None = None
+    last_sent: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    deferred: dict[tuple[str, str], Row] = attrs.field(factory=dict)
+    thinned: int = 0
+    seq: int = 0
+    messages_sent: int = 0
+    readings_sent: int = 0
+    bytes_sent: int = 0
+    errors: int = 0
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    closing: tuple[int, str] | None = None  # close after sending what is queued
+    done: trio.Event = attrs.field(factory=trio.Event)
+    close_code: int | None = None
+    close_reason: str | None = None
+
+    @property
+    def queued(self) -> int:
+        return self.queued_rows + (len(self.coalesced) if self.coalesced else 0)
+
+    def _wake(self) -> None:
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def offer_rows(self, rows: list[Row]) -> None:
+        m = self.matcher
+        if m is None or self.resync:
+            return
+        if not m.everything:
+            rows = [r for r in rows if m.device(r[0]) and m.metric(r[1])]
+            if not rows:
+                return
+        c = self.coalesced
+        if c is None:
+            if self.queued_rows + len(rows) <= self.queue_limit:
+                self.items.append(("r", rows))
+                self.queued_rows += len(rows)
+                self._wake()
+                return
+            # Full: from now on keep only the latest value per series, and count the rest.
+            c = self.coalesced = {}
+            kept: collections.deque[tuple[str, Any]] = collections.deque()
+            for kind, body in self.items:
+                if kind == "r":
+                    for r in body:
+                        self._coalesce(c, r)
+                else:
+                    kept.append((kind, body))
+            self.items = kept
+            self.queued_rows = 0
+        for r in rows:
+            self._coalesce(c, r)
+        self._wake()
+
+    def _coalesce(self, c: dict[tuple[str, str], Row], r: Row) -> None:
+        key = (r[0], r[1])
+        if key in c:
+            self.missed_pending += 1
+            self.missed_total += 1
+        c[key] = r
+
+    def offer_message(self, message: dict[str, Any], device_id: str | None = None) -> None:
+        m = self.matcher
+        if device_id is not None and (m is None or not m.device(device_id)):
+            return
+        if self.resync:
+            return
+        if self.queued_events >= EVENT_LIMIT:
+            # Too far behind to replay event by event: start over from a snapshot.
+            dropped = self.queued_events + self.queued_rows + (len(self.coalesced or ()))
+            self.missed_pending += dropped
+            self.missed_total += dropped
+            self.items.clear()
+            self.queued_rows = self.queued_events = 0
+            self.coalesced = None
+            self.resync = True
+            self._wake()
+            return
+        self.items.append(("m", message))
+        self.queued_events += 1
+        self._wake()
+
+    def offer_stats(self, stats: dict[str, Any]) -> None:
+        m = self.matcher
+        if m is None:
+            return
+        for device_id, s in stats.items():
+            if m.device(device_id):
+                self.pending_stats[device_id] = s
+        if self.pending_stats:
+            self._wake()
+
+    def offer_heartbeat(self, message: dict[str, Any]) -> None:
+        self.pending_heartbeat = message
+        self._wake()
+
+    # -- draining (called by the sender task) -------------------------------------------------
+
+    def next_due(self) -> float:
+        if not self.deferred or self.matcher is None:
+            return math.inf
+        rate = self.matcher.subscription.max_rate
+        assert rate is not None
+        return min(self.last_sent[k] for k in self.deferred) + 1.0 / rate
+
+    def take(self, now: float) -> Iterator[dict[str, Any]]:
+        """Everything queued, as messages in order. The queue is empty afterwards."""
+        if self.missed_pending:
+            yield stream.missed_message(self.missed_pending, self.missed_total)
+            self.missed_pending = 0
+        items, self.items = self.items, collections.deque()
+        self.queued_rows = self.queued_events = 0
+        coalesced, self.coalesced = self.coalesced, None
+        rows: list[Row] = []
+        for kind, body in items:
+            if kind == "r":
+                rows.extend(body)
+                continue
+            yield from self._readings(rows, now)
+            rows = []
+            yield body
+        if coalesced:
+            rows.extend(coalesced.values())
+        yield from self._readings(rows, now)
+        if self.pending_stats:
+            yield {"type": "stats", "devices": self.pending_stats}
+            self.pending_stats = {}
+        if self.pending_heartbeat is not None:
+            hb = self.pending_heartbeat
+            self.pending_heartbeat = None
+            yield {**hb, "missed": self.missed_total, "queued": self.queued}
+
+    def _readings(self, rows: list[Row], now: float) -> Iterator[dict[str, Any]]:
+        rate = self.matcher.subscription.max_rate if self.matcher else None
+        if rate is not None:
+            rows = self._thin(rows, now, 1.0 / rate)
+        for i in range(0, len(rows), self.batch_limit):
+            chunk = rows[i : i + self.batch_limit]
+            self.readings_sent += len(chunk)
+            yield stream.readings_message(chunk)
+
+    def _thin(self, rows: list[Row], now: float, interval: float) -> list[Row]:
+        """At most one update per series per interval: the latest one, when it is due."""
+        last_sent, deferred = self.last_sent, self.deferred
+        for r in rows:
+            key = (r[0], r[1])
+            if key in deferred:
+                self.thinned += 1
+            deferred[key] = r
+        out = []
+        for key in list(deferred):
+            if now - last_sent.get(key, -math.inf) >= interval:
+                out.append(deferred.pop(key))
+                last_sent[key] = now
+        return out
+
+
+class _Closed(Exception):
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class StreamHub:
+    def __init__(self, app: Collector, config: StreamConfig, *, wall: Callable[[], float]) -> None:
+        self.app = app
+        self.config = config
+        self.wall = wall
+        self.views: dict[str, DeviceView] = {}
+        self.subscribers: set[Subscriber] = set()
+        self.stream_seq = 0
+        self.readings_in = 0
+        self.connections = 0
+        self.closed_by_reason: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.missed_closed = 0  # missed updates of subscribers that are gone
+        self.messages_sent_closed = 0
+        self.readings_sent_closed = 0
+        self.rlog = RateLimitedLog(log, app.config.log_rate_limit)
+        self._ids = itertools.count(1)
+        self._prev_datagrams: dict[str, int] = {}
+        self._rates: dict[str, float] = {}
+        self._prev_tick = 0.0
+
+    # -- listener: called synchronously from ingest ----------------------------------------------
+
+    def on_telemetry(self, batch: Sequence[Telemetry]) -> None:
+        rows: list[Row] = []
+        views = self.views
+        hist = self.config.history
+        for t in batch:
+            view = views.get(t.device_id)
+            if view is None:
+                view = views[t.device_id] = DeviceView()
+            time = t.time
+            device_id = t.device_id
+            values = view.values
+            history = view.history
+            for r in t.readings:
+                name, value = r.name, r.value
+                values[name] = (time, value)
+                if hist and not isinstance(value, str):
+                    ring = history.get(name)
+                    if ring is None:
+                        ring = history[name] = SeriesRing(hist)
+                    ring.append(time, value)
+                rows.append((device_id, name, time, value))
+        self.stream_seq += len(rows)
+        self.readings_in += len(rows)
+        for sub in self.subscribers:
+            sub.offer_rows(rows)
+
+    def on_event(self, event: Event) -> None:
+        self.stream_seq += 1
+        if isinstance(event, DeviceOnline | DeviceOffline):
+            message = stream.device_event_message(event)
+        elif isinstance(event, CommandUpdate):
+            message = stream.command_message(event)
+        else:  # pragma: no cover
+            return
+        for sub in self.subscribers:
+            sub.offer_message(message, event.device_id)
+
+    # -- views for snapshots and the API -------------------------------------------------------
+
+    def device_summary(self, device_id: str, *, history: int = 0) -> dict[str, Any]:
+        state = self.app.registry.devices.get(device_id)
+        view = self.views.get(device_id)
+        out: dict[str, Any] = {"id": device_id}
+        if state is None:
+            out.update(
+                online=False, reason=None, transport=None, address=None, since=None, last_seen=None
+            )
+            out["stats"] = _stats_of(None, 0.0)
+        else:
+            session = state.session
+            out.update(
+                online=session is not None,
+                reason=None if session is not None else state.offline_reason,
+                transport=session.transport if session is not None else None,
+                address=state.address,
+                since=state.online_since if session is not None else state.offline_since,
+                last_seen=state.last_seen,
+                session_id=session.session_id if session is not None else None,
+                sessions=state.sessions,
+            )
+            out["stats"] = _stats_of(state, self._rates.get(device_id, 0.0))
+        out["values"] = {k: [t, v] for k, (t, v) in (view.values.items() if view else ())}
+        if history and view is not None:
+            out["history"] = {k: list(ring.last(history)) for k, ring in view.history.items()}
+        cmds = [c for c in self.app.commands.commands.values() if c.device_id == device_id]
+        out["commands"] = [command_json(c) for c in cmds[-RECENT_COMMANDS:]]
+        return out
+
+    def known_devices(self) -> list[str]:
+        ids = dict.fromkeys(self.app.devices)
+        ids.update(dict.fromkeys(self.app.registry.devices))
+        return sorted(ids)
+
+    def snapshot_messages(self, sub: Subscriber) -> list[dict[str, Any]]:
+        assert sub.matcher is not None
+        m = sub.matcher
+        subscription = m.subscription
+        devices = []
+        for device_id in self.known_devices():
+            if not m.device(device_id):
+                continue
+            d = self.device_summary(device_id, history=subscription.history)
+            if not m.all_metrics:
+                d["values"] = {k: v for k, v in d["values"].items() if m.metric(k)}
+                if "history" in d:
+                    d["history"] = {k: v for k, v in d["history"].items() if m.metric(k)}
+            devices.append(d)
+        parts = max(1, math.ceil(len(devices) / SNAPSHOT_DEVICES_PER_MESSAGE))
+        base = {
+            "type": "snapshot",
+            "subscription": subscription.describe(),
+            "time": self.wall(),
+            "stream_seq": self.stream_seq,
+            "parts": parts,
+        }
+        return [
+            {
+                **base,
+                "part": i + 1,
+                "devices": devices[
+                    i * SNAPSHOT_DEVICES_PER_MESSAGE : (i + 1) * SNAPSHOT_DEVICES_PER_MESSAGE
+                ],
+            }
+            for i in range(parts)
+        ]
+
+    # -- periodic: heartbeats and per-device statistics ------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._prev_tick = trio.current_time()
+        task_status.started()
+        interval = self.config.heartbeat_interval
+        next_tick = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(next_tick)
+            next_tick += interval
+            self.tick()
+
+    def tick(self) -> None:
+        now = trio.current_time()
+        dt = max(now - self._prev_tick, 1e-9)
+        self._prev_tick = now
+        changed: dict[str, Any] = {}
+        for device_id, state in self.app.registry.devices.items():
+            prev = self._prev_datagrams.get(device_id)
+            rate = (state.datagrams - prev) / dt if prev is not None else 0.0
+            self._prev_datagrams[device_id] = state.datagrams
+            if prev is None or state.datagrams != prev or self._rates.get(device_id) != rate:
+                self._rates[device_id] = rate
+                changed[device_id] = _stats_of(state, rate)
+        heartbeat = {"type": "heartbeat", "time": self.wall(), "stream_seq": self.stream_seq}
+        for sub in self.subscribers:
+            if changed:
+                sub.offer_stats(changed)
+            sub.offer_heartbeat(heartbeat)
+
+    # -- one WebSocket subscriber ------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        subs = list(self.subscribers)
+        return {
+            "subscribers": len(subs),
+            "connections_total": self.connections,
+            "readings_in": self.readings_in,
+            "stream_seq": self.stream_seq,
+            "messages_sent": self.messages_sent_closed + sum(s.messages_sent for s in subs),
+            "readings_sent": self.readings_sent_closed + sum(s.readings_sent for s in subs),
+            "missed": self.missed_closed + sum(s.missed_total for s in subs),
+            "closed": dict(self.closed_by_reason),
+            "errors": dict(self.errors),
+            "per_subscriber": [
+                {
+                    "id": s.id,
+                    "remote": s.remote,
+                    "queued": s.queued,
+                    "missed": s.missed_total,
+                    "messages_sent": s.messages_sent,
+                    "readings_sent": s.readings_sent,
+                    "bytes_sent": s.bytes_sent,
+                    "thinned": s.thinned,
+                }
+                for s in sorted(subs, key=lambda s: s.id)
+            ],
+        }
+
+    def can_accept(self) -> bool:
+        return len(self.subscribers) < self.config.max_subscribers
+
+    async def run_subscriber(
+        self, ws: trio_websocket.WebSocketConnection, remote: str, *, can_command: bool
+    ) -> Subscriber:
+        """Serve one connected dashboard until it leaves or is closed; returns it."""
+        cfg = self.config
+        now = trio.current_time()
+        sub = Subscriber(next(self._ids), remote, cfg.queue_limit, cfg.batch_limit, now)
+        self.connections += 1
+        self.subscribers.add(sub)
+        log.info("stream subscriber %d connected from %s", sub.id, remote)
+        sub.offer_message(
+            stream.hello_message(
+                version=__version__,
+                time=self.wall(),
+                heartbeat_interval=cfg.heartbeat_interval,
+                history_max=cfg.history,
+                can_command=can_command,
+            )
+        )
+        closed = _Closed(stream.CLOSE_NORMAL, "closed by the client")
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def run(fn: Callable[..., Any]) -> None:
+                    nonlocal closed
+                    try:
+                        await fn(sub, ws)
+                    except _Closed as exc:
+                        closed = exc
+                    except trio_websocket.ConnectionClosed as exc:
+                        reason = exc.reason
+                        if reason is not None and reason.code == stream.CLOSE_TOO_BIG:
+                            closed = _Closed(None, "message too big (1009)")
+                        else:
+                            closed = _Closed(None, "closed by the client")
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run, self._reader)
+                nursery.start_soon(run, self._sender)
+                nursery.start_soon(run, self._pinger)
+        finally:
+            self.subscribers.discard(sub)
+            self.missed_closed += sub.missed_total
+            self.messages_sent_closed += sub.messages_sent
+            self.readings_sent_closed += sub.readings_sent
+            sub.done.set()
+        sub.close_code, sub.close_reason = closed.code, closed.reason
+        self.closed_by_reason[closed.reason.split(" (")[0]] += 1
+        if closed.code is not None:
+            with trio.move_on_after(1.0):  # a peer that stopped reading cannot block this
+                await ws.aclose(closed.code, closed.reason)
+        log.info(
+            "stream subscriber %d from %s gone after %.1fs: %s%s; %d messages, %d readings, %d missed",
+            sub.id,
+            remote,
+            trio.current_time() - sub.connected_at,
+            closed.reason,
+            f" (close code {closed.code})" if closed.code else "",
+            sub.messages_sent,
+            sub.readings_sent,
+            sub.missed_total,
+        )
+        return sub
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Send every subscriber what is queued for it, then close it with `code` and `reason`.
+
+        A subscriber that does not read is closed by the stall limit; callers put a deadline
+        around this as well.
+        """
+        subs = list(self.subscribers)
+        for sub in subs:
+            sub.closing = (code, reason)
+            sub._wake()
+        for sub in subs:
+            await sub.done.wait()
+
+    async def _reader(self, sub: Subscriber, ws: trio_websocket.WebSocketConnection) -> None:
+        # Keep draining: trio-websocket stops answering pings when its message queue is full.
+        while True:
+            data = await ws.get_message()
+            try:
+                msg = stream.parse_client_message(data, history_max=self.config.history)
+            except StreamError as exc:
+                self._error(sub, exc.code, exc.message)
+                continue
+            if isinstance(msg, stream.Ping):
+                sub.offer_message({"type": "pong", "id": msg.id})
+            else:
+                self._subscribe(sub, msg.subscription)
+
+    def _error(self, sub: Subscriber, code: str, message: str) -> None:
+        sub.errors += 1
+        self.errors[code] += 1
+        self.rlog.warning(
+            code, trio.current_time(), "stream subscriber %d: %s: %s", sub.id, code, message
+        )
+        sub.offer_message(stream.error_message(code, message))
+
+    def _subscribe(self, sub: Subscriber, subscription: Subscription) -> None:
+        sub.matcher = Matcher(subscription)
+        sub.items = collections.deque(
+            it for it in sub.items if it[0] == "m" and it[1]["type"] in ("hello", "error", "pong")
+        )
+        sub.queued_rows = 0
+        sub.queued_events = len(sub.items)
+        sub.coalesced = None
+        sub.resync = False
+        sub.deferred.clear()
+        sub.last_sent.clear()
+        sub.pending_stats = {}
+        snapshot = self.snapshot_messages(sub)
+        for message in snapshot:
+            sub.items.append(("m", message))
+        sub.queued_events += len(snapshot)
+        if not any(message["devices"] for message in snapshot):
+            self._error(
+                sub,
+                "no_match",
+                f"no device matches {list(subscription.devices)} yet: updates will come when one does",
+            )
+        log.info("stream subscriber %d subscribed to %s", sub.id, subscription.describe())
+        sub._wake()
+
+    async def _sender(self, sub: Subscriber, ws: trio_websocket.WebSocketConnection) -> None:
+        stall = self.config.stall_limit
+        while True:
+            with trio.move_on_at(sub.next_due()):
+                await sub.wake.wait()
+            sub.wake = trio.Event()
+            if sub.resync and sub.matcher is not None:
+                self._subscribe(sub, sub.matcher.subscription)
+                sub.wake = trio.Event()
+            for message in sub.take(trio.current_time()):
+                sub.seq += 1
+                message["seq"] = sub.seq
+                text = stream.encode(message)
+                with trio.move_on_after(stall) as cs:
+                    await ws.send_message(text)
+                if cs.cancelled_caught:
+                    raise _Closed(
+                        stream.CLOSE_STALLED, f"stalled: a send made no progress for {stall:g}s"
+                    )
+                sub.messages_sent += 1
+                sub.bytes_sent += len(text)
+            if sub.closing is not None:
+                raise _Closed(*sub.closing)
+
+    async def _pinger(self, sub: Subscriber, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            with trio.move_on_after(self.config.ping_timeout) as cs:
+                await ws.ping()
+            if cs.cancelled_caught:
+                raise _Closed(
+                    stream.CLOSE_PING_TIMEOUT,
+                    f"ping timeout: no pong within {self.config.ping_timeout:g}s",
+                )
+
+
+def _stats_of(state: DeviceState | None, rate: float) -> dict[str, Any]:
+    if state is None:
+        return {
+            "rate": 0.0,
+            "loss": 0.0,
+            "last_seen": None,
+            "datagrams": 0,
+            "lost": 0,
+            "duplicates": 0,
+            "readings": 0,
+        }
+    expected = state.datagrams + state.lost
+    return {
+        "rate": round(rate, 3),
+        "loss": round(state.lost / expected, 6) if expected else 0.0,
+        "last_seen": state.last_seen,
+        "datagrams": state.datagrams,
+        "lost": state.lost,
+        "duplicates": state.duplicates,
+        "out_of_order": state.out_of_order,
+        "readings": state.readings,
+    }

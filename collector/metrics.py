@@ -1,0 +1,177 @@
+"""`GET /metrics`: the collector's counters in the Prometheus text exposition format.
+
+A prometheus_client custom collector reads `Collector.statistics()` and the hub's statistics at
+scrape time, so nothing on the ingest path pays for metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector as PromCollector
+
+from .ingest import REJECT_REASONS
+
+if TYPE_CHECKING:
+    from .app import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class CollectorMetrics(PromCollector):
+    def __init__(self, app: Collector) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        s = app.statistics()
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"collector_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"collector_{name}", doc, value=value)
+
+        yield gauge("uptime_seconds", "Seconds since the collector started.", s.uptime)
+        yield gauge("devices_known", "Devices in the credentials file.", len(app.devices))
+        yield gauge("devices_online", "Devices with a live session.", s.devices_online)
+        yield counter("datagrams_received", "UDP datagrams received.", s.datagrams_received)
+        yield counter(
+            "datagrams_accepted", "Datagrams authenticated and accepted.", s.datagrams_accepted
+        )
+        rejected = CounterMetricFamily(
+            "collector_datagrams_rejected", "Datagrams rejected, by reason.", labels=["reason"]
+        )
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], s.rejected.get(reason, 0))
+        yield rejected
+        yield counter("readings", "Readings accepted.", s.readings)
+        yield counter("replies_sent", "ACK/WELCOME/COMMAND/GOODBYE datagrams sent.", s.replies_sent)
+        yield counter("send_errors", "Datagrams that could not be sent.", s.send_errors)
+        yield counter("address_changes", "Sessions that moved to a new address.", s.address_changes)
+        yield counter("sessions_opened", "Sessions opened.", s.sessions_opened)
+        ended = CounterMetricFamily(
+            "collector_sessions_ended", "Sessions ended, by reason.", labels=["reason"]
+        )
+        for reason in ("timeout", "closed", "superseded", "kicked", "shutdown"):
+            ended.add_metric([reason], s.sessions_ended.get(reason, 0))
+        yield ended
+        yield gauge("tcp_connections", "Open control connections.", s.tcp_connections_active)
+        yield counter(
+            "tcp_connections_accepted", "Control connections accepted.", s.tcp_connections_total
+        )
+        errors = CounterMetricFamily(
+            "collector_control_errors", "Control channel errors, by code.", labels=["code"]
+        )
+        for code, n in sorted(s.control_errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        commands = CounterMetricFamily(
+            "collector_command_transitions", "Commands entering each state.", labels=["state"]
+        )
+        for state in ("queued", "sent", "acked", "failed", "timed_out", "expired"):
+            commands.add_metric([state], s.commands.get(state, 0))
+        yield commands
+        yield counter("command_retransmits", "COMMAND datagrams sent again.", s.command_retransmits)
+
+        per_device: dict[str, Any] = {
+            "datagrams": ("Datagrams accepted from the device.", CounterMetricFamily),
+            "readings": ("Readings accepted from the device.", CounterMetricFamily),
+            "lost": ("Datagrams lost (sequence gaps never filled).", CounterMetricFamily),
+            "duplicates": ("Duplicate or replayed datagrams rejected.", CounterMetricFamily),
+            "out_of_order": ("Datagrams that arrived out of order.", CounterMetricFamily),
+            "malformed": ("Authenticated datagrams with a bad payload.", CounterMetricFamily),
+            "sessions": ("Sessions the device opened.", CounterMetricFamily),
+        }
+        families = {
+            key: cls(f"collector_device_{key}", doc, labels=["device"])
+            for key, (doc, cls) in per_device.items()
+        }
+        online = GaugeMetricFamily(
+            "collector_device_online", "1 if the device is online.", labels=["device"]
+        )
+        seen = GaugeMetricFamily(
+            "collector_device_last_seen_timestamp_seconds",
+            "When the device last proved it was alive (Unix time).",
+            labels=["device"],
+        )
+        for device_id, d in sorted(s.devices.items()):
+            for key, family in families.items():
+                family.add_metric([device_id], getattr(d, key))
+            online.add_metric([device_id], 1 if d.online else 0)
+            if d.last_seen is not None:
+                seen.add_metric([device_id], d.last_seen)
+        yield from families.values()
+        yield online
+        yield seen
+
+        hub = app.hub.statistics() if app.hub is not None else None
+        if hub is not None:
+            yield gauge("stream_subscribers", "Connected stream subscribers.", hub["subscribers"])
+            yield counter(
+                "stream_connections", "Stream connections accepted.", hub["connections_total"]
+            )
+            yield counter("stream_messages_sent", "Stream messages sent.", hub["messages_sent"])
+            yield counter(
+                "stream_readings_sent", "Readings sent to subscribers.", hub["readings_sent"]
+            )
+            yield counter(
+                "stream_missed",
+                "Updates coalesced away for subscribers that fell behind.",
+                hub["missed"],
+            )
+            closed = CounterMetricFamily(
+                "collector_stream_closed",
+                "Stream connections closed, by reason.",
+                labels=["reason"],
+            )
+            for reason, n in sorted(hub["closed"].items()):
+                closed.add_metric([reason], n)
+            yield closed
+            serrors = CounterMetricFamily(
+                "collector_stream_errors",
+                "Bad messages from stream clients, by code.",
+                labels=["code"],
+            )
+            for code, n in sorted(hub["errors"].items()):
+                serrors.add_metric([code], n)
+            yield serrors
+            queued = GaugeMetricFamily(
+                "collector_stream_subscriber_queued",
+                "Readings queued for a subscriber.",
+                labels=["subscriber", "remote"],
+            )
+            missed = CounterMetricFamily(
+                "collector_stream_subscriber_missed",
+                "Updates a subscriber missed.",
+                labels=["subscriber", "remote"],
+            )
+            for sub in hub["per_subscriber"]:
+                queued.add_metric([str(sub["id"]), sub["remote"]], sub["queued"])
+                missed.add_metric([str(sub["id"]), sub["remote"]], sub["missed"])
+            yield queued
+            yield missed
+        if app.http is not None:
+            requests = CounterMetricFamily(
+                "collector_http_requests",
+                "HTTP requests, by route and status.",
+                labels=["route", "status"],
+            )
+            for (route, status), n in sorted(app.http.requests.items()):
+                requests.add_metric([route, str(status)], n)
+            yield requests
+
+
+def make_registry(app: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CollectorMetrics(app))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
