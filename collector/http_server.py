@@ -137,8 +137,8 @@ class HttpServer:
                     )
                 )
                 task_status.started(self.address)
-            # No new connections; open ones (API calls, streams) finish or are cancelled.
-            handlers.cancel_scope.cancel()
+            # No new connections. Open ones (streams, keep-alive API connections) go on until
+            # the collector's shutdown closes the streams and then cancels what is left.
 
     def stop_accepting(self) -> None:
         if self.accept_scope is not None:

@@ -119,7 +119,7 @@ class Subscriber:
     bytes_sent: int = 0
     errors: int = 0
     wake: trio.Event = attrs.field(factory=trio.Event)
-    closing: tuple[int, str] | None = None  # close after sending what is queued
+    closing: tuple[int, str, str] | None = None  # (code, kind, reason): close once drained
     done: trio.Event = attrs.field(factory=trio.Event)
     close_code: int | None = None
     close_reason: str | None = None
@@ -266,10 +266,14 @@ class Subscriber:
 
 
 class _Closed(Exception):
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(reason)
+    """Why a subscriber is closed: a close code (None when the client closed or vanished), a
+    short `kind` for the counters, and the reason text sent with the close frame."""
+
+    def __init__(self, code: int | None, kind: str, reason: str | None = None) -> None:
+        super().__init__(reason or kind)
         self.code = code
-        self.reason = reason
+        self.kind = kind
+        self.reason = reason or kind
 
 
 class StreamHub:
@@ -482,7 +486,7 @@ class StreamHub:
                 can_command=can_command,
             )
         )
-        closed = _Closed(stream.CLOSE_NORMAL, "closed by the client")
+        closed = _Closed(None, "closed by the client")
         try:
             async with trio.open_nursery() as nursery:
 
@@ -495,7 +499,7 @@ class StreamHub:
                     except trio_websocket.ConnectionClosed as exc:
                         reason = exc.reason
                         if reason is not None and reason.code == stream.CLOSE_TOO_BIG:
-                            closed = _Closed(None, "message too big (1009)")
+                            closed = _Closed(None, "message too big", "message too big (1009)")
                         else:
                             closed = _Closed(None, "closed by the client")
                     nursery.cancel_scope.cancel()
@@ -510,7 +514,7 @@ class StreamHub:
             self.readings_sent_closed += sub.readings_sent
             sub.done.set()
         sub.close_code, sub.close_reason = closed.code, closed.reason
-        self.closed_by_reason[closed.reason.split(" (")[0]] += 1
+        self.closed_by_reason[closed.kind] += 1
         if closed.code is not None:
             with trio.move_on_after(1.0):  # a peer that stopped reading cannot block this
                 await ws.aclose(closed.code, closed.reason)
@@ -535,7 +539,7 @@ class StreamHub:
         """
         subs = list(self.subscribers)
         for sub in subs:
-            sub.closing = (code, reason)
+            sub.closing = (code, "shutdown", reason)
             sub._wake()
         for sub in subs:
             await sub.done.wait()
@@ -604,7 +608,7 @@ class StreamHub:
                     await ws.send_message(text)
                 if cs.cancelled_caught:
                     raise _Closed(
-                        stream.CLOSE_STALLED, f"stalled: a send made no progress for {stall:g}s"
+                        stream.CLOSE_STALLED, "stalled", f"stalled: no progress sending for {stall:g}s"
                     )
                 sub.messages_sent += 1
                 sub.bytes_sent += len(text)
@@ -619,6 +623,7 @@ class StreamHub:
             if cs.cancelled_caught:
                 raise _Closed(
                     stream.CLOSE_PING_TIMEOUT,
+                    "ping timeout",
                     f"ping timeout: no pong within {self.config.ping_timeout:g}s",
                 )
 

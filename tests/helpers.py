@@ -122,3 +122,38 @@ async def exchange(sock, collector: Collector, data: bytes, *, wait: float = 0.5
     with trio.move_on_after(wait):
         return await sock.recv(65536)
     return None
+
+
+async def http(collector: Collector, method: str, path: str, body: Any = None, token: str | None = None):
+    """A minimal HTTP/1.1 client for the tests: returns (status, headers, body bytes)."""
+    import h11
+
+    stream = await trio.open_tcp_stream("127.0.0.1", collector.http_address[1])
+    conn = h11.Connection(h11.CLIENT)
+    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    headers = [("host", "test"), ("connection", "close"), ("content-length", str(len(data)))]
+    if token:
+        headers.append(("authorization", f"Bearer {token}"))
+    out = conn.send(h11.Request(method=method, target=path, headers=headers))
+    out += conn.send(h11.Data(data=data)) if data else b""
+    out += conn.send(h11.EndOfMessage())
+    async with stream:
+        await stream.send_all(out)
+        status, resp_headers, chunks = 0, {}, []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                resp_headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    return status, resp_headers, b"".join(chunks)
+
+
+async def api(collector: Collector, method: str, path: str, body: Any = None, token: str | None = None):
+    status, _, raw = await http(collector, method, path, body, token)
+    return status, json.loads(raw) if raw else None

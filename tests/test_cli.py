@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,10 @@ def _free_port(kind=socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def _start_serve(tmp_path, *extra):
+def _start_serve(tmp_path, *extra, ports=None):
     f = tmp_path / "devices.toml"
     run("devices", "add", "dev-1", "--devices", str(f))
-    tcp, udp, http = _free_port(), _free_port(socket.SOCK_DGRAM), _free_port()
+    tcp, udp, http = ports or (_free_port(), _free_port(socket.SOCK_DGRAM), _free_port())
     proc = subprocess.Popen(
         [PY, "-m", "collector", "serve", "--devices", str(f), "--host", "127.0.0.1", "--tcp-port", str(tcp), "--udp-port", str(udp), "--http-port", str(http), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -93,6 +94,49 @@ def test_serve_shuts_down_gracefully_on_a_signal(tmp_path, sig):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["tcp_connections_total"] >= 2 and stats["rejected"]["bad_tag"] == 0
     held.close()
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    # A command the device takes 60 s to answer keeps a graceful shutdown busy for its whole
+    # grace period (5 s); the second Ctrl-C must not wait for that.
+    ports = (_free_port(), _free_port(socket.SOCK_DGRAM), _free_port())
+    proc, _ = _start_serve(tmp_path, ports=ports)
+    devices = tmp_path / "devices.toml"
+    subprocess.run([PY, str(ROOT / "tools" / "simulate.py"), "--init-devices", str(devices), "--sensors", "1"], check=True, capture_output=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    proc, _ = _start_serve(tmp_path, ports=ports)  # again, now knowing sensor-001
+    sim = subprocess.Popen(
+        [PY, str(ROOT / "tools" / "simulate.py"), "--devices", str(devices), "--sensors", "1",
+         "--tcp-port", str(ports[0]), "--udp-port", str(ports[1]), "--duration", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{ports[2]}/api/devices/sensor-001"
+        deadline = time.monotonic() + 20
+        while not json.loads(urllib.request.urlopen(url).read())["online"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        req = urllib.request.Request(
+            url + "/commands", data=json.dumps({"name": "sleep", "args": {"seconds": 60}}).encode(), method="POST"
+        )
+        cmd = json.loads(urllib.request.urlopen(req).read())
+        while json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/api/commands/{cmd['id']}").read())["state"] != "sent":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still in its grace period, waiting for the answer
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "SIGINT again: exiting at once" in err
+        assert time.monotonic() - start < 2.0
+    finally:
+        sim.kill()
+        sim.wait()
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_json_logs(tmp_path):

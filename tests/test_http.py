@@ -1,0 +1,335 @@
+"""The HTTP port: API, metrics, access control, and the WebSocket stream end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import trio
+import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+from collector.client import open_device
+from collector.datagram import Reading
+from collector.events import Telemetry
+
+from .helpers import SECRETS, api, http, start_collector
+
+
+async def start(nursery, **overrides):
+    overrides.setdefault("http_port", 0)
+    return await start_collector(nursery, **overrides)
+
+
+def ws_url(collector, token=None):
+    return f"ws://127.0.0.1:{collector.http_address[1]}/stream" + (f"?token={token}" if token else "")
+
+
+async def next_of(ws, *types, limit=200):
+    for _ in range(limit):
+        msg = json.loads(await ws.get_message())
+        if msg["type"] in types:
+            return msg
+    raise AssertionError(f"no {types} in {limit} messages")
+
+
+async def subscribed(ws, **fields):
+    await ws.send_message(json.dumps({"type": "subscribe", **fields}))
+    parts = []
+    while True:
+        msg = await next_of(ws, "snapshot")
+        parts.append(msg)
+        if msg["part"] == msg["parts"]:
+            return [d for p in parts for d in p["devices"]], parts
+
+
+async def test_pages_health_and_errors(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    status, headers, body = await http(collector, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"<" in body
+    status, health = await api(collector, "GET", "/healthz")
+    assert status == 200 and health["status"] == "ok" and health["devices_known"] == len(SECRETS)
+    assert await api(collector, "GET", "/nowhere") == (404, {"error": {"code": "not_found", "message": "no route '/nowhere'"}})
+    assert (await api(collector, "DELETE", "/api/devices"))[0] == 405
+    assert (await http(collector, "GET", "/static/../app.py"))[0] == 404
+    status, _, _ = await http(collector, "POST", "/api/config", b"x" * 70_000)
+    assert status == 413
+
+
+async def test_device_api_and_commands_end_to_end(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+
+    async def handler(name, args):
+        return {"did": name, **args}
+
+    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1], on_command=handler) as dev:
+        await dev.send_readings({"temperature": 21.5, "door": True})
+        await trio.sleep(0.1)
+        status, listing = await api(collector, "GET", "/api/devices")
+        assert status == 200
+        d1 = next(d for d in listing["devices"] if d["id"] == "dev-1")
+        assert d1["online"] and d1["transport"] == "tcp" and d1["values"]["temperature"][1] == 21.5
+        assert next(d for d in listing["devices"] if d["id"] == "dev-2")["online"] is False
+        status, cmd = await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "open", "args": {"valve": 2}})
+        assert status == 202 and cmd["state"] == "queued"
+        await collector.commands.get(cmd["id"]).done.wait()
+        status, done = await api(collector, "GET", f"/api/commands/{cmd['id']}")
+        assert (done["state"], done["result"]) == ("acked", {"did": "open", "valve": 2})
+        status, detail = await api(collector, "GET", "/api/devices/dev-1?history=10")
+        assert detail["history"]["temperature"][1] == [21.5] and detail["history"]["door"][1] == [1.0]
+        assert [c["id"] for c in detail["commands"]] == [cmd["id"]]
+        assert (await api(collector, "POST", "/api/devices/dev-1/kick"))[0] == 200
+        await dev.ended.wait()
+    status, detail = await api(collector, "GET", "/api/devices/dev-1")
+    assert detail["online"] is False and detail["reason"] == "kicked"
+    assert [s["reason"] for s in detail["sessions"]] == ["kicked"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/api/devices/nobody/commands", {"name": "x"}, 404, "unknown_device"),
+        ("GET", "/api/devices/nobody", None, 404, "unknown_device"),
+        ("POST", "/api/devices/dev-1/commands", b"{not json", 400, "bad_json"),
+        ("POST", "/api/devices/dev-1/commands", {"args": {}}, 400, "bad_command"),
+        ("POST", "/api/devices/dev-1/commands", {"name": "x", "timeout": -1}, 400, "bad_command"),
+        ("POST", "/api/devices/dev-1/kick", None, 409, "not_online"),
+        ("GET", "/api/commands/c999999", None, 404, "unknown_command"),
+        ("POST", "/api/config", {"match": 3}, 400, "bad_config"),
+        ("GET", "/api/devices/dev-1?history=x", None, 400, "bad_parameter"),
+    ],
+)
+async def test_api_errors(nursery, autojump_clock, method, path, body, status, code):
+    collector, _ = await start(nursery)
+    got_status, got = await api(collector, method, path, body)
+    assert (got_status, got["error"]["code"]) == (status, code)
+    assert collector.http.requests[(next(iter(r for r, s in collector.http.requests if s == status)), status)] == 1
+
+
+async def test_command_queue_full_is_409(nursery, autojump_clock):
+    collector, _ = await start(nursery, command_queue=1)
+    assert (await api(collector, "POST", "/api/devices/dev-3/commands", {"name": "a"}))[0] == 202
+    status, body = await api(collector, "POST", "/api/devices/dev-3/commands", {"name": "b"})
+    assert (status, body["error"]["code"]) == (409, "queue_full")
+
+
+async def test_metrics_are_prometheus_text(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]) as dev:
+        await dev.send_readings({"t": 1.0})
+        await trio.sleep(0.1)
+        status, headers, body = await http(collector, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert samples[("collector_datagrams_accepted_total", ())] == 1
+    assert samples[("collector_device_readings_total", (("device", "dev-1"),))] == 1
+    assert samples[("collector_device_online", (("device", "dev-1"),))] == 1
+    assert samples[("collector_datagrams_rejected_total", (("reason", "bad_tag"),))] == 0
+    assert ("collector_stream_subscribers", ()) in samples
+    assert ("process_resident_memory_bytes", ()) in samples
+
+
+async def test_access_control(nursery, autojump_clock, caplog):
+    collector, _ = await start(nursery, read_tokens=("r-token",), command_tokens=("c-token",))
+    assert "access control is OFF" not in caplog.text
+    assert (await api(collector, "GET", "/api/devices"))[0] == 401
+    assert (await api(collector, "GET", "/api/devices", token="wrong"))[0] == 401
+    assert (await http(collector, "GET", "/metrics"))[0] == 401
+    assert (await http(collector, "GET", "/metrics", token="r-token"))[0] == 200
+    assert (await api(collector, "GET", "/api/devices", token="r-token"))[0] == 200
+    status, body = await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="r-token")
+    assert (status, body["error"]["code"]) == (403, "forbidden")
+    assert (await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="c-token"))[0] == 202
+    assert (await api(collector, "GET", "/healthz"))[0] == 200
+    with pytest.raises(trio_websocket.ConnectionRejected) as info:
+        async with open_websocket_url(ws_url(collector, "wrong")):
+            pass
+    assert info.value.status_code == 401
+    async with open_websocket_url(ws_url(collector, "r-token")) as ws:
+        hello = json.loads(await ws.get_message())
+        assert hello["type"] == "hello" and hello["can_command"] is False
+    async with open_websocket_url(ws_url(collector, "c-token")) as ws:
+        assert json.loads(await ws.get_message())["can_command"] is True
+    assert collector.hub.errors["unauthorized"] == 1
+
+
+async def test_access_control_off_is_logged(nursery, autojump_clock, caplog):
+    with caplog.at_level(logging.WARNING):
+        await start(nursery)
+    assert "HTTP access control is OFF" in caplog.text
+
+
+async def test_stream_snapshot_then_live_updates_in_order(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    port = collector.tcp_address[1]
+    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=port, on_command=lambda n, a: "done") as dev:
+        await dev.send_readings({"temperature": 20.0, "humidity": 50.0})
+        await trio.sleep(0.1)
+        async with open_websocket_url(ws_url(collector)) as ws:
+            hello = json.loads(await ws.get_message())
+            assert (hello["type"], hello["seq"], hello["protocol"]) == ("hello", 1, 1)
+            devices, parts = await subscribed(ws, devices=["dev-*"], metrics=["temp*"], history=10)
+            assert len(devices) == 8 and parts[0]["subscription"]["metrics"] == ["temp*"]
+            d1 = next(d for d in devices if d["id"] == "dev-1")
+            assert d1["online"] and d1["values"] == {"temperature": [d1["values"]["temperature"][0], 20.0]}
+            assert d1["history"]["temperature"][1] == [20.0]
+            await dev.send_readings({"temperature": 21.0, "humidity": 51.0})
+            msg = await next_of(ws, "readings")
+            assert [r[1:] for r in msg["readings"]] == [["temperature", msg["readings"][0][2], 21.0]]
+            cmd = collector.send_command("dev-1", "ping")
+            states = [(await next_of(ws, "command"))["state"] for _ in range(3)]
+            assert states == ["queued", "sent", "acked"] and cmd.result == "done"
+            collector.kick("dev-1")
+            event = await next_of(ws, "device")
+            assert (event["device"], event["online"], event["reason"]) == ("dev-1", False, "kicked")
+            beat = await next_of(ws, "heartbeat")
+            assert beat["missed"] == 0 and beat["stream_seq"] >= 5
+
+
+async def test_seq_is_gapless_and_heartbeats_keep_coming(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        await ws.send_message(json.dumps({"type": "subscribe"}))
+        seqs, beats = [], 0
+        with trio.move_on_after(5.5):
+            while True:
+                msg = json.loads(await ws.get_message())
+                seqs.append(msg["seq"])
+                beats += msg["type"] == "heartbeat"
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert beats == 5
+
+
+async def test_changing_the_subscription_without_reconnecting(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        devices, _ = await subscribed(ws, devices=["udp-*"])
+        assert sorted(d["id"] for d in devices) == ["udp-1", "udp-2"]
+        devices, _ = await subscribed(ws, devices=["dev-1", "dev-2"])
+        assert sorted(d["id"] for d in devices) == ["dev-1", "dev-2"]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("not json", "bad_json"),
+        ('{"type": "fly"}', "unknown_type"),
+        ('{"type": "subscribe", "max_rate": -1}', "bad_message"),
+        (b"\x00\x01", "bad_message"),
+        ('{"type": "subscribe", "devices": ["nothing-*"]}', "no_match"),
+    ],
+)
+async def test_bad_stream_messages_get_an_error_and_the_stream_goes_on(nursery, autojump_clock, message, code):
+    collector, _ = await start(nursery)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        await ws.get_message()  # hello
+        await ws.send_message(message)
+        error = await next_of(ws, "error")
+        assert error["code"] == code and error["message"]
+        await ws.send_message(json.dumps({"type": "ping", "id": 5}))
+        assert (await next_of(ws, "pong"))["id"] == 5
+    assert collector.hub.errors[code] == 1
+
+
+async def test_oversized_client_message_closes_with_1009(nursery, autojump_clock):
+    collector, _ = await start(nursery, stream_max_message=1000)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        await ws.get_message()
+        await ws.send_message("x" * 2000)
+        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+            for _ in range(10):
+                await ws.get_message()
+        assert info.value.reason.code == 1009
+    await trio.sleep(0.1)
+    assert collector.hub.closed_by_reason["message too big"] == 1
+
+
+def _flood(collector, n_batches, per_batch=500):
+    for b in range(n_batches):
+        batch = [
+            Telemetry(1.0, f"dev-{1 + i % 8}", b * per_batch + i, 0, (Reading("x", float(b * per_batch + i)),))
+            for i in range(per_batch)
+        ]
+        collector.hub.on_telemetry(batch)
+
+
+async def raw_subscriber(collector, *, rcvbuf=4096):
+    """A WebSocket client on a socket with a tiny receive buffer that, once subscribed, never
+    reads again (wsproto directly, so no library reads on its behalf)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", collector.http_address[1]))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await sock.send(ws.send(Request(host="test", target="/stream")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await sock.recv(4096))
+    await sock.send(ws.send(TextMessage(data=json.dumps({"type": "subscribe"}))))
+    return sock
+
+
+async def test_a_dashboard_that_never_reads_is_closed_and_slows_no_one(nursery, autojump_clock):
+    collector, _ = await start(nursery, stream_queue=2000, stream_stall_limit=5.0, stream_ping_interval=1000.0)
+    slow = await raw_subscriber(collector)
+    async with open_websocket_url(ws_url(collector)) as fast:
+        await fast.send_message(json.dumps({"type": "subscribe"}))
+        await next_of(fast, "snapshot")
+        received = sent = 0
+        for _ in range(40):  # 20,000 readings, about 1 MB of JSON: more than the slow one takes
+            _flood(collector, 1)
+            sent += 500
+            with trio.move_on_after(0.5):
+                while received < sent:
+                    msg = json.loads(await fast.get_message())
+                    if msg["type"] == "readings":
+                        received += len(msg["readings"])
+        assert received == sent  # the reading dashboard got every single update
+        subs = {s.remote.split(":")[-1]: s for s in collector.hub.subscribers}
+        slow_sub = subs[str(slow.getsockname()[1])]
+        fast_sub = next(s for s in collector.hub.subscribers if s is not slow_sub)
+        assert fast_sub.missed_total == 0
+        assert slow_sub.missed_total > 10_000 and slow_sub.queued <= 8  # coalesced to 8 series
+        await trio.sleep(6)  # past the stall limit
+        assert collector.hub.closed_by_reason["stalled"] == 1
+        assert slow_sub.close_code == 4002
+        assert list(collector.hub.subscribers) == [fast_sub]
+    slow.close()
+
+
+async def test_a_dashboard_that_does_not_answer_pings_is_closed(nursery, autojump_clock):
+    collector, _ = await start(nursery, stream_ping_interval=2.0, stream_ping_timeout=3.0)
+    # A raw socket that does the handshake and then ignores everything, pings included.
+    stream = await trio.open_tcp_stream("127.0.0.1", collector.http_address[1])
+    await stream.send_all(
+        b"GET /stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    )
+    head = await stream.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"sec-websocket-extensions" not in head.lower()  # compression is never negotiated
+    await trio.sleep(6)
+    assert collector.hub.closed_by_reason["ping timeout"] == 1
+    await stream.aclose()
+
+
+async def test_shutdown_sends_final_events_then_closes_1001(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]):
+        async with open_websocket_url(ws_url(collector)) as ws:
+            await subscribed(ws)
+            nursery.start_soon(collector.shutdown)
+            event = await next_of(ws, "device")
+            assert (event["device"], event["reason"]) == ("dev-1", "shutdown")
+            with pytest.raises(trio_websocket.ConnectionClosed) as info:
+                while True:
+                    await ws.get_message()
+            assert info.value.reason.code == 1001
