@@ -46,7 +46,7 @@ from .datagram import (
     payload_of,
     verify_tag,
 )
-from .replay import DUPLICATE, TOO_OLD, ReplayWindow
+from .replay_window import DUPLICATE, TOO_OLD, ReplayWindow
 
 log = logging.getLogger("collector.client")
 

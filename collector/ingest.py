@@ -41,7 +41,7 @@ from .datagram import (
 )
 from .events import Listener, Telemetry, format_address
 from .logs import RateLimitedLog
-from .replay import LATE, TOO_OLD
+from .replay_window import LATE, TOO_OLD
 
 if TYPE_CHECKING:
     from .commands import CommandManager

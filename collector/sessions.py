@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from .events import DeviceOffline, DeviceOnline, Event, format_address
-from .replay import ReplayWindow
+from .replay_window import ReplayWindow
 
 if TYPE_CHECKING:
     from .commands import CommandRecord

@@ -53,6 +53,8 @@ class SimConfig:
     hang: int = 0  # this many devices go silent (no goodbye) at `hang_at` seconds
     hang_at: float = 0.0
     seed: int | None = None
+    stamp: bool = False  # add a `sent_at` reading (wall clock at send) for latency measurements
+    signals: bool = True  # temperature, humidity, battery (False: only `sent_at`, if stamped)
 
     def device_ids(self) -> list[str]:
         return [f"{self.prefix}-{i:03d}" for i in range(1, self.devices + 1)]
@@ -317,8 +319,11 @@ class Simulator:
             ack = cfg.ack_share > 0 and rng.random() < cfg.ack_share
             if ack:
                 report.ack_requested += 1
+            readings = signals.sample(now - self.started) if cfg.signals else {}
+            if cfg.stamp:
+                readings["sent_at"] = self.wall()
             try:
-                await dev.send_readings(signals.sample(now - self.started), ack=ack)
+                await dev.send_readings(readings, ack=ack)
             except AckTimeout:
                 report.ack_timeouts += 1
             jitter = 1 + cfg.jitter * (2 * rng.random() - 1)

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Dashboard fan-out benchmark: sensor-to-dashboard latency with N fast dashboards, then the
+same with one more dashboard that never reads.
+
+    tools/bench_stream.py --sensors 200 --rate 10 --dashboards 10 --phase 30
+
+Three processes on 127.0.0.1: a real `collector serve`, the simulated sensors (each reading
+carries its send time as a `sent_at` value), and the dashboards, which timestamp every
+`sent_at` they receive. Phase A runs the fast dashboards alone; phase B adds a dashboard that
+subscribes to everything and then never reads. It prints latency p50/p99/max per phase, the
+collector's CPU and memory per phase (from /proc), and the change of p99 between the phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_sample(pid: int) -> tuple[float, float, int]:
+    """(wall time, CPU seconds, RSS bytes) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return time.time(), cpu, rss
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+# -- roles ------------------------------------------------------------------------------------
+
+
+def run_sensors(args: argparse.Namespace) -> None:
+    from collector.devices import DeviceRegistry
+    from collector.sim import SimConfig, Simulator
+
+    cfg = SimConfig(
+        devices=args.sensors, prefix="bench", rate=args.rate, stamp=True, signals=args.signals, seed=1
+    )
+    sim = Simulator(cfg, DeviceRegistry.load(args.devices), tcp_port=args.tcp_port, udp_port=args.udp_port)
+    trio.run(sim.run, args.duration)
+
+
+def run_dashboards(args: argparse.Namespace) -> None:
+    trio.run(_dashboards, args)
+
+
+async def _dashboards(args: argparse.Namespace) -> None:
+    from trio_websocket import open_websocket_url
+
+    url = f"ws://127.0.0.1:{args.http_port}/stream"
+    phase = {"name": "warmup"}
+    latencies: dict[str, list[float]] = {"A": [], "B": []}
+    received: dict[str, int] = {"A": 0, "B": 0}
+    missed = {"total": 0}
+    marks: dict[str, float] = {}
+
+    async def dashboard(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_websocket_url(url, message_queue_size=1024) as ws:
+            await ws.send_message(json.dumps({"type": "subscribe", "history": 0}))
+            task_status.started()
+            while True:
+                text = await ws.get_message()
+                now = time.time()
+                msg = json.loads(text)
+                if msg["type"] == "readings":
+                    name = phase["name"]
+                    if name in latencies:
+                        lat = latencies[name]
+                        for row in msg["readings"]:
+                            if row[1] == "sent_at":
+                                lat.append(now - row[3])
+                        received[name] += len(msg["readings"])
+                elif msg["type"] == "missed":
+                    missed["total"] += msg["count"]
+
+    async def stalled() -> None:
+        # A dashboard that subscribes to everything and then never reads again.
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request, TextMessage
+
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", args.http_port))
+        ws = WSConnection(ConnectionType.CLIENT)
+        await sock.send(ws.send(Request(host="bench", target="/stream")))
+        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+            ws.receive_data(await sock.recv(4096))
+        await sock.send(ws.send(TextMessage(data=json.dumps({"type": "subscribe"}))))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(args.dashboards):
+            await nursery.start(dashboard)
+        await trio.sleep(args.warmup)
+        marks["A"] = time.time()
+        phase["name"] = "A"
+        await trio.sleep(args.phase)
+        phase["name"] = "switch"
+        nursery.start_soon(stalled)
+        await trio.sleep(1.0)
+        marks["B"] = time.time()
+        phase["name"] = "B"
+        await trio.sleep(args.phase)
+        marks["end"] = time.time()
+        phase["name"] = "done"
+        nursery.cancel_scope.cancel()
+    Path(args.out).write_text(
+        json.dumps({"latencies": latencies, "received": received, "missed": missed["total"], "marks": marks})
+    )
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sensors", type=int, default=200)
+    p.add_argument("--rate", type=float, default=10.0, help="readings datagrams/s per sensor")
+    p.add_argument("--dashboards", type=int, default=10)
+    p.add_argument(
+        "--signals",
+        action="store_true",
+        help="send temperature, humidity and battery too (4 readings per datagram, not 1)",
+    )
+    p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--role", choices=["sensors", "dashboards"], help=argparse.SUPPRESS)
+    p.add_argument("--devices", help=argparse.SUPPRESS)
+    p.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--udp-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--http-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--duration", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role == "sensors":
+        run_sensors(args)
+        return 0
+    if args.role == "dashboards":
+        run_dashboards(args)
+        return 0
+
+    from collector.devices import DeviceRegistry
+    from collector.sim import SimConfig
+
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    ids = SimConfig(devices=args.sensors, prefix="bench").device_ids()
+    DeviceRegistry({d: f"secret-{d}" for d in ids}).save(work / "devices.toml")
+    tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+    me = [sys.executable, str(Path(__file__).resolve())]
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp),
+         "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
+         "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=open(work / "collector.log", "w"),
+    )  # fmt: skip
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", http), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    total = args.warmup + 2 * args.phase + 3
+    sensors = subprocess.Popen(
+        [*me, "--role", "sensors", "--devices", str(work / "devices.toml"), "--tcp-port", str(tcp),
+         "--udp-port", str(udp), "--sensors", str(args.sensors), "--rate", str(args.rate),
+         "--duration", str(total + 5), *(["--signals"] if args.signals else [])],
+    )  # fmt: skip
+    time.sleep(2)  # let the sensors register
+    out = work / "dashboards.json"
+    dashboards = subprocess.Popen(
+        [*me, "--role", "dashboards", "--http-port", str(http), "--dashboards", str(args.dashboards),
+         "--warmup", str(args.warmup), "--phase", str(args.phase), "--out", str(out)],
+    )  # fmt: skip
+    print(
+        f"collector pid {collector.pid}; {args.sensors} sensors x {args.rate:g}/s = "
+        f"{args.sensors * args.rate:g} datagrams/s ({4 if args.signals else 1} readings each); "
+        f"{args.dashboards} dashboards; phases of {args.phase:g}s",
+        flush=True,
+    )
+    samples = []
+    while dashboards.poll() is None:
+        samples.append(proc_sample(collector.pid))
+        time.sleep(0.5)
+    samples.append(proc_sample(collector.pid))
+    result = json.loads(out.read_text())
+    metrics = _scrape(http)
+    for proc in (sensors, collector):
+        proc.send_signal(signal.SIGTERM)
+    for proc in (sensors, collector):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    marks = result["marks"]
+    rows = []
+    for name, label, start, end in (
+        ("A", f"{args.dashboards} dashboards", marks["A"], marks["B"] - 1.0),
+        ("B", f"{args.dashboards} dashboards + 1 that never reads", marks["B"], marks["end"]),
+    ):
+        lat = [x * 1000 for x in result["latencies"][name]]
+        inside = [s for s in samples if start <= s[0] <= end]
+        cpu = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) * 100 if len(inside) > 1 else float("nan")
+        rss = [s[2] / 2**20 for s in inside]
+        rows.append({
+            "phase": label,
+            "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat, default=float("nan")), "n": len(lat)},
+            "delivered_per_s": result["received"][name] / (end - start),
+            "collector_cpu_percent": cpu,
+            "collector_rss_mb": {"min": min(rss, default=0), "max": max(rss, default=0)},
+        })  # fmt: skip
+    print()
+    print(f"{'phase':42} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'samples':>8} {'readings/s':>11} {'CPU %':>6} {'RSS MB':>13}")
+    for r in rows:
+        lat = r["latency_ms"]
+        print(
+            f"{r['phase']:42} {lat['p50']:7.2f} {lat['p99']:7.2f} {lat['max']:7.1f} {lat['n']:8d} "
+            f"{r['delivered_per_s']:11.0f} {r['collector_cpu_percent']:6.1f} "
+            f"{r['collector_rss_mb']['min']:6.1f}-{r['collector_rss_mb']['max']:<6.1f}"
+        )
+    change = (rows[1]["latency_ms"]["p99"] / rows[0]["latency_ms"]["p99"] - 1) * 100
+    print(f"\np99 change with the stalled dashboard: {change:+.1f} % (target: within 10 %)")
+    stalled_key = 'collector_stream_closed_total{reason="stalled"}'
+    ping_key = 'collector_stream_closed_total{reason="ping timeout"}'
+    print(
+        f"collector: stream_missed_total {metrics.get('collector_stream_missed_total', 0):.0f} "
+        f"(the stalled dashboard's coalesced updates), fast dashboards missed {result['missed']}, "
+        f"closed as stalled {metrics.get(stalled_key, 0):.0f}, "
+        f"closed for ping timeout {metrics.get(ping_key, 0):.0f}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"phases": rows, "p99_change_percent": change, "metrics": metrics}, indent=1))
+    return 0
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
