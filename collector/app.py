@@ -30,6 +30,7 @@ from .events import Event, Listener
 from .http_server import HttpServer
 from .hub import StreamConfig, StreamHub
 from .ingest import Ingest
+from .recorder import Recorder, RecorderConfig
 from .sessions import Session, SessionRecord, SessionRegistry
 from .stream import CLOSE_GOING_AWAY
 from .tcp_server import ControlServer
@@ -100,6 +101,7 @@ class CollectorStatistics:
     control_errors: Mapping[str, int]
     commands: Mapping[str, int]
     command_retransmits: int
+    recording: Mapping[str, Any] | None = None
 
     @property
     def rejected_total(self) -> int:
@@ -118,6 +120,7 @@ class ShutdownReport:
     commands_abandoned: int
     duration: float
     clean: bool
+    recording: Mapping[str, Any] | None = None
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items() if v)
@@ -128,6 +131,12 @@ class ShutdownReport:
             f"rejected {self.datagrams_rejected}"
             + (f" ({reasons})" if reasons else "")
             + f"; commands abandoned {self.commands_abandoned}"
+            + (
+                f"; recorded {self.recording['records']} records to {self.recording['directory']}"
+                + (f" ({self.recording['dropped']} dropped)" if self.recording["dropped"] else "")
+                if self.recording
+                else ""
+            )
         )
 
 
@@ -192,6 +201,12 @@ class Collector:
             wall=wall,
         )
         self.listeners.append(self.hub)
+        self.recorder: Recorder | None = None
+        if config.record_dir:
+            self.recorder = Recorder(recorder_config(config), wall=wall)
+            self.listeners.append(self.recorder)
+            if config.record_raw:
+                self.ingest.raw_sink = self.recorder.on_datagram
         self.http: HttpServer | None = None
         if config.http_port is not None:
             self.http = HttpServer(
@@ -215,6 +230,8 @@ class Collector:
         cfg = self.config
         self.started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
+            if self.recorder is not None:
+                await nursery.start(self.recorder.serve)  # repairs a torn tail before any data
             await nursery.start(self.registry.serve)
             await nursery.start(self.commands.serve)
             self.udp_address = await nursery.start(
@@ -261,6 +278,9 @@ class Collector:
         with trio.move_on_at(deadline):
             # Dashboards get the final offline events, then a close with 1001 (going away).
             await self.hub.close_all(CLOSE_GOING_AWAY, "collector shutting down")
+        if self.recorder is not None:
+            with trio.move_on_at(deadline + 1.0):  # the final flush, even after a busy grace
+                await self.recorder.aclose()
         clean = trio.current_time() < deadline
         abandoned += len(self.commands.in_flight)
         stats = self.ingest
@@ -276,6 +296,7 @@ class Collector:
             commands_abandoned=abandoned,
             duration=trio.current_time() - start,
             clean=clean,
+            recording=self.recorder.statistics() if self.recorder is not None else None,
         )
         self.stopped_at = trio.current_time()
         self._stop.set()
@@ -399,6 +420,7 @@ class Collector:
             control_errors=dict(self.control.errors),
             commands=dict(self.commands.by_state),
             command_retransmits=self.commands.retransmits,
+            recording=self.recorder.statistics() if self.recorder is not None else None,
         )
 
 
@@ -407,3 +429,18 @@ def statistics_to_json(stats: CollectorStatistics) -> dict[str, Any]:
     for device_id, d in stats.devices.items():
         out["devices"][device_id]["loss_ratio"] = d.loss_ratio
     return out
+
+
+def recorder_config(config: Config) -> RecorderConfig:
+    return RecorderConfig(
+        directory=config.record_dir,
+        flush_interval=config.record_flush_interval,
+        buffer_bytes=int(config.record_buffer_mb * 2**20),
+        segment_bytes=int(config.record_segment_mb * 2**20),
+        segment_seconds=config.record_segment_minutes * 60,
+        retain_seconds=config.record_retain_days * 86400 or None,
+        retain_bytes=int(config.record_retain_gb * 2**30) or None,
+        compress=config.record_compress,
+        raw=config.record_raw,
+        fsync=config.record_fsync,
+    )

@@ -18,6 +18,7 @@ from .app import Addresses, Collector, ShutdownReport, statistics_to_json
 from .config import Config, ConfigError, load_config
 from .devices import DeviceRegistry, DevicesError, generate_secret
 from .logs import setup_logging
+from .recording import RecordingError
 
 log = logging.getLogger("collector")
 
@@ -32,7 +33,9 @@ def _add_server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
         "--http-port", type=int, help="dashboards, API and metrics (default 8082; 0 = any free)"
     )
     p.add_argument(
-        "--config", metavar="FILE.toml", help="configuration file (see docs/CONFIGURATION.md)"
+        "--config",
+        metavar="FILE.toml",
+        help="configuration file (every key: examples/collector.toml)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
     p.add_argument(
@@ -41,6 +44,14 @@ def _add_server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument(
         "--stats-json", metavar="FILE", help="write the final statistics to FILE on exit"
     )
+    p.add_argument(
+        "--record",
+        metavar="DIR",
+        help="record readings and session events to DIR (see docs/RECORDING.md)"
+        + ("; the demo records to ./recordings unless --no-record" if demo else ""),
+    )
+    if demo:
+        p.add_argument("--no-record", action="store_true", help="do not record")
     if not demo:
         p.add_argument(
             "--devices",
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
-    except (ConfigError, DevicesError) as exc:
+    except (ConfigError, DevicesError, RecordingError) as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -143,6 +154,7 @@ def _config_from_args(args: argparse.Namespace, **defaults: Any) -> Config:
         "http_port": args.http_port,
         "log_level": args.log_level,
         "log_format": args.log_format,
+        "record_dir": args.record,
     }
     for key, value in defaults.items():
         if overrides.get(key) is None:
@@ -223,7 +235,9 @@ def _fmt(addr: Any) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .sim import SimConfig, Simulator
 
-    config = _config_from_args(args, host="127.0.0.1")
+    config = _config_from_args(
+        args, host="127.0.0.1", record_dir=None if args.no_record else "recordings"
+    )
     setup_logging(config.log_level if args.log_level else "WARNING", config.log_format)
     sim_cfg = SimConfig(
         devices=args.sensors, rate=args.rate, loss=args.loss, udp_only=args.udp_only,

@@ -19,8 +19,8 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -250,7 +250,12 @@ class DeviceClient:
 
     async def _udp_reader(self) -> None:
         while True:
-            data = await self.udp.recv(65536)
+            try:
+                data = await self.udp.recv(65536)
+            except ConnectionRefusedError:
+                # An ICMP "port unreachable" for an earlier send: the collector is not there
+                # (restarting?). Sends will fail too; the caller decides when to register again.
+                continue
             try:
                 header = decode_header_untrusted(data, max_size=65536)
             except DatagramError:
@@ -353,6 +358,18 @@ class DeviceClient:
             pass
 
 
+@contextmanager
+def _single_errors() -> Iterator[None]:
+    """Let an exception from the caller's block (SessionEnded, say) out as itself, not wrapped
+    in the exception group of the client's internal nursery."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from group
+        raise
+
+
 async def _open_udp(host: str, port: int) -> trio.socket.SocketType:
     info = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = info[0]
@@ -415,16 +432,17 @@ async def open_device(
             )
             client._tcp_stream = stream
             client._tcp_conn = conn
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
-                try:
-                    yield client
-                finally:
-                    if say_goodbye and client.end_reason is None:
-                        with trio.move_on_after(2) as cs:
-                            cs.shield = True
-                            await client.goodbye()
-                    nursery.cancel_scope.cancel()
+            with _single_errors():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
+                    try:
+                        yield client
+                    finally:
+                        if say_goodbye and client.end_reason is None:
+                            with trio.move_on_after(2) as cs:
+                                cs.shield = True
+                                await client.goodbye()
+                        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -496,13 +514,14 @@ async def open_udp_device(
             udp=udp,
             on_command=on_command,
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
-            try:
-                yield client
-            finally:
-                if say_goodbye and client.end_reason is None:
-                    with trio.move_on_after(2) as cs:
-                        cs.shield = True
-                        await client.goodbye()
-                nursery.cancel_scope.cancel()
+        with _single_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
+                try:
+                    yield client
+                finally:
+                    if say_goodbye and client.end_reason is None:
+                        with trio.move_on_after(2) as cs:
+                            cs.shield = True
+                            await client.goodbye()
+                    nursery.cancel_scope.cancel()

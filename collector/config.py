@@ -73,6 +73,17 @@ class Config:
     command_expiry: float = 300.0
     command_retransmit_initial: float = 0.5
     command_retransmit_max: float = 8.0
+    # [recording]
+    record_dir: str = ""  # "" = not recording
+    record_flush_interval: float = 0.2
+    record_buffer_mb: float = 16.0
+    record_segment_mb: float = 64.0
+    record_segment_minutes: float = 60.0
+    record_retain_days: float = 7.0  # 0 = keep forever
+    record_retain_gb: float = 1.0  # 0 = no size limit
+    record_compress: bool = False
+    record_raw: bool = False
+    record_fsync: bool = False
     # [shutdown]
     shutdown_grace: float = 5.0
     # [logging]
@@ -101,9 +112,12 @@ class Config:
         for name in (
             "registration_timeout", "command_timeout", "command_expiry", "shutdown_grace",
             "stream_stall_limit", "stream_ping_interval", "stream_ping_timeout", "stream_heartbeat",
+            "record_flush_interval", "record_buffer_mb", "record_segment_mb", "record_segment_minutes",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.record_retain_days < 0 or self.record_retain_gb < 0:
+            problems.append("record_retain_days and record_retain_gb must not be negative")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be 'text' or 'json'")
         if self.replay_window_blocks < 2 or self.replay_window_blocks & (
@@ -153,6 +167,18 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "heartbeat_interval": "stream_heartbeat",
         "max_subscribers": "stream_max_subscribers",
         "max_message": "stream_max_message",
+    },
+    "recording": {
+        "dir": "record_dir",
+        "flush_interval": "record_flush_interval",
+        "buffer_mb": "record_buffer_mb",
+        "segment_mb": "record_segment_mb",
+        "segment_minutes": "record_segment_minutes",
+        "retain_days": "record_retain_days",
+        "retain_gb": "record_retain_gb",
+        "compress": "record_compress",
+        "raw": "record_raw",
+        "fsync": "record_fsync",
     },
     "shutdown": {"grace": "shutdown_grace"},
     "logging": {"level": "log_level", "format": "log_format", "rate_limit": "log_rate_limit"},

@@ -16,7 +16,7 @@ from .datagram import Reading
 
 @attrs.frozen
 class Telemetry:
-    """The readings of one accepted TELEMETRY datagram."""
+    """The readings of one accepted TELEMETRY datagram (none for a HEARTBEAT)."""
 
     time: float  # collector wall clock, seconds since the epoch
     device_id: str

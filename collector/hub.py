@@ -608,7 +608,9 @@ class StreamHub:
                     await ws.send_message(text)
                 if cs.cancelled_caught:
                     raise _Closed(
-                        stream.CLOSE_STALLED, "stalled", f"stalled: no progress sending for {stall:g}s"
+                        stream.CLOSE_STALLED,
+                        "stalled",
+                        f"stalled: no progress sending for {stall:g}s",
                     )
                 sub.messages_sent += 1
                 sub.bytes_sent += len(text)

@@ -84,6 +84,8 @@ class Ingest:
         self.wall = wall
         self.listeners = listeners
         self.commands: CommandManager | None = None
+        #: called with (datagram, address, wall time) for every accepted datagram (raw recording)
+        self.raw_sink: Callable[[bytes, Any, float], None] | None = None
         self.sock: socket.socket | None = None
         self.rlog = RateLimitedLog(log, rate_limit)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
@@ -229,12 +231,16 @@ class Ingest:
             self.registry.touch(session, now)
         if flags & _ACK_REQUESTED and typ != _ACK and typ != _GOODBYE:
             self._send_ack(session, seq, n, addr)
+        if self.raw_sink is not None:
+            self.raw_sink(data, addr, self.wall_now)
         if typ == _TELEMETRY:
             device.readings += len(readings)
             self.readings += len(readings)
             self._pending.append(
                 Telemetry(self.wall_now, device.device_id, seq, ts, tuple(readings))
             )
+        elif typ == _HEARTBEAT:  # a Telemetry without readings: liveness, for the recorder
+            self._pending.append(Telemetry(self.wall_now, device.device_id, seq, ts, ()))
         elif typ == _ACK:
             if self.commands is None or not self.commands.on_udp_ack(
                 session, ack.acked_seq, ack.result

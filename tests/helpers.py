@@ -124,7 +124,9 @@ async def exchange(sock, collector: Collector, data: bytes, *, wait: float = 0.5
     return None
 
 
-async def http(collector: Collector, method: str, path: str, body: Any = None, token: str | None = None):
+async def http(
+    collector: Collector, method: str, path: str, body: Any = None, token: str | None = None
+):
     """A minimal HTTP/1.1 client for the tests: returns (status, headers, body bytes)."""
     import h11
 
@@ -154,6 +156,8 @@ async def http(collector: Collector, method: str, path: str, body: Any = None, t
     return status, resp_headers, b"".join(chunks)
 
 
-async def api(collector: Collector, method: str, path: str, body: Any = None, token: str | None = None):
+async def api(
+    collector: Collector, method: str, path: str, body: Any = None, token: str | None = None
+):
     status, _, raw = await http(collector, method, path, body, token)
     return status, json.loads(raw) if raw else None

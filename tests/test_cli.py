@@ -102,7 +102,11 @@ def test_second_signal_exits_at_once(tmp_path):
     ports = (_free_port(), _free_port(socket.SOCK_DGRAM), _free_port())
     proc, _ = _start_serve(tmp_path, ports=ports)
     devices = tmp_path / "devices.toml"
-    subprocess.run([PY, str(ROOT / "tools" / "simulate.py"), "--init-devices", str(devices), "--sensors", "1"], check=True, capture_output=True)
+    subprocess.run(
+        [PY, str(ROOT / "tools" / "simulate.py"), "--init-devices", str(devices), "--sensors", "1"],
+        check=True,
+        capture_output=True,
+    )
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     proc, _ = _start_serve(tmp_path, ports=ports)  # again, now knowing sensor-001
@@ -118,10 +122,19 @@ def test_second_signal_exits_at_once(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         req = urllib.request.Request(
-            url + "/commands", data=json.dumps({"name": "sleep", "args": {"seconds": 60}}).encode(), method="POST"
+            url + "/commands",
+            data=json.dumps({"name": "sleep", "args": {"seconds": 60}}).encode(),
+            method="POST",
         )
         cmd = json.loads(urllib.request.urlopen(req).read())
-        while json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/api/commands/{cmd['id']}").read())["state"] != "sent":
+        while (
+            json.loads(
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{ports[2]}/api/commands/{cmd['id']}"
+                ).read()
+            )["state"]
+            != "sent"
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -129,7 +142,7 @@ def test_second_signal_exits_at_once(tmp_path):
         assert proc.poll() is None  # still in its grace period, waiting for the answer
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "SIGINT again: exiting at once" in err
         assert time.monotonic() - start < 2.0
     finally:
@@ -158,7 +171,7 @@ def test_bad_config_exits_with_a_message(tmp_path):
 def test_demo_runs_and_accounts(tmp_path):
     out = subprocess.run(
         [PY, "-m", "collector", "demo", "--duration", "6", "--status-interval", "2", "--tcp-port", "0", "--udp-port", "0", "--http-port", "0",
-         "--sensors", "10", "--loss", "0.05", "--data-dir", str(tmp_path)],
+         "--sensors", "10", "--loss", "0.05", "--data-dir", str(tmp_path), "--record", str(tmp_path / "rec")],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -167,3 +180,4 @@ def test_demo_runs_and_accounts(tmp_path):
     expected = int(out.stdout.split("the simulator dropped ")[1].split()[0])
     assert counted == expected
     assert (tmp_path / "devices.toml").exists()
+    assert "recorded" in out.stdout and list((tmp_path / "rec").glob("seg-*.rec"))

@@ -24,7 +24,9 @@ async def start(nursery, **overrides):
 
 
 def ws_url(collector, token=None):
-    return f"ws://127.0.0.1:{collector.http_address[1]}/stream" + (f"?token={token}" if token else "")
+    return f"ws://127.0.0.1:{collector.http_address[1]}/stream" + (
+        f"?token={token}" if token else ""
+    )
 
 
 async def next_of(ws, *types, limit=200):
@@ -51,7 +53,10 @@ async def test_pages_health_and_errors(nursery, autojump_clock):
     assert status == 200 and headers["content-type"].startswith("text/html") and b"<" in body
     status, health = await api(collector, "GET", "/healthz")
     assert status == 200 and health["status"] == "ok" and health["devices_known"] == len(SECRETS)
-    assert await api(collector, "GET", "/nowhere") == (404, {"error": {"code": "not_found", "message": "no route '/nowhere'"}})
+    assert await api(collector, "GET", "/nowhere") == (
+        404,
+        {"error": {"code": "not_found", "message": "no route '/nowhere'"}},
+    )
     assert (await api(collector, "DELETE", "/api/devices"))[0] == 405
     assert (await http(collector, "GET", "/static/../app.py"))[0] == 404
     status, _, _ = await http(collector, "POST", "/api/config", b"x" * 70_000)
@@ -64,7 +69,13 @@ async def test_device_api_and_commands_end_to_end(nursery, autojump_clock):
     async def handler(name, args):
         return {"did": name, **args}
 
-    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1], on_command=handler) as dev:
+    async with open_device(
+        "127.0.0.1",
+        "dev-1",
+        SECRETS["dev-1"],
+        tcp_port=collector.tcp_address[1],
+        on_command=handler,
+    ) as dev:
         await dev.send_readings({"temperature": 21.5, "door": True})
         await trio.sleep(0.1)
         status, listing = await api(collector, "GET", "/api/devices")
@@ -72,13 +83,17 @@ async def test_device_api_and_commands_end_to_end(nursery, autojump_clock):
         d1 = next(d for d in listing["devices"] if d["id"] == "dev-1")
         assert d1["online"] and d1["transport"] == "tcp" and d1["values"]["temperature"][1] == 21.5
         assert next(d for d in listing["devices"] if d["id"] == "dev-2")["online"] is False
-        status, cmd = await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "open", "args": {"valve": 2}})
+        status, cmd = await api(
+            collector, "POST", "/api/devices/dev-1/commands", {"name": "open", "args": {"valve": 2}}
+        )
         assert status == 202 and cmd["state"] == "queued"
         await collector.commands.get(cmd["id"]).done.wait()
         status, done = await api(collector, "GET", f"/api/commands/{cmd['id']}")
         assert (done["state"], done["result"]) == ("acked", {"did": "open", "valve": 2})
         status, detail = await api(collector, "GET", "/api/devices/dev-1?history=10")
-        assert detail["history"]["temperature"][1] == [21.5] and detail["history"]["door"][1] == [1.0]
+        assert detail["history"]["temperature"][1] == [21.5] and detail["history"]["door"][1] == [
+            1.0
+        ]
         assert [c["id"] for c in detail["commands"]] == [cmd["id"]]
         assert (await api(collector, "POST", "/api/devices/dev-1/kick"))[0] == 200
         await dev.ended.wait()
@@ -105,7 +120,12 @@ async def test_api_errors(nursery, autojump_clock, method, path, body, status, c
     collector, _ = await start(nursery)
     got_status, got = await api(collector, method, path, body)
     assert (got_status, got["error"]["code"]) == (status, code)
-    assert collector.http.requests[(next(iter(r for r, s in collector.http.requests if s == status)), status)] == 1
+    assert (
+        collector.http.requests[
+            (next(iter(r for r, s in collector.http.requests if s == status)), status)
+        ]
+        == 1
+    )
 
 
 async def test_command_queue_full_is_409(nursery, autojump_clock):
@@ -117,7 +137,9 @@ async def test_command_queue_full_is_409(nursery, autojump_clock):
 
 async def test_metrics_are_prometheus_text(nursery, autojump_clock):
     collector, _ = await start(nursery)
-    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]) as dev:
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ) as dev:
         await dev.send_readings({"t": 1.0})
         await trio.sleep(0.1)
         status, headers, body = await http(collector, "GET", "/metrics")
@@ -143,9 +165,13 @@ async def test_access_control(nursery, autojump_clock, caplog):
     assert (await http(collector, "GET", "/metrics"))[0] == 401
     assert (await http(collector, "GET", "/metrics", token="r-token"))[0] == 200
     assert (await api(collector, "GET", "/api/devices", token="r-token"))[0] == 200
-    status, body = await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="r-token")
+    status, body = await api(
+        collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="r-token"
+    )
     assert (status, body["error"]["code"]) == (403, "forbidden")
-    assert (await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="c-token"))[0] == 202
+    assert (
+        await api(collector, "POST", "/api/devices/dev-1/commands", {"name": "x"}, token="c-token")
+    )[0] == 202
     assert (await api(collector, "GET", "/healthz"))[0] == 200
     with pytest.raises(trio_websocket.ConnectionRejected) as info:
         async with open_websocket_url(ws_url(collector, "wrong")):
@@ -168,7 +194,9 @@ async def test_access_control_off_is_logged(nursery, autojump_clock, caplog):
 async def test_stream_snapshot_then_live_updates_in_order(nursery, autojump_clock):
     collector, _ = await start(nursery)
     port = collector.tcp_address[1]
-    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=port, on_command=lambda n, a: "done") as dev:
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=port, on_command=lambda n, a: "done"
+    ) as dev:
         await dev.send_readings({"temperature": 20.0, "humidity": 50.0})
         await trio.sleep(0.1)
         async with open_websocket_url(ws_url(collector)) as ws:
@@ -177,11 +205,15 @@ async def test_stream_snapshot_then_live_updates_in_order(nursery, autojump_cloc
             devices, parts = await subscribed(ws, devices=["dev-*"], metrics=["temp*"], history=10)
             assert len(devices) == 8 and parts[0]["subscription"]["metrics"] == ["temp*"]
             d1 = next(d for d in devices if d["id"] == "dev-1")
-            assert d1["online"] and d1["values"] == {"temperature": [d1["values"]["temperature"][0], 20.0]}
+            assert d1["online"] and d1["values"] == {
+                "temperature": [d1["values"]["temperature"][0], 20.0]
+            }
             assert d1["history"]["temperature"][1] == [20.0]
             await dev.send_readings({"temperature": 21.0, "humidity": 51.0})
             msg = await next_of(ws, "readings")
-            assert [r[1:] for r in msg["readings"]] == [["temperature", msg["readings"][0][2], 21.0]]
+            assert [r[1:] for r in msg["readings"]] == [
+                ["temperature", msg["readings"][0][2], 21.0]
+            ]
             cmd = collector.send_command("dev-1", "ping")
             states = [(await next_of(ws, "command"))["state"] for _ in range(3)]
             assert states == ["queued", "sent", "acked"] and cmd.result == "done"
@@ -225,7 +257,9 @@ async def test_changing_the_subscription_without_reconnecting(nursery, autojump_
         ('{"type": "subscribe", "devices": ["nothing-*"]}', "no_match"),
     ],
 )
-async def test_bad_stream_messages_get_an_error_and_the_stream_goes_on(nursery, autojump_clock, message, code):
+async def test_bad_stream_messages_get_an_error_and_the_stream_goes_on(
+    nursery, autojump_clock, message, code
+):
     collector, _ = await start(nursery)
     async with open_websocket_url(ws_url(collector)) as ws:
         await ws.get_message()  # hello
@@ -253,7 +287,13 @@ async def test_oversized_client_message_closes_with_1009(nursery, autojump_clock
 def _flood(collector, n_batches, per_batch=500):
     for b in range(n_batches):
         batch = [
-            Telemetry(1.0, f"dev-{1 + i % 8}", b * per_batch + i, 0, (Reading("x", float(b * per_batch + i)),))
+            Telemetry(
+                1.0,
+                f"dev-{1 + i % 8}",
+                b * per_batch + i,
+                0,
+                (Reading("x", float(b * per_batch + i)),),
+            )
             for i in range(per_batch)
         ]
         collector.hub.on_telemetry(batch)
@@ -277,7 +317,9 @@ async def raw_subscriber(collector, *, rcvbuf=4096):
 
 
 async def test_a_dashboard_that_never_reads_is_closed_and_slows_no_one(nursery, autojump_clock):
-    collector, _ = await start(nursery, stream_queue=2000, stream_stall_limit=5.0, stream_ping_interval=1000.0)
+    collector, _ = await start(
+        nursery, stream_queue=2000, stream_stall_limit=5.0, stream_ping_interval=1000.0
+    )
     slow = await raw_subscriber(collector)
     async with open_websocket_url(ws_url(collector)) as fast:
         await fast.send_message(json.dumps({"type": "subscribe"}))
@@ -323,7 +365,9 @@ async def test_a_dashboard_that_does_not_answer_pings_is_closed(nursery, autojum
 
 async def test_shutdown_sends_final_events_then_closes_1001(nursery, autojump_clock):
     collector, _ = await start(nursery)
-    async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]):
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ):
         async with open_websocket_url(ws_url(collector)) as ws:
             await subscribed(ws)
             nursery.start_soon(collector.shutdown)

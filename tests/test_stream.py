@@ -19,7 +19,9 @@ def parse(text):
 
 def test_subscribe_defaults_and_limits():
     assert parse('{"type": "subscribe"}') == Subscribe(Subscription(("*",), ("*",), None, 300))
-    msg = parse('{"type": "subscribe", "devices": "temp-*", "metrics": ["a", "b*"], "max_rate": 2, "history": 5000}')
+    msg = parse(
+        '{"type": "subscribe", "devices": "temp-*", "metrics": ["a", "b*"], "max_rate": 2, "history": 5000}'
+    )
     assert msg == Subscribe(Subscription(("temp-*",), ("a", "b*"), 2.0, 300))
     assert parse('{"type": "ping", "id": 7}') == stream.Ping(7)
 
@@ -61,9 +63,9 @@ def test_matcher_globs():
     assert not m.everything and Matcher(Subscription()).everything
 
 
-def subscriber(limit=10, subscription=Subscription()):
+def subscriber(limit=10, subscription=None):
     sub = Subscriber(1, "test", limit, 1000, 0.0)
-    sub.matcher = Matcher(subscription)
+    sub.matcher = Matcher(subscription or Subscription())
     return sub
 
 
@@ -91,7 +93,11 @@ def test_a_full_queue_coalesces_to_the_latest_value_per_series_and_counts_the_re
     assert sub.queued == 3  # a/t, b/t, b/h
     out = list(sub.take(0.0))
     assert out[0] == {"type": "missed", "count": 12, "total": 12}
-    assert out[1]["readings"] == [["a", "t", 12.0, 12.0], ["b", "t", 0.0, 0.0], ["b", "h", 0.0, 1.0]]
+    assert out[1]["readings"] == [
+        ["a", "t", 12.0, 12.0],
+        ["b", "t", 0.0, 0.0],
+        ["b", "h", 0.0, 1.0],
+    ]
     # back to normal queueing afterwards
     sub.offer_rows(rows("a", 2))
     assert [m["type"] for m in sub.take(0.0)] == ["readings"]
@@ -103,7 +109,10 @@ def test_filters_apply_to_readings_and_events():
     sub.offer_message({"type": "device", "device": "b1"}, "b1")
     sub.offer_message({"type": "device", "device": "a1"}, "a1")
     out = list(sub.take(0.0))
-    assert out == [{"type": "readings", "readings": [["a1", "t", 0.0, 1.0]]}, {"type": "device", "device": "a1"}]
+    assert out == [
+        {"type": "readings", "readings": [["a1", "t", 0.0, 1.0]]},
+        {"type": "device", "device": "a1"},
+    ]
 
 
 def test_too_many_events_means_a_resync():
@@ -123,7 +132,7 @@ def test_max_rate_thins_each_series_to_its_latest_value():
     sub.offer_rows(rows("a", 2, start=3))
     assert list(sub.take(10.2)) == []  # not due yet: kept
     assert sub.next_due() == pytest.approx(10.5)
-    assert list(sub.take(10.5))[0]["readings"] == [["a", "t", 4.0, 4.0]]
+    assert next(iter(sub.take(10.5)))["readings"] == [["a", "t", 4.0, 4.0]]
     assert sub.thinned == 3 and math.isinf(sub.next_due())
 
 

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -62,9 +61,16 @@ def run_sensors(args: argparse.Namespace) -> None:
     from collector.sim import SimConfig, Simulator
 
     cfg = SimConfig(
-        devices=args.sensors, prefix="bench", rate=args.rate, stamp=True, signals=args.signals, seed=1
+        devices=args.sensors,
+        prefix="bench",
+        rate=args.rate,
+        stamp=True,
+        signals=args.signals,
+        seed=1,
     )
-    sim = Simulator(cfg, DeviceRegistry.load(args.devices), tcp_port=args.tcp_port, udp_port=args.udp_port)
+    sim = Simulator(
+        cfg, DeviceRegistry.load(args.devices), tcp_port=args.tcp_port, udp_port=args.udp_port
+    )
     trio.run(sim.run, args.duration)
 
 
@@ -132,9 +138,13 @@ async def _dashboards(args: argparse.Namespace) -> None:
         marks["end"] = time.time()
         phase["name"] = "done"
         nursery.cancel_scope.cancel()
-    Path(args.out).write_text(
-        json.dumps({"latencies": latencies, "received": received, "missed": missed["total"], "marks": marks})
-    )
+    result = {
+        "latencies": latencies,
+        "received": received,
+        "missed": missed["total"],
+        "marks": marks,
+    }
+    await trio.Path(args.out).write_text(json.dumps(result))
 
 
 # -- orchestration ----------------------------------------------------------------------------
@@ -231,7 +241,11 @@ def main() -> int:
     ):
         lat = [x * 1000 for x in result["latencies"][name]]
         inside = [s for s in samples if start <= s[0] <= end]
-        cpu = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) * 100 if len(inside) > 1 else float("nan")
+        cpu = (
+            (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) * 100
+            if len(inside) > 1
+            else float("nan")
+        )
         rss = [s[2] / 2**20 for s in inside]
         rows.append({
             "phase": label,
@@ -241,7 +255,9 @@ def main() -> int:
             "collector_rss_mb": {"min": min(rss, default=0), "max": max(rss, default=0)},
         })  # fmt: skip
     print()
-    print(f"{'phase':42} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'samples':>8} {'readings/s':>11} {'CPU %':>6} {'RSS MB':>13}")
+    print(
+        f"{'phase':42} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'samples':>8} {'readings/s':>11} {'CPU %':>6} {'RSS MB':>13}"
+    )
     for r in rows:
         lat = r["latency_ms"]
         print(
@@ -260,7 +276,9 @@ def main() -> int:
         f"closed for ping timeout {metrics.get(ping_key, 0):.0f}"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"phases": rows, "p99_change_percent": change, "metrics": metrics}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"phases": rows, "p99_change_percent": change, "metrics": metrics}, indent=1)
+        )
     return 0
 
 

@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-at", type=float, default=30.0, help="seconds into the run")
     p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--seed", type=int, help="random seed, for a repeatable run")
+    p.add_argument(
+        "--max-backoff",
+        type=float,
+        default=10.0,
+        help="longest wait between reconnection attempts (s)",
+    )
+    p.add_argument(
+        "--stamp", action="store_true", help="add a `sent_at` reading: the send time, for latency"
+    )
+    p.add_argument(
+        "--no-signals", action="store_true", help="no temperature/humidity/battery readings"
+    )
     p.add_argument("--report", metavar="FILE.json", help="write the per-sensor ledger as JSON")
     p.add_argument("--per-device", action="store_true", help="print one line per sensor")
     p.add_argument("--log-level", default="WARNING")
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.sensors, prefix=args.prefix, rate=args.rate, udp_only=args.udp_only,
         loss=args.loss, duplicate=args.duplicate, reorder=args.reorder, jitter=args.jitter,
         churn=args.churn, ack_share=args.ack_share, hang=args.hang, hang_at=args.hang_at,
-        seed=args.seed,
+        seed=args.seed, stamp=args.stamp, signals=not args.no_signals, max_backoff=args.max_backoff,
     )  # fmt: skip
     try:
         if args.init_devices:

@@ -1,0 +1,242 @@
+"""The recorder: appends every accepted reading, heartbeat and session event to segment files.
+
+It is a listener like the stream hub: ingest hands it batches synchronously, it encodes them
+into an in-memory buffer (bounded: what does not fit is dropped and counted, ingest never
+waits), and a flusher task writes the buffer in one batch from a worker thread at most
+`flush_interval` after the first unwritten record. So `kill -9` loses at most about
+`flush_interval` x rate records, and what is on disk is always a valid prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import recording
+from ._version import __version__
+from .events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry, format_address
+from .logs import RateLimitedLog
+from .recording import RecordType, RepairReport, SegmentWriter
+
+log = logging.getLogger("collector.recorder")
+
+
+@attrs.frozen(kw_only=True)
+class RecorderConfig:
+    directory: str
+    flush_interval: float = 0.2
+    buffer_bytes: int = 16 * 2**20
+    segment_bytes: int = 64 * 2**20
+    segment_seconds: float = 3600.0
+    retain_seconds: float | None = 7 * 86400.0
+    retain_bytes: int | None = 2**30
+    compress: bool = False
+    raw: bool = False
+    fsync: bool = False
+
+
+class Recorder:
+    def __init__(
+        self, config: RecorderConfig, *, wall: Callable[[], float], source: str = "collector"
+    ) -> None:
+        self.config = config
+        self.wall = wall
+        self.source = source
+        self.writer = SegmentWriter(
+            config.directory,
+            segment_bytes=config.segment_bytes,
+            segment_seconds=config.segment_seconds,
+            retain_seconds=config.retain_seconds,
+            retain_bytes=config.retain_bytes,
+            compress=config.compress,
+            fsync=config.fsync,
+        )
+        self.buffer = bytearray()
+        self.pending = 0
+        self.records = 0
+        self.bytes = 0
+        self.dropped = 0
+        self.write_errors = 0
+        self.flushes = 0
+        self.segments_closed = 0
+        self.repair: RepairReport | None = None
+        self.rlog = RateLimitedLog(log, 1.0)
+        self._due = trio.Event()
+        self._closed = False
+
+    # -- listener (synchronous, from ingest) --------------------------------------------------
+
+    def on_telemetry(self, batch: Sequence[Telemetry]) -> None:
+        for t in batch:
+            if t.readings:
+                self._append(
+                    recording.encode_readings_record(
+                        t.time, t.device_id, t.seq, t.device_time_us, t.readings
+                    )
+                )
+            else:
+                self._append(recording.encode_heartbeat_record(t.time, t.device_id, t.seq))
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, DeviceOnline):
+            data: dict[str, Any] = {
+                "device": event.device_id,
+                "session_id": event.session_id,
+                "transport": event.transport,
+                "address": event.address,
+            }
+            self._append(recording.encode_json_record(RecordType.ONLINE, event.time, data))
+        elif isinstance(event, DeviceOffline):
+            data = {
+                "device": event.device_id,
+                "session_id": event.session_id,
+                "reason": event.reason,
+                "duration": event.duration,
+            }
+            self._append(recording.encode_json_record(RecordType.OFFLINE, event.time, data))
+        elif isinstance(event, CommandUpdate):
+            data = {
+                "device": event.device_id,
+                "id": event.command_id,
+                "name": event.name,
+                "state": event.state,
+                "result": event.result,
+                "error": event.error,
+            }
+            self._append(recording.encode_json_record(RecordType.COMMAND, event.time, data))
+
+    def on_datagram(self, data: bytes, address: Any, time: float) -> None:
+        self._append(recording.encode_datagram_record(time, format_address(address) or "", data))
+
+    def _append(self, record: bytes) -> None:
+        if self._closed:
+            return
+        if len(self.buffer) + len(record) > self.config.buffer_bytes:
+            self.dropped += 1
+            self.rlog.warning(
+                "buffer_full",
+                trio.current_time(),
+                "recording buffer full (%d bytes): dropping records until the disk catches up",
+                self.config.buffer_bytes,
+            )
+            return
+        self.buffer += record
+        self.pending += 1
+        if not self._due.is_set():
+            self._due.set()
+
+    # -- the flusher ----------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[RepairReport] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open (and repair) the recording, then flush batches until cancelled."""
+        self.repair = await trio.to_thread.run_sync(self.writer.open, self.wall())
+        if self.repair.truncated_bytes or self.repair.corrupt_regions:
+            log.warning(
+                "recording %s: repaired %s (truncated a torn tail of %d bytes; %d corrupt regions left "
+                "for readers to skip)",
+                self.config.directory,
+                self.repair.segment.name if self.repair.segment else "?",
+                self.repair.truncated_bytes,
+                self.repair.corrupt_regions,
+            )
+        self._append(
+            recording.encode_json_record(
+                RecordType.META,
+                self.wall(),
+                {"event": "open", "source": self.source, "version": __version__},
+            )
+        )
+        await self._after_rotation([])
+        log.info(
+            "recording to %s (segment %s, flush every %.0f ms)",
+            self.config.directory,
+            self.writer.path.name if self.writer.path else "?",
+            self.config.flush_interval * 1000,
+        )
+        task_status.started(self.repair)
+        while True:
+            await self._due.wait()
+            await trio.sleep(self.config.flush_interval)
+            self._due = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        data = bytes(self.buffer)
+        n = self.pending
+        self.buffer.clear()
+        self.pending = 0
+        try:
+            closed = await trio.to_thread.run_sync(self.writer.write, data, self.wall())
+        except (OSError, recording.RecordingError) as exc:
+            self.write_errors += 1
+            self.dropped += n
+            self.rlog.log(
+                logging.ERROR,
+                "write_error",
+                trio.current_time(),
+                "recording write failed (%s): %d records lost; will retry with the next batch",
+                getattr(exc, "strerror", None) or exc,
+                n,
+            )
+            return
+        self.flushes += 1
+        self.records += n
+        self.bytes += len(data)
+        if closed:
+            await self._after_rotation(closed)
+
+    async def _after_rotation(self, closed: list[Path]) -> None:
+        self.segments_closed += len(closed)
+        writer = self.writer
+        now = self.wall()
+
+        def work() -> list[Path]:
+            for path in closed:
+                if writer.compress:
+                    writer.compress_segment(path)
+            return writer.apply_retention(now)
+
+        try:
+            removed = await trio.to_thread.run_sync(work)
+        except OSError as exc:
+            log.error("recording maintenance failed: %s", exc)
+            return
+        for path in removed:
+            log.info("recording retention: removed %s", path.name)
+
+    async def aclose(self) -> None:
+        """Write everything buffered, a closing marker, and close the file."""
+        if self._closed:
+            return
+        self._append(
+            recording.encode_json_record(
+                RecordType.META,
+                self.wall(),
+                {"event": "close", "records": self.records + self.pending, "dropped": self.dropped},
+            )
+        )
+        await self.flush()
+        self._closed = True
+        await trio.to_thread.run_sync(self.writer.close)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "directory": self.config.directory,
+            "segment": self.writer.path.name if self.writer.path else None,
+            "records": self.records,
+            "bytes": self.bytes,
+            "buffered": self.pending,
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+            "flushes": self.flushes,
+            "segments_closed": self.segments_closed,
+        }
