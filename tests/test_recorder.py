@@ -133,7 +133,7 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     rng = random.Random(7)
-    kills = []
+    kills, onlines = [], []
     try:
         for _ in range(20):
             proc = subprocess.Popen(
@@ -150,6 +150,7 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
                         urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1).read()
                     )
                     if health["devices_online"] == sensors:
+                        onlines.append(time.time())
                         break
                 except OSError:
                     pass
