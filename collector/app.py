@@ -41,8 +41,8 @@ log = logging.getLogger("collector")
 
 @attrs.frozen
 class Addresses:
-    tcp: tuple[Any, ...]
-    udp: tuple[Any, ...]
+    tcp: tuple[Any, ...] | None
+    udp: tuple[Any, ...] | None
     http: tuple[Any, ...] | None = None
 
     @property
@@ -148,8 +148,11 @@ class Collector:
         *,
         wall: Callable[[], float] = time.time,
         listeners: Sequence[Listener] = (),
+        ingest: bool = True,
     ) -> None:
         self.config = config
+        self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
+        self.playback: Any = None  # a collector.playback.Playback driving the hub instead
         self.devices = devices
         self.wall = wall
         self.listeners: list[Listener] = list(listeners)
@@ -234,12 +237,15 @@ class Collector:
                 await nursery.start(self.recorder.serve)  # repairs a torn tail before any data
             await nursery.start(self.registry.serve)
             await nursery.start(self.commands.serve)
-            self.udp_address = await nursery.start(
-                functools.partial(
-                    serve_udp, self.ingest, cfg.host, cfg.udp_port, rcvbuf=cfg.udp_rcvbuf
+            if self.serve_ingest:
+                self.udp_address = await nursery.start(
+                    functools.partial(
+                        serve_udp, self.ingest, cfg.host, cfg.udp_port, rcvbuf=cfg.udp_rcvbuf
+                    )
                 )
-            )
-            self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)
+                self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)
+            else:
+                self.control.handlers_done.set()  # nothing to wait for on shutdown
             await nursery.start(self.hub.serve)
             if self.http is not None:
                 self.http_address = await nursery.start(self.http.serve, cfg.host, cfg.http_port)
@@ -279,8 +285,9 @@ class Collector:
             # Dashboards get the final offline events, then a close with 1001 (going away).
             await self.hub.close_all(CLOSE_GOING_AWAY, "collector shutting down")
         if self.recorder is not None:
-            with trio.move_on_at(deadline + 1.0):  # the final flush, even after a busy grace
-                await self.recorder.aclose()
+            # The final flush, even after a grace period that ran out. A write in a worker
+            # thread cannot be interrupted anyway, so there is no deadline to put here.
+            await self.recorder.aclose()
         clean = trio.current_time() < deadline
         abandoned += len(self.commands.in_flight)
         stats = self.ingest

@@ -124,6 +124,11 @@ class DeviceClient:
             None  # background tasks; cancelled when the session ends
         )
 
+    @property
+    def is_tcp(self) -> bool:
+        """Registered over the TCP control channel (rather than with a HELLO datagram)."""
+        return self._tcp_stream is not None
+
     # -- sending -------------------------------------------------------------------------------
 
     async def raw_transmit(self, data: bytes) -> None:

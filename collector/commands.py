@@ -97,7 +97,7 @@ class CommandManager:
         self._finished: collections.deque[str] = collections.deque()
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self._accepting = True
+        self._refusal: tuple[str, str] | None = None  # (code, message) while not accepting
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -116,8 +116,8 @@ class CommandManager:
         timeout: float | None = None,
         expires_in: float | None = None,
     ) -> CommandRecord:
-        if not self._accepting:
-            raise CommandError("shutting_down", "the collector is shutting down")
+        if self._refusal is not None:
+            raise CommandError(*self._refusal)
         if not self.known_device(device_id):
             raise CommandError("unknown_device", f"no device {device_id!r}")
         if not name or len(name) > 128:
@@ -149,8 +149,10 @@ class CommandManager:
     def for_device(self, device_id: str) -> list[CommandRecord]:
         return [c for c in self.commands.values() if c.device_id == device_id]
 
-    def stop_accepting(self) -> None:
-        self._accepting = False
+    def stop_accepting(
+        self, code: str = "shutting_down", message: str = "the collector is shutting down"
+    ) -> None:
+        self._refusal = (code, message)
 
     @property
     def in_flight(self) -> list[CommandRecord]:

@@ -15,6 +15,8 @@ Routes (docs/STREAM.md has the details):
     POST /api/devices/<id>/commands      {"name", "args", "timeout", "expires_in"} (command)
     POST /api/devices/<id>/kick          end the device's session            (command)
     POST /api/config                     {"match": glob, "config": {...}}    (command)
+    GET  /api/replay                     replay position, speed, pause (stand-in only) (read)
+    POST /api/replay                     {"action": "pause"|"resume"|"speed"|"seek", ...} (command)
     GET  /stream                         WebSocket upgrade                   (read)
 
 Tokens: `Authorization: Bearer <token>`, or `?token=<token>` (browsers cannot set headers on a
@@ -401,9 +403,7 @@ class HttpServer:
             try:
                 cmd = app.send_command(device_id, name, args, timeout=timeout, expires_in=expires)
             except CommandError as exc:
-                status = {"unknown_device": 404, "queue_full": 409, "shutting_down": 503}.get(
-                    exc.code, 400
-                )
+                status = _COMMAND_ERROR_STATUS.get(exc.code, 400)
                 raise _ApiError(status, exc.code, exc.message) from None
             return json_response(202, command_json(cmd))
         if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "kick":
@@ -418,6 +418,8 @@ class HttpServer:
             if cmd is None:
                 raise _ApiError(404, "unknown_command", f"no command {parts[2]!r}")
             return json_response(200, command_json(cmd))
+        if parts == ["api", "replay"]:
+            return self._replay(method, body)
         if parts == ["api", "config"]:
             _only(method, "POST")
             req = _json_body(body)
@@ -427,9 +429,43 @@ class HttpServer:
             return json_response(200, {"match": match, "sent_to": app.push_config(match, config)})
         raise _ApiError(404, "not_found", f"no route {path!r}")
 
+    def _replay(self, method: str, body: bytes) -> Response:
+        playback = self.app.playback
+        if playback is None:
+            raise _ApiError(
+                404, "not_replaying", "this collector is live, not replaying a recording"
+            )
+        if method == "GET":
+            return json_response(200, playback.status())
+        _only(method, "POST")
+        req = _json_body(body)
+        action = req.get("action")
+        try:
+            if action == "pause":
+                playback.pause()
+            elif action == "resume":
+                playback.resume()
+            elif action == "speed":
+                playback.set_speed(float(req.get("speed", 0)))
+            elif action == "seek":
+                playback.seek(float(req["position"]))
+            else:
+                raise _ApiError(400, "bad_action", "action is pause, resume, speed or seek")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _ApiError(400, "bad_action", f"{action}: {exc}") from None
+        return json_response(200, playback.status())
+
     def _known(self, device_id: str) -> None:
         if device_id not in self.app.devices and device_id not in self.app.registry.devices:
             raise _ApiError(404, "unknown_device", f"no device {device_id!r}")
+
+
+_COMMAND_ERROR_STATUS = {
+    "unknown_device": 404,
+    "queue_full": 409,
+    "replay_mode": 409,
+    "shutting_down": 503,
+}
 
 
 class _ApiError(Exception):

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("collector.stream")
 
 EVENT_LIMIT = 1000  # queued events per subscriber before it resynchronises from a snapshot
+RATE_WINDOW = 5.0  # seconds over which a device's datagram rate is measured
 SNAPSHOT_DEVICES_PER_MESSAGE = 50
 RECENT_COMMANDS = 10
 
@@ -293,9 +294,9 @@ class StreamHub:
         self.readings_sent_closed = 0
         self.rlog = RateLimitedLog(log, app.config.log_rate_limit)
         self._ids = itertools.count(1)
-        self._prev_datagrams: dict[str, int] = {}
+        # per device: (wall time, datagrams) at the last ticks, for a rate over RATE_WINDOW
+        self._samples: dict[str, collections.deque[tuple[float, int]]] = {}
         self._rates: dict[str, float] = {}
-        self._prev_tick = 0.0
 
     # -- listener: called synchronously from ingest ----------------------------------------------
 
@@ -408,7 +409,6 @@ class StreamHub:
     # -- periodic: heartbeats and per-device statistics ------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._prev_tick = trio.current_time()
         task_status.started()
         interval = self.config.heartbeat_interval
         next_tick = trio.current_time() + interval
@@ -418,18 +418,28 @@ class StreamHub:
             self.tick()
 
     def tick(self) -> None:
-        now = trio.current_time()
-        dt = max(now - self._prev_tick, 1e-9)
-        self._prev_tick = now
+        # Wall time, not trio time: on a replay's virtual clock this gives replay rates.
+        now = self.wall()
         changed: dict[str, Any] = {}
+        keep = max(2, round(RATE_WINDOW / self.config.heartbeat_interval) + 1)
         for device_id, state in self.app.registry.devices.items():
-            prev = self._prev_datagrams.get(device_id)
-            rate = (state.datagrams - prev) / dt if prev is not None else 0.0
-            self._prev_datagrams[device_id] = state.datagrams
-            if prev is None or state.datagrams != prev or self._rates.get(device_id) != rate:
+            samples = self._samples.get(device_id)
+            if samples is None:
+                samples = self._samples[device_id] = collections.deque(maxlen=keep)
+            samples.append((now, state.datagrams))
+            (t0, n0), (t1, n1) = samples[0], samples[-1]
+            rate = round((n1 - n0) / (t1 - t0), 3) if t1 > t0 else 0.0
+            last = samples[-2][1] if len(samples) > 1 else None
+            if last is None or n1 != last or self._rates.get(device_id) != rate:
                 self._rates[device_id] = rate
                 changed[device_id] = _stats_of(state, rate)
-        heartbeat = {"type": "heartbeat", "time": self.wall(), "stream_seq": self.stream_seq}
+        heartbeat: dict[str, Any] = {
+            "type": "heartbeat",
+            "time": self.wall(),
+            "stream_seq": self.stream_seq,
+        }
+        if self.app.playback is not None:
+            heartbeat["replay"] = self.app.playback.status()
         for sub in self.subscribers:
             if changed:
                 sub.offer_stats(changed)
@@ -477,15 +487,17 @@ class StreamHub:
         self.connections += 1
         self.subscribers.add(sub)
         log.info("stream subscriber %d connected from %s", sub.id, remote)
-        sub.offer_message(
-            stream.hello_message(
-                version=__version__,
-                time=self.wall(),
-                heartbeat_interval=cfg.heartbeat_interval,
-                history_max=cfg.history,
-                can_command=can_command,
-            )
+        hello = stream.hello_message(
+            version=__version__,
+            time=self.wall(),
+            heartbeat_interval=cfg.heartbeat_interval,
+            history_max=cfg.history,
+            can_command=can_command and self.app.playback is None,
         )
+        if self.app.playback is not None:
+            hello["mode"] = "replay"
+            hello["replay"] = self.app.playback.status()
+        sub.offer_message(hello)
         closed = _Closed(None, "closed by the client")
         try:
             async with trio.open_nursery() as nursery:
@@ -512,12 +524,14 @@ class StreamHub:
             self.missed_closed += sub.missed_total
             self.messages_sent_closed += sub.messages_sent
             self.readings_sent_closed += sub.readings_sent
-            sub.done.set()
         sub.close_code, sub.close_reason = closed.code, closed.reason
         self.closed_by_reason[closed.kind] += 1
-        if closed.code is not None:
-            with trio.move_on_after(1.0):  # a peer that stopped reading cannot block this
-                await ws.aclose(closed.code, closed.reason)
+        try:
+            if closed.code is not None:
+                with trio.move_on_after(1.0):  # a peer that stopped reading cannot block this
+                    await ws.aclose(closed.code, closed.reason)
+        finally:
+            sub.done.set()  # after the close frame: shutdown waits for it
         log.info(
             "stream subscriber %d from %s gone after %.1fs: %s%s; %d messages, %d readings, %d missed",
             sub.id,

@@ -184,6 +184,7 @@ def hello_message(
         "heartbeat_interval": heartbeat_interval,
         "history_max": history_max,
         "can_command": can_command,
+        "mode": "live",
     }
 
 

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import trio
-import trio.testing
 from hypothesis import HealthCheck, settings
 
 from collector.devices import DeviceRegistry
@@ -21,9 +19,3 @@ settings.load_profile("default")
 def devices() -> DeviceRegistry:
     return DeviceRegistry(SECRETS)
 
-
-@pytest.fixture
-def thread_safe_autojump_clock() -> trio.testing.MockClock:
-    """An autojump clock that waits 20 ms of real idleness before jumping, so that work in
-    worker threads (which trio cannot see) finishes before virtual time moves on."""
-    return trio.testing.MockClock(autojump_threshold=0.02)

@@ -51,10 +51,16 @@ async def start_collector(
     nursery: trio.Nursery, devices=None, **overrides: Any
 ) -> tuple[Collector, EventLog]:
     overrides.setdefault("http_port", None)
+    ingest = overrides.pop("ingest", True)
+    clock = overrides.pop("wall", wall)
     cfg = Config(host="127.0.0.1", tcp_port=0, udp_port=0, **overrides)
     log = EventLog()
     collector = Collector(
-        cfg, devices if devices is not None else DeviceRegistry(SECRETS), wall=wall, listeners=[log]
+        cfg,
+        devices if devices is not None else DeviceRegistry(SECRETS),
+        wall=clock,
+        listeners=[log],
+        ingest=ingest,
     )
     await nursery.start(collector.serve)
     return collector, log

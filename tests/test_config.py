@@ -91,12 +91,16 @@ def test_bad_devices_files(tmp_path):
 
 
 def test_the_example_config_is_valid_and_complete():
+    import tomllib
     from pathlib import Path
 
     from collector.config import _SECTIONS
 
     path = Path(__file__).resolve().parent.parent / "examples" / "collector.toml"
     c = load_config(path)
+    data = tomllib.loads(path.read_text())
+    for section, keys in _SECTIONS.items():
+        assert set(data[section]) == set(keys), section  # every key is shown
     defaults = Config()
     for section, keys in _SECTIONS.items():
         for field in keys.values():

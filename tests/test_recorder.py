@@ -30,7 +30,7 @@ from .helpers import SECRETS, start_collector
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_a_session_is_recorded_in_order(nursery, thread_safe_autojump_clock, tmp_path):
+async def test_a_session_is_recorded_in_order(nursery, autojump_clock, tmp_path):
     collector, _ = await start_collector(nursery, record_dir=str(tmp_path))
     async with open_device(
         "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
@@ -71,9 +71,7 @@ async def test_a_session_is_recorded_in_order(nursery, thread_safe_autojump_cloc
     ]
 
 
-async def test_a_failing_disk_costs_records_but_never_ingest(
-    nursery, thread_safe_autojump_clock, tmp_path
-):
+async def test_a_failing_disk_costs_records_but_never_ingest(nursery, autojump_clock, tmp_path):
     collector, _ = await start_collector(nursery, record_dir=str(tmp_path))
     recorder = collector.recorder
     real = recorder.writer.write
@@ -134,6 +132,7 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
     )  # fmt: skip
     rng = random.Random(7)
     kills, onlines = [], []
+    proc = None
     try:
         for _ in range(20):
             proc = subprocess.Popen(
@@ -160,8 +159,10 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
             kills.append(time.time())
             proc.wait()
     finally:
-        sim.kill()
-        sim.wait()
+        for p in (sim, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
 
     repair = SegmentWriter(record).open()  # what the next start would do
     reader = RecordingReader(record)
