@@ -188,7 +188,7 @@ async def run_until_signalled(
                 "collector ready: TCP %s, UDP %s, HTTP %s (%d devices known)",
                 _fmt(addresses.tcp),
                 _fmt(addresses.udp),
-                _fmt(addresses.http) if addresses.http else "off",
+                _fmt(addresses.http),
                 len(collector.devices),
             )
             if addresses.dashboard_url:
@@ -229,7 +229,7 @@ def _write_stats(collector: Collector, path: str | None) -> None:
 
 
 def _fmt(addr: Any) -> str:
-    return f"{addr[0]}:{addr[1]}"
+    return f"{addr[0]}:{addr[1]}" if addr else "off"
 
 
 def _demo(args: argparse.Namespace) -> int:

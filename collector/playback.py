@@ -45,13 +45,15 @@ def select(
     end: float | None = None,
     devices: Sequence[str] | None = None,
 ) -> list[Record]:
-    """The records to play: within [start, end) (recording time) and for matching devices."""
-    out = []
+    """The records to play: within [start, end) (recording time) and for matching devices.
+
+    A device that was online when `start` falls gets an ONLINE record at `start` (with the
+    transport and address of its session then), so that playing from the middle works.
+    """
+    out: list[Record] = []
+    online_before: dict[str, EventRecord] = {}
+    started = start is None
     for r in records:
-        if start is not None and r.time < start:
-            continue
-        if end is not None and r.time >= end:
-            continue
         device = getattr(r, "device_id", None)
         if (
             devices
@@ -59,6 +61,21 @@ def select(
             and not any(fnmatch.fnmatchcase(device, p) for p in devices)
         ):
             continue
+        if not started:
+            if r.time < start:  # type: ignore[operator]
+                if isinstance(r, EventRecord) and device is not None:
+                    if r.type is RecordType.ONLINE:
+                        online_before[device] = r
+                    elif r.type is RecordType.OFFLINE:
+                        online_before.pop(device, None)
+                continue
+            started = True
+            out.extend(
+                EventRecord(start, RecordType.ONLINE, {**e.data, "resumed": True})  # type: ignore[arg-type]
+                for _, e in sorted(online_before.items())
+            )
+        if end is not None and r.time >= end:
+            break
         if isinstance(r, ReadingsRecord | HeartbeatRecord) or (
             isinstance(r, EventRecord)
             and r.type in (RecordType.ONLINE, RecordType.OFFLINE, RecordType.COMMAND)
@@ -147,6 +164,7 @@ async def replay_into(
             client: DeviceClient | None = None
             session_stack: AsyncExitStack | None = None
             silent = False
+            seen_event = False
 
             async def leave() -> None:
                 # Close the connection without a goodbye (any goodbye was sent explicitly).
@@ -160,10 +178,34 @@ async def replay_into(
                     await session_stack.aclose()
                 client, session_stack, silent = None, None, False
 
+            async def register(transport: str | None) -> None:
+                nonlocal client, session_stack, silent
+                client, silent = None, False
+                session_stack = AsyncExitStack()
+                try:
+                    client = await session_stack.enter_async_context(
+                        _open(
+                            transport,
+                            device_id,
+                            secrets[device_id],
+                            host,
+                            tcp_port,
+                            udp_port,
+                            counter,
+                        )
+                    )
+                    summary.sessions += 1
+                except Exception as exc:
+                    summary.errors += 1
+                    log.warning("replay: %s could not register: %s", device_id, exc)
+                    session_stack, client = None, None
+
             for r in items:
                 target = due(r)
                 if math.isfinite(speed):
                     await trio.sleep_until(target)
+                if isinstance(r, EventRecord) and r.type in (RecordType.ONLINE, RecordType.OFFLINE):
+                    seen_event = True
                 if isinstance(r, EventRecord) and r.type is RecordType.ONLINE:
                     if session_stack is not None:
                         # The previous session ended on the collector's side (timeout, kick) or
@@ -206,6 +248,11 @@ async def replay_into(
                         # falls silent (closing now could race the collector's own ending).
                         silent = True
                 elif isinstance(r, ReadingsRecord | HeartbeatRecord):
+                    if client is None and not seen_event:
+                        # A recording that starts with the device already online (one made
+                        # from a stream, say): register it now.
+                        await register("tcp")
+                        seen_event = True
                     if client is None or client.end_reason is not None or silent:
                         continue
                     summary.lateness.append(max(0.0, trio.current_time() - target))

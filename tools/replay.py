@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Replay a recording: into a collector as its sensors, or as a stand-in collector.
+
+    tools/replay.py into recordings/ --devices devices.toml --speed 10
+    tools/replay.py into recordings/ --devices replay.toml --create-missing   # then restart the collector
+    tools/replay.py serve recordings/ --http-port 8082 --loop                 # dashboards, no sensors
+
+`into` registers every recorded device again (with the credentials in --devices) and resends
+its readings and heartbeats with the recorded timing divided by --speed ("max": as fast as
+possible), optionally in a loop, restricted to a time range and to some devices. It shows a
+progress bar with an ETA and ends with a summary.
+
+`serve` serves the recording over the same WebSocket stream and web dashboard as a live
+collector, with pause, seek and speed controls on the page (and at /api/replay).
+
+Times for --from/--to: seconds from the start of the recording ("+90"), Unix seconds, or an ISO
+8601 time ("2026-11-29T20:15:00Z").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import trio
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from collector.devices import DeviceRegistry, DevicesError
+from collector.logs import setup_logging
+from collector.playback import Playback, replay_into, select
+from collector.recording import RecordingError, RecordingReader
+
+
+def parse_time(text: str | None, start: float) -> float | None:
+    if text is None:
+        return None
+    if text.startswith("+"):
+        return start + float(text[1:].rstrip("s"))
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise SystemExit(
+            f"replay.py: cannot read the time {text!r} (+SECONDS, Unix seconds or ISO 8601)"
+        ) from None
+
+
+def parse_speed(text: str) -> float:
+    if text in ("max", "inf"):
+        return math.inf
+    speed = float(text.rstrip("x"))
+    if speed <= 0:
+        raise argparse.ArgumentTypeError("speed must be positive")
+    return speed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("recording", metavar="DIR", help="a recording directory")
+        q.add_argument(
+            "--speed", type=parse_speed, default=1.0, help="0.5, 1, 10 ... or max (default 1)"
+        )
+        q.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
+        q.add_argument("--from", dest="start", metavar="TIME", help="play from this time")
+        q.add_argument("--to", dest="end", metavar="TIME", help="play until this time")
+        q.add_argument(
+            "--device", action="append", metavar="GLOB", help="only these devices (repeatable)"
+        )
+        q.add_argument("--log-level", default="WARNING")
+
+    into = sub.add_parser("into", help="resend the recording into a collector, as its sensors")
+    common(into)
+    into.add_argument("--host", default="127.0.0.1")
+    into.add_argument("--tcp-port", type=int, default=8080)
+    into.add_argument("--udp-port", type=int, default=8081)
+    into.add_argument(
+        "--devices", metavar="FILE", required=True, help="credentials of the recorded devices"
+    )
+    into.add_argument(
+        "--create-missing", action="store_true",
+        help="add generated credentials for recorded devices missing from FILE, then exit "
+        "(start the collector with that file, then run again without this flag)",
+    )  # fmt: skip
+    into.add_argument("--ack", action="store_true", help="ask for an ACK for every datagram")
+
+    serve = sub.add_parser(
+        "serve", help="serve the recording to dashboards, as a stand-in collector"
+    )
+    common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address for the HTTP port")
+    serve.add_argument("--http-port", type=int, default=8082)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        reader = RecordingReader(args.recording)
+        everything = list(reader)
+    except RecordingError as exc:
+        print(f"replay.py: {exc}", file=sys.stderr)
+        return 2
+    for problem in reader.problems():
+        print(f"replay.py: note: {problem}", file=sys.stderr)
+    if not everything:
+        print(f"replay.py: {args.recording} holds no records", file=sys.stderr)
+        return 2
+    start = everything[0].time
+    records = select(
+        everything,
+        start=parse_time(args.start, start),
+        end=parse_time(args.end, start),
+        devices=args.device,
+    )
+    if not records:
+        print("replay.py: nothing in that time range for those devices", file=sys.stderr)
+        return 2
+    if args.mode == "into":
+        return _into(args, records)
+    return _serve(args, records)
+
+
+def _into(args: argparse.Namespace, records: list) -> int:
+    recorded = sorted({r.device_id for r in records if getattr(r, "device_id", None)})
+    try:
+        registry = DeviceRegistry.load_or_empty(args.devices)
+    except DevicesError as exc:
+        print(f"replay.py: {exc}", file=sys.stderr)
+        return 2
+    missing = [d for d in recorded if d not in registry]
+    if args.create_missing:
+        for d in missing:
+            registry.add(d)
+        registry.save(args.devices)
+        print(
+            f"{args.devices}: added {len(missing)} of the {len(recorded)} recorded devices. Start the "
+            f"collector with --devices {args.devices}, then run this again without --create-missing."
+        )
+        return 0
+    if missing:
+        print(
+            f"replay.py: {len(missing)} recorded devices have no credentials in {args.devices} "
+            f"(e.g. {missing[0]}); --create-missing generates them",
+            file=sys.stderr,
+        )
+        return 2
+    datagrams = sum(1 for r in records if type(r).__name__ in ("ReadingsRecord", "HeartbeatRecord"))
+    span = records[-1].time - records[0].time
+    speed_text = "as fast as possible" if math.isinf(args.speed) else f"at {args.speed:g}x"
+    print(
+        f"replaying {datagrams} datagrams of {len(recorded)} devices ({span:.1f}s recorded) into "
+        f"{args.host}:{args.tcp_port}/{args.udp_port} {speed_text}"
+        + (" in a loop" if args.loop else ""),
+        flush=True,
+    )
+    totals: dict[str, Any] = {"loops": 0}
+
+    async def run() -> None:
+        with Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("datagrams"), TimeRemainingColumn(), transient=False,
+        ) as progress:  # fmt: skip
+            while True:
+                task = progress.add_task(f"pass {totals['loops'] + 1}", total=datagrams)
+                summary = await replay_into(
+                    records, registry, host=args.host, tcp_port=args.tcp_port, udp_port=args.udp_port,
+                    speed=args.speed, ack=args.ack, on_sent=lambda n, t=task: progress.advance(t, n),
+                )  # fmt: skip
+                totals["loops"] += 1
+                totals["last"] = summary
+                if not args.loop:
+                    return
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        print("stopped")
+    if "last" in totals:
+        print(totals["last"].summary())
+    return 0
+
+
+def _serve(args: argparse.Namespace, records: list) -> int:
+    from collector.app import Collector
+    from collector.cli import run_until_signalled
+    from collector.config import Config
+
+    playback = Playback(
+        records, speed=args.speed if math.isfinite(args.speed) else 1000.0, loop=args.loop
+    )
+    config = Config(host=args.host, http_port=args.http_port, log_level=args.log_level)
+    collector = Collector(
+        config, dict.fromkeys(playback.device_ids, ""), wall=playback.now, ingest=False
+    )
+    playback.attach(collector)
+
+    async def play(addresses, nursery) -> None:
+        print(
+            f"serving {len(records)} records of {len(playback.device_ids)} devices "
+            f"({playback.end - playback.start:.1f}s recorded, from "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(playback.start))}) at "
+            f"{addresses.dashboard_url} ; Ctrl-C stops",
+            flush=True,
+        )
+        await playback.run(collector)
+
+    trio.run(run_until_signalled, collector, play)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())
