@@ -155,6 +155,17 @@ class CollectorMetrics(PromCollector):
                 missed.add_metric([str(sub["id"]), sub["remote"]], sub["missed"])
             yield queued
             yield missed
+        if s.recording is not None:
+            r = s.recording
+            yield counter("recording_records", "Records written to the recording.", r["records"])
+            yield counter("recording_bytes", "Bytes written to the recording.", r["bytes"])
+            yield counter(
+                "recording_dropped", "Records lost: buffer full or a failed write.", r["dropped"]
+            )
+            yield counter("recording_write_errors", "Failed recording writes.", r["write_errors"])
+            yield counter("recording_flushes", "Batches written.", r["flushes"])
+            yield counter("recording_segments_closed", "Segments rotated.", r["segments_closed"])
+            yield gauge("recording_buffered", "Records waiting to be written.", r["buffered"])
         if app.http is not None:
             requests = CounterMetricFamily(
                 "collector_http_requests",

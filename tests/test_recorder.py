@@ -94,6 +94,11 @@ async def test_a_failing_disk_costs_records_but_never_ingest(nursery, autojump_c
     await collector.shutdown()
     stats = recorder.statistics()
     assert stats["write_errors"] == 1 and stats["dropped"] >= 2
+    from collector.metrics import make_registry, render
+
+    text = render(make_registry(collector)).decode()
+    assert f"collector_recording_dropped_total {float(stats['dropped'])}" in text
+    assert "collector_recording_write_errors_total 1.0" in text
     values = [
         r.readings[0].value for r in RecordingReader(tmp_path) if isinstance(r, ReadingsRecord)
     ]
