@@ -359,8 +359,8 @@ class DeviceClient:
         )
         try:
             await self._send_control(ack)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, control.LocalProtocolError):
+            pass  # the session ended meanwhile: the collector has already failed the command
 
 
 @contextmanager

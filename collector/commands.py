@@ -318,7 +318,14 @@ class CommandManager:
         )
         self.emit(
             CommandUpdate(
-                cmd.updated, cmd.device_id, cmd.id, cmd.name, state, cmd.result, cmd.error
+                cmd.updated,
+                cmd.device_id,
+                cmd.id,
+                cmd.name,
+                state,
+                cmd.result,
+                cmd.error,
+                dict(cmd.args),
             )
         )
 

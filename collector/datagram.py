@@ -19,10 +19,11 @@ import enum
 import hmac
 import json
 import math
+import operator
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import attrs
 
@@ -102,9 +103,12 @@ class Header:
         return bool(self.flags & Flag.ACK_REQUESTED)
 
 
-@attrs.frozen
-class Reading:
-    """One metric value. `name` is validated by the decoder; `value` keeps its wire type."""
+class Reading(NamedTuple):
+    """One metric value. `name` is validated by the decoder; `value` keeps its wire type.
+
+    A NamedTuple rather than an attrs class: one is made per reading on the ingest path, and a
+    tuple is the cheapest immutable value Python has.
+    """
 
     name: str
     value: Value
@@ -268,10 +272,103 @@ def decode_heartbeat_untrusted(payload: bytes) -> int:
 
 
 def decode_readings_untrusted(payload: bytes) -> list[Reading]:
+    fast = _decode_known_layout(payload)
+    if fast is not None:
+        return fast
     try:
         return _decode_readings(payload)
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise DatagramError("malformed", f"truncated or bad telemetry payload ({exc})") from None
+
+
+class _Layout:
+    """A payload shape seen before: the same names and fixed-size value types in the same order.
+
+    Devices send the same shape over and over, only the values change. For a known shape one
+    struct unpacks the whole payload; the names, lengths and type bytes it unpacks are then
+    compared with the shape's (so a different payload of the same length is not mistaken for
+    it), and only the values are checked (finite floats, bools 0 or 1).
+    """
+
+    __slots__ = ("bools", "floats", "names", "skeleton", "skeleton_of", "struct", "values_of")
+
+    def __init__(self, items: list[tuple[bytes, int]]) -> None:
+        fmt = ">B"
+        skel_idx: list[int] = [0]
+        val_idx: list[int] = []
+        skeleton: list[Any] = [len(items)]
+        i = 1
+        self.floats: list[int] = []
+        self.bools: list[int] = []
+        for k, (raw, vtype) in enumerate(items):
+            fmt += (
+                f"B{len(raw)}sB"
+                + {ValueType.FLOAT: "d", ValueType.INT: "q", ValueType.BOOL: "B"}[vtype]
+            )
+            skel_idx += [i, i + 1, i + 2]
+            skeleton += [len(raw), raw, int(vtype)]
+            val_idx.append(i + 3)
+            if vtype == ValueType.FLOAT:
+                self.floats.append(k)
+            elif vtype == ValueType.BOOL:
+                self.bools.append(k)
+            i += 4
+        self.struct = struct.Struct(fmt)
+        self.skeleton_of = operator.itemgetter(*skel_idx)
+        self.skeleton = tuple(skeleton)
+        self.values_of = (
+            operator.itemgetter(*val_idx) if len(val_idx) > 1 else (lambda t, j=val_idx[0]: (t[j],))
+        )
+        self.names = [raw.decode("ascii") for raw, _ in items]
+
+
+_LAYOUTS: dict[bytes, _Layout] = {}
+_LAYOUTS_MAX = 256
+
+
+def _decode_known_layout(p: bytes) -> list[Reading] | None:
+    if len(p) < 3:
+        return None
+    layout = _LAYOUTS.get(p[: 2 + p[1]] + len(p).to_bytes(2, "big"))
+    if layout is None or layout.struct.size != len(p):
+        return None
+    fields = layout.struct.unpack(p)
+    if layout.skeleton_of(fields) != layout.skeleton:
+        return None
+    values = list(layout.values_of(fields))
+    for k in layout.floats:
+        if not math.isfinite(values[k]):
+            return None  # the slow path says why
+    for k in layout.bools:
+        if values[k] > 1:
+            return None
+        values[k] = values[k] == 1
+    return list(map(Reading, layout.names, values))
+
+
+def _learn_layout(p: bytes, readings: list[Reading]) -> None:
+    """Remember the shape of a payload that decoded, if all its values have a fixed size."""
+    items = []
+    for r in readings:
+        v = r.value
+        if isinstance(v, str):
+            return
+        vtype = (
+            ValueType.BOOL
+            if isinstance(v, bool)
+            else ValueType.INT
+            if isinstance(v, int)
+            else ValueType.FLOAT
+        )
+        items.append((r.name.encode("ascii"), vtype))
+    if len(_LAYOUTS) < _LAYOUTS_MAX:
+        _LAYOUTS[p[: 2 + p[1]] + len(p).to_bytes(2, "big")] = _Layout(items)
+
+
+#: Metric names seen before, raw bytes -> validated name: devices send the same few names over
+#: and over, so most readings skip the decode and the pattern match. Bounded.
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096
 
 
 def _decode_readings(p: bytes) -> list[Reading]:
@@ -280,11 +377,17 @@ def _decode_readings(p: bytes) -> list[Reading]:
         raise DatagramError("malformed", "telemetry with no readings")
     pos = 1
     out: list[Reading] = []
+    names = _NAMES
     for _ in range(count):
         nlen = p[pos]
-        name = p[pos + 1 : pos + 1 + nlen].decode("ascii")
-        if len(name) != nlen or not NAME_RE.match(name):
-            raise DatagramError("malformed", f"bad metric name {name!r}")
+        raw = p[pos + 1 : pos + 1 + nlen]
+        name = names.get(raw)
+        if name is None:
+            name = raw.decode("ascii")
+            if len(name) != nlen or not NAME_RE.match(name):
+                raise DatagramError("malformed", f"bad metric name {name!r}")
+            if len(names) < _NAMES_MAX:
+                names[raw] = name
         pos += 1 + nlen
         vtype = p[pos]
         pos += 1
@@ -315,6 +418,7 @@ def _decode_readings(p: bytes) -> list[Reading]:
         out.append(Reading(name, value))
     if pos != len(p):
         raise DatagramError("malformed", f"{len(p) - pos} trailing bytes after readings")
+    _learn_layout(p, out)
     return out
 
 

@@ -7,16 +7,17 @@ they need into their own bounded buffers and count what does not fit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import attrs
 
 from .datagram import Reading
 
 
-@attrs.frozen
-class Telemetry:
-    """The readings of one accepted TELEMETRY datagram (none for a HEARTBEAT)."""
+class Telemetry(NamedTuple):
+    """The readings of one accepted TELEMETRY datagram (none for a HEARTBEAT).
+
+    A NamedTuple: one is made per datagram on the ingest path."""
 
     time: float  # collector wall clock, seconds since the epoch
     device_id: str
@@ -52,6 +53,7 @@ class CommandUpdate:
     state: str  # queued | sent | acked | failed | timed_out | expired
     result: Any = None
     error: str | None = None
+    args: Any = None
 
 
 Event: TypeAlias = DeviceOnline | DeviceOffline | CommandUpdate

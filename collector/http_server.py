@@ -194,7 +194,7 @@ class HttpServer:
                     first = False
                     route, response = self.route(request, body)
                     self.requests[(route, response.status)] += 1
-                    await self._send(stream, conn, response, route)
+                    await self._send(stream, conn, response, route, head=request.method == b"HEAD")
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
@@ -212,6 +212,11 @@ class HttpServer:
                     )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            except Exception:
+                # This handler is an error boundary: a bug in answering one request closes that
+                # connection (logged with its traceback, counted), never the collector.
+                self.requests[("internal_error", 500)] += 1
+                log.exception("internal error answering %s", peer)
 
     async def _read_request(
         self, stream: trio.SocketStream, conn: h11.Connection, raw: bytearray | None
@@ -245,12 +250,19 @@ class HttpServer:
         return headers.get(b"upgrade") == b"websocket"
 
     async def _send(
-        self, stream: trio.SocketStream, conn: h11.Connection, r: Response, route: str
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        r: Response,
+        route: str,
+        *,
+        head: bool = False,
     ) -> None:
         headers = [
             ("content-type", r.content_type),
             ("content-length", str(len(r.body))),
-            ("cache-control", "no-store" if route != "static" else "max-age=60"),
+            # Static files revalidate too: after an upgrade, no old app.js with a new page.
+            ("cache-control", "no-store" if route != "static" else "no-cache"),
             *r.headers,
         ]
         reason = (
@@ -259,7 +271,8 @@ class HttpServer:
             else b""
         )
         data = conn.send(h11.Response(status_code=r.status, headers=headers, reason=reason))
-        data += conn.send(h11.Data(data=r.body)) if r.body else b""
+        if r.body and not head:  # a HEAD answer has the GET's headers and no body
+            data += conn.send(h11.Data(data=r.body))
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
 
@@ -328,6 +341,15 @@ class HttpServer:
                 )
             return path_route(path), error_response(
                 403, "forbidden", "this token may read but not send commands"
+            )
+        if path == "/stream":  # a plain request where a WebSocket upgrade belongs
+            return "stream", Response(
+                426,
+                json_response(
+                    426,
+                    {"error": {"code": "upgrade_required", "message": "connect with a WebSocket"}},
+                ).body,
+                headers=(("upgrade", "websocket"),),
             )
         if path == "/metrics":
             if method != "GET":

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("collector.stream")
 
 EVENT_LIMIT = 1000  # queued events per subscriber before it resynchronises from a snapshot
+#: At most this many history points in one snapshot in all: with many devices, each series
+#: gets fewer points (the page draws at once, and a snapshot stays a few megabytes).
+SNAPSHOT_POINTS = 200_000
 RATE_WINDOW = 5.0  # seconds over which a device's datagram rate is measured
 SNAPSHOT_DEVICES_PER_MESSAGE = 50
 RECENT_COMMANDS = 10
@@ -60,37 +63,63 @@ class StreamConfig:
     max_message: int = 65536  # largest message a client may send
 
 
-class SeriesRing:
-    """The last `maxlen` (time, value) points of one numeric series, in two flat arrays."""
+class RowBatch(list):  # type: ignore[type-arg]
+    """The rows of one ingest batch, shared by every subscriber that takes all of them, with
+    their JSON encoded at most once however many dashboards receive them."""
 
-    __slots__ = ("maxlen", "start", "t", "v")
+    __slots__ = ("_json",)
+
+    def json_fragment(self) -> str:
+        try:
+            return self._json
+        except AttributeError:
+            self._json: str = stream.encode_rows(self)
+            return self._json
+
+
+class ReadingsText:
+    """A `readings` message whose readings are already JSON (the sender adds only the seq)."""
+
+    __slots__ = ("count", "fragments")
+
+    def __init__(self, fragments: list[str], count: int) -> None:
+        self.fragments = fragments
+        self.count = count
+
+
+class SeriesRing:
+    """The last `maxlen` (time, value) points of one numeric series, in two flat arrays.
+
+    Appending is two C-level array appends; the arrays are cut back to `maxlen` only when they
+    reach twice that, so the cost per point stays constant and small (the hub appends one
+    point per reading on the ingest path).
+    """
+
+    __slots__ = ("maxlen", "t", "v")
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
         self.t = array.array("d")
         self.v = array.array("d")
-        self.start = 0
 
     def append(self, t: float, v: float) -> None:
-        if len(self.t) < self.maxlen:
-            self.t.append(t)
-            self.v.append(v)
-        else:
-            i = self.start
-            self.t[i] = t
-            self.v[i] = v
-            self.start = (i + 1) % self.maxlen
+        self.t.append(t)
+        self.v.append(v)
+        if len(self.t) >= 2 * self.maxlen:
+            self.trim()
+
+    def trim(self) -> None:
+        del self.t[: -self.maxlen]
+        del self.v[: -self.maxlen]
 
     def last(self, n: int) -> tuple[list[float], list[float]]:
-        s = self.start
-        t = self.t[s:].tolist() + self.t[:s].tolist()
-        v = self.v[s:].tolist() + self.v[:s].tolist()
-        return (t[-n:], v[-n:]) if n else ([], [])
+        n = min(n, self.maxlen)
+        return (self.t[-n:].tolist(), self.v[-n:].tolist()) if n else ([], [])
 
 
 @attrs.define(eq=False)
 class DeviceView:
-    values: dict[str, tuple[float, Any]] = attrs.field(factory=dict)
+    values: dict[str, Row] = attrs.field(factory=dict)  # metric -> its latest row
     history: dict[str, SeriesRing] = attrs.field(factory=dict)
 
 
@@ -214,7 +243,7 @@ class Subscriber:
         assert rate is not None
         return min(self.last_sent[k] for k in self.deferred) + 1.0 / rate
 
-    def take(self, now: float) -> Iterator[dict[str, Any]]:
+    def take(self, now: float) -> Iterator[dict[str, Any] | ReadingsText]:
         """Everything queued, as messages in order. The queue is empty afterwards."""
         if self.missed_pending:
             yield stream.missed_message(self.missed_pending, self.missed_total)
@@ -222,17 +251,17 @@ class Subscriber:
         items, self.items = self.items, collections.deque()
         self.queued_rows = self.queued_events = 0
         coalesced, self.coalesced = self.coalesced, None
-        rows: list[Row] = []
+        batches: list[list[Row]] = []
         for kind, body in items:
             if kind == "r":
-                rows.extend(body)
+                batches.append(body)
                 continue
-            yield from self._readings(rows, now)
-            rows = []
+            yield from self._readings(batches, now)
+            batches = []
             yield body
         if coalesced:
-            rows.extend(coalesced.values())
-        yield from self._readings(rows, now)
+            batches.append(list(coalesced.values()))
+        yield from self._readings(batches, now)
         if self.pending_stats:
             yield {"type": "stats", "devices": self.pending_stats}
             self.pending_stats = {}
@@ -241,14 +270,39 @@ class Subscriber:
             self.pending_heartbeat = None
             yield {**hb, "missed": self.missed_total, "queued": self.queued}
 
-    def _readings(self, rows: list[Row], now: float) -> Iterator[dict[str, Any]]:
+    def _readings(self, batches: list[list[Row]], now: float) -> Iterator[ReadingsText]:
+        """One message for everything (up to batch_limit readings each), from JSON fragments:
+        a batch every subscriber takes whole is encoded once for all of them."""
+        if not batches and not self.deferred:
+            return
         rate = self.matcher.subscription.max_rate if self.matcher else None
         if rate is not None:
-            rows = self._thin(rows, now, 1.0 / rate)
-        for i in range(0, len(rows), self.batch_limit):
-            chunk = rows[i : i + self.batch_limit]
-            self.readings_sent += len(chunk)
-            yield stream.readings_message(chunk)
+            rows = self._thin([r for b in batches for r in b], now, 1.0 / rate)
+            batches = [rows] if rows else []
+        limit = self.batch_limit
+        fragments: list[str] = []
+        count = 0
+        for batch in batches:
+            if len(batch) > limit:  # only when one ingest batch alone exceeds the limit
+                chunks: list[list[Row]] = [
+                    batch[i : i + limit] for i in range(0, len(batch), limit)
+                ]
+            else:
+                chunks = [batch]
+            for chunk in chunks:
+                if count and count + len(chunk) > limit:
+                    self.readings_sent += count
+                    yield ReadingsText(fragments, count)
+                    fragments, count = [], 0
+                fragments.append(
+                    chunk.json_fragment()
+                    if isinstance(chunk, RowBatch)
+                    else stream.encode_rows(chunk)
+                )
+                count += len(chunk)
+        if count:
+            self.readings_sent += count
+            yield ReadingsText(fragments, count)
 
     def _thin(self, rows: list[Row], now: float, interval: float) -> list[Row]:
         """At most one update per series per interval: the latest one, when it is due."""
@@ -301,26 +355,32 @@ class StreamHub:
     # -- listener: called synchronously from ingest ----------------------------------------------
 
     def on_telemetry(self, batch: Sequence[Telemetry]) -> None:
-        rows: list[Row] = []
+        rows: RowBatch = RowBatch()
+        add_row = rows.append
         views = self.views
         hist = self.config.history
-        for t in batch:
-            view = views.get(t.device_id)
+        for time, device_id, _seq, _dt, readings in batch:
+            if not readings:
+                continue
+            view = views.get(device_id)
             if view is None:
-                view = views[t.device_id] = DeviceView()
-            time = t.time
-            device_id = t.device_id
+                view = views[device_id] = DeviceView()
             values = view.values
             history = view.history
-            for r in t.readings:
-                name, value = r.name, r.value
-                values[name] = (time, value)
-                if hist and not isinstance(value, str):
+            for name, value in readings:
+                row = (device_id, name, time, value)
+                add_row(row)
+                values[name] = row
+                if hist and value.__class__ is not str:
                     ring = history.get(name)
                     if ring is None:
                         ring = history[name] = SeriesRing(hist)
-                    ring.append(time, value)
-                rows.append((device_id, name, time, value))
+                    ring.t.append(time)
+                    ring.v.append(value)
+                    if len(ring.t) >= 2 * hist:
+                        ring.trim()
+        if not rows:
+            return
         self.stream_seq += len(rows)
         self.readings_in += len(rows)
         for sub in self.subscribers:
@@ -361,7 +421,7 @@ class StreamHub:
                 sessions=state.sessions,
             )
             out["stats"] = _stats_of(state, self._rates.get(device_id, 0.0))
-        out["values"] = {k: [t, v] for k, (t, v) in (view.values.items() if view else ())}
+        out["values"] = {k: [row[2], row[3]] for k, row in (view.values.items() if view else ())}
         if history and view is not None:
             out["history"] = {k: list(ring.last(history)) for k, ring in view.history.items()}
         cmds = [c for c in self.app.commands.commands.values() if c.device_id == device_id]
@@ -377,11 +437,16 @@ class StreamHub:
         assert sub.matcher is not None
         m = sub.matcher
         subscription = m.subscription
+        matched = [d for d in self.known_devices() if m.device(d)]
+        series = sum(
+            sum(1 for name in view.history if m.metric(name))
+            for d in matched
+            if (view := self.views.get(d)) is not None
+        )
+        history = min(subscription.history, SNAPSHOT_POINTS // max(1, series))
         devices = []
-        for device_id in self.known_devices():
-            if not m.device(device_id):
-                continue
-            d = self.device_summary(device_id, history=subscription.history)
+        for device_id in matched:
+            d = self.device_summary(device_id, history=history)
             if not m.all_metrics:
                 d["values"] = {k: v for k, v in d["values"].items() if m.metric(k)}
                 if "history" in d:
@@ -497,6 +562,7 @@ class StreamHub:
         if self.app.playback is not None:
             hello["mode"] = "replay"
             hello["replay"] = self.app.playback.status()
+            hello["can_control"] = can_command  # pause, seek and speed need a command token
         sub.offer_message(hello)
         closed = _Closed(None, "closed by the client")
         try:
@@ -600,7 +666,7 @@ class StreamHub:
             self._error(
                 sub,
                 "no_match",
-                f"no device matches {list(subscription.devices)} yet: updates will come when one does",
+                f"no device matches {', '.join(subscription.devices)} yet: updates will come when one does",
             )
         log.info("stream subscriber %d subscribed to %s", sub.id, subscription.describe())
         sub._wake()
@@ -616,8 +682,11 @@ class StreamHub:
                 sub.wake = trio.Event()
             for message in sub.take(trio.current_time()):
                 sub.seq += 1
-                message["seq"] = sub.seq
-                text = stream.encode(message)
+                if isinstance(message, ReadingsText):
+                    text = stream.readings_text(message.fragments, sub.seq)
+                else:
+                    message["seq"] = sub.seq
+                    text = stream.encode(message)
                 with trio.move_on_after(stall) as cs:
                     await ws.send_message(text)
                 if cs.cancelled_caught:

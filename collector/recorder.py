@@ -226,7 +226,7 @@ class Recorder:
         )
         await self.flush()
         self._closed = True
-        await trio.to_thread.run_sync(self.writer.close)
+        await trio.to_thread.run_sync(self.writer.release)
 
     def statistics(self) -> dict[str, Any]:
         return {

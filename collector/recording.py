@@ -401,6 +401,7 @@ class SegmentWriter:
         self.compress = compress
         self.fsync = fsync
         self.fd: int | None = None
+        self.lock_fd: int | None = None
         self.path: Path | None = None
         self.segment_no = 0
         self.size = 0
@@ -421,6 +422,7 @@ class SegmentWriter:
             ) from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise RecordingError(f"recording directory {self.directory} is not writable")
+        self._lock()
         segments = list_segments(self.directory)
         if segments and segments[-1][1].suffix == ".rec":
             self.segment_no, path = segments[-1]
@@ -429,6 +431,24 @@ class SegmentWriter:
             self.segment_no = segments[-1][0] if segments else 0
             self._new_segment(now)
         return self.repair
+
+    def _lock(self) -> None:
+        """One writer per directory: two would interleave their records in one segment."""
+        import fcntl
+
+        path = self.directory / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RecordingError(
+                f"recording directory {self.directory} is in use by another process (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
 
     def _reopen(self, path: Path, now: float) -> None:
         data = path.read_bytes()
@@ -505,7 +525,7 @@ class SegmentWriter:
     def rotate(self, now: float) -> Path:
         assert self.path is not None
         closed = self.path
-        self.close()
+        self.close()  # the file; the directory lock stays
         self._new_segment(now)
         return closed
 
@@ -515,6 +535,13 @@ class SegmentWriter:
                 os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
+
+    def release(self) -> None:
+        """Close the file and give up the directory lock (another writer may then open it)."""
+        self.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def compress_segment(self, path: Path) -> Path:
         """gzip a closed segment (written to a temporary name, then renamed: crash-safe)."""

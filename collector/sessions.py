@@ -28,11 +28,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("collector.sessions")
 
-#: A pushed deadline is set this much further than needed, so that a busy device does not move
-#: trio's deadline heap on every datagram: only when the deadline would otherwise lag by more.
-#: Offline detection therefore fires between `timeout` and `timeout + DEADLINE_SLACK` after the
-#: last datagram, never earlier.
-DEADLINE_SLACK = 0.05
+#: A pushed deadline is set a little further than needed (a twentieth of the timeout, at most
+#: half a second), so that a busy device does not move trio's deadline heap on every datagram:
+#: only when the deadline would otherwise lag by more than that. Offline detection therefore
+#: fires between `timeout` and `timeout + slack` after the last datagram, never earlier.
+MAX_DEADLINE_SLACK = 0.5
+
+
+def deadline_slack(timeout: float) -> float:
+    return min(MAX_DEADLINE_SLACK, timeout / 20)
+
+
 HISTORY = 16
 
 
@@ -85,6 +91,7 @@ class Session:
     address: Any = None  # the device's UDP source address, once known
     tcp_peer: str | None = None
     deadline: float = 0.0  # mirrors scope.deadline, read on the hot path without the property
+    slack: float = 0.0  # see deadline_slack()
     out_seq: int = 0  # collector -> device datagram sequence numbers
     end_reason: str | None = None
     ended: trio.Event = attrs.field(factory=trio.Event)
@@ -162,7 +169,8 @@ class SessionRegistry:
         now = trio.current_time()
         wall = self.wall()
         sid = session_id if session_id is not None else self.new_session_id()
-        deadline = now + self.timeout + DEADLINE_SLACK
+        slack = deadline_slack(self.timeout)
+        deadline = now + self.timeout + slack
         device = self.device(device_id)
         session = Session(
             session_id=sid,
@@ -177,6 +185,7 @@ class SessionRegistry:
             address=address,
             tcp_peer=tcp_peer,
             deadline=deadline,
+            slack=slack,
         )
         self.by_id[sid] = session
         self.online[device_id] = session
@@ -208,7 +217,7 @@ class SessionRegistry:
         """Push the session's deadline: the device just proved it is alive."""
         deadline = now + session.timeout
         if deadline > session.deadline:
-            session.deadline = deadline + DEADLINE_SLACK
+            session.deadline = deadline + session.slack
             session.scope.deadline = session.deadline
 
     def end(self, session: Session, reason: str) -> None:

@@ -192,6 +192,18 @@ def readings_message(rows: Iterable[Row]) -> dict[str, Any]:
     return {"type": "readings", "readings": [list(r) for r in rows]}
 
 
+def encode_rows(rows: Iterable[Row]) -> str:
+    """Rows as the inside of a JSON array: `["d","m",t,v],["d","m",t,v]`."""
+    return json.dumps(
+        rows if isinstance(rows, list) else list(rows), separators=(",", ":"), allow_nan=False
+    )[1:-1]
+
+
+def readings_text(fragments: Iterable[str], seq: int) -> str:
+    """A whole `readings` message from encoded rows (see encode_rows)."""
+    return '{"type":"readings","readings":[' + ",".join(fragments) + '],"seq":' + str(seq) + "}"
+
+
 def missed_message(count: int, total: int) -> dict[str, Any]:
     return {"type": "missed", "count": count, "total": total}
 
@@ -210,6 +222,7 @@ def device_event_message(event: DeviceOnline | DeviceOffline) -> dict[str, Any]:
             "time": event.time,
             "transport": event.transport,
             "address": event.address,
+            "session_id": event.session_id,
         }
     return {
         "type": "device",
@@ -227,6 +240,7 @@ def command_message(update: CommandUpdate) -> dict[str, Any]:
         "device": update.device_id,
         "id": update.command_id,
         "name": update.name,
+        "args": update.args,
         "state": update.state,
         "result": update.result,
         "error": update.error,

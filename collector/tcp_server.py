@@ -116,6 +116,12 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = "broken"
             log.info("connection from %s broke: %s", peer, exc or type(exc).__name__)
+        except Exception:
+            # The handler is an error boundary: a bug while serving one device closes that
+            # connection (logged with its traceback, counted), never the collector.
+            outcome = "internal error"
+            self.errors["internal_error"] += 1
+            log.exception("internal error serving %s", peer)
         finally:
             self.active -= 1
             if session is not None and session.active:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 from typing import Any
 
 import trio
@@ -19,6 +20,8 @@ from .ingest import Ingest
 log = logging.getLogger("collector.udp")
 
 BATCH_LIMIT = 256
+#: Linux's SO_RCVBUFFORCE (root may exceed net.core.rmem_max); Python does not name it.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 RECV_SIZE = 65536  # smaller buffers silently truncate larger datagrams
 
 
@@ -29,11 +32,10 @@ def open_udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
         sock.setblocking(False)
         if rcvbuf:
             # SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; fall back to SO_RCVBUF.
-            force = getattr(socket, "SO_RCVBUFFORCE", None)
             try:
-                if force is None:
+                if SO_RCVBUFFORCE is None:
                     raise PermissionError
-                sock.setsockopt(socket.SOL_SOCKET, force, rcvbuf)
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((host, port))

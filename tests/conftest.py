@@ -18,4 +18,3 @@ settings.load_profile("default")
 @pytest.fixture
 def devices() -> DeviceRegistry:
     return DeviceRegistry(SECRETS)
-

@@ -377,3 +377,54 @@ async def test_shutdown_sends_final_events_then_closes_1001(nursery, autojump_cl
                 while True:
                     await ws.get_message()
             assert info.value.reason.code == 1001
+
+
+async def test_head_plain_stream_requests_and_a_bug_in_one_request(
+    nursery, autojump_clock, monkeypatch
+):
+    collector, _ = await start(nursery)
+    status, headers, body = await http(collector, "HEAD", "/")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+    status, headers, body = await http(collector, "GET", "/stream")
+    assert status == 426 and headers["upgrade"] == "websocket"
+    assert json.loads(body)["error"]["code"] == "upgrade_required"
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(collector.http, "_healthz", broken)
+    status, _, _ = await http(collector, "GET", "/healthz")
+    assert status == 0  # the connection was closed without an answer
+    monkeypatch.undo()
+    assert (await api(collector, "GET", "/healthz"))[0] == 200  # the collector is still there
+    assert collector.http.requests[("internal_error", 500)] == 1
+
+
+async def test_stream_events_carry_what_a_page_needs(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        await subscribed(ws)
+        async with open_device(
+            "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+        ):
+            online = await next_of(ws, "device")
+            assert online["session_id"] == collector.registry.online["dev-1"].session_id
+            collector.send_command("dev-1", "set", {"level": 3})
+            queued = await next_of(ws, "command")
+            assert (queued["state"], queued["args"]) == ("queued", {"level": 3})
+
+
+async def test_snapshot_history_is_budgeted(nursery, autojump_clock, monkeypatch):
+    from collector import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "SNAPSHOT_POINTS", 50)
+    collector, _ = await start(nursery)
+    batch = [
+        Telemetry(1.0 + i, f"dev-{1 + i % 5}", i, 0, (Reading("x", float(i)),)) for i in range(100)
+    ]
+    collector.hub.on_telemetry(batch)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        devices, _ = await subscribed(ws, history=300)
+    assert all(
+        len(d["history"]["x"][0]) == 10 for d in devices if d.get("history")
+    )  # 50 / 5 series

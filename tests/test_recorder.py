@@ -38,6 +38,7 @@ async def test_a_session_is_recorded_in_order(nursery, autojump_clock, tmp_path)
         await dev.send_readings({"t": 20.5, "ok": True})
         await dev.send_heartbeat()
         await dev.send_readings({"t": 21.0})
+        await trio.sleep(0.1)  # the datagram is in before the command is queued
         cmd = collector.send_command("dev-1", "nothing")
         await cmd.done.wait()
         await trio.sleep(1)

@@ -273,3 +273,14 @@ def test_a_full_disk_leaves_no_half_record(tmp_path, monkeypatch):
     writer.write(encode(sample_records()[3]))  # the disk has room again
     writer.close()
     assert list(RecordingReader(tmp_path)) == [sample_records()[2], sample_records()[3]]
+
+
+def test_one_writer_per_directory(tmp_path):
+    first = SegmentWriter(tmp_path)
+    first.open()
+    with pytest.raises(RecordingError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        SegmentWriter(tmp_path).open()
+    first.release()
+    second = SegmentWriter(tmp_path)
+    second.open()
+    second.release()

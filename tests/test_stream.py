@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from collector import stream
-from collector.hub import EVENT_LIMIT, SeriesRing, Subscriber
+from collector.hub import EVENT_LIMIT, ReadingsText, RowBatch, SeriesRing, Subscriber
 from collector.stream import Matcher, StreamError, Subscribe, Subscription
 
 
@@ -63,6 +64,17 @@ def test_matcher_globs():
     assert not m.everything and Matcher(Subscription()).everything
 
 
+def take(sub, now=0.0):
+    """What the sender would send, as dicts (without the per-connection seq)."""
+    out = []
+    for m in sub.take(now):
+        if isinstance(m, ReadingsText):
+            m = json.loads(stream.readings_text(m.fragments, 0))
+            del m["seq"]
+        out.append(m)
+    return out
+
+
 def subscriber(limit=10, subscription=None):
     sub = Subscriber(1, "test", limit, 1000, 0.0)
     sub.matcher = Matcher(subscription or Subscription())
@@ -78,10 +90,10 @@ def test_everything_queued_goes_out_in_one_message_in_order():
     sub.offer_rows(rows("a", 3))
     sub.offer_message({"type": "device", "device": "a", "online": False}, "a")
     sub.offer_rows(rows("b", 2))
-    out = list(sub.take(0.0))
+    out = take(sub, 0.0)
     assert [m["type"] for m in out] == ["readings", "device", "readings"]
     assert [r[0] for r in out[0]["readings"]] == ["a"] * 3 and len(out[2]["readings"]) == 2
-    assert list(sub.take(0.0)) == []
+    assert take(sub, 0.0) == []
 
 
 def test_a_full_queue_coalesces_to_the_latest_value_per_series_and_counts_the_rest():
@@ -91,7 +103,7 @@ def test_a_full_queue_coalesces_to_the_latest_value_per_series_and_counts_the_re
     assert sub.coalesced is None and sub.queued == 10
     sub.offer_rows(rows("a", 5, start=8))  # over the limit: coalesce
     assert sub.queued == 3  # a/t, b/t, b/h
-    out = list(sub.take(0.0))
+    out = take(sub, 0.0)
     assert out[0] == {"type": "missed", "count": 12, "total": 12}
     assert out[1]["readings"] == [
         ["a", "t", 12.0, 12.0],
@@ -100,7 +112,7 @@ def test_a_full_queue_coalesces_to_the_latest_value_per_series_and_counts_the_re
     ]
     # back to normal queueing afterwards
     sub.offer_rows(rows("a", 2))
-    assert [m["type"] for m in sub.take(0.0)] == ["readings"]
+    assert [m["type"] for m in take(sub)] == ["readings"]
 
 
 def test_filters_apply_to_readings_and_events():
@@ -108,7 +120,7 @@ def test_filters_apply_to_readings_and_events():
     sub.offer_rows([("a1", "t", 0.0, 1.0), ("a1", "h", 0.0, 1.0), ("b1", "t", 0.0, 1.0)])
     sub.offer_message({"type": "device", "device": "b1"}, "b1")
     sub.offer_message({"type": "device", "device": "a1"}, "a1")
-    out = list(sub.take(0.0))
+    out = take(sub, 0.0)
     assert out == [
         {"type": "readings", "readings": [["a1", "t", 0.0, 1.0]]},
         {"type": "device", "device": "a1"},
@@ -127,12 +139,12 @@ def test_too_many_events_means_a_resync():
 def test_max_rate_thins_each_series_to_its_latest_value():
     sub = subscriber(subscription=Subscription(max_rate=2.0))  # one update per 0.5 s per series
     sub.offer_rows(rows("a", 3))
-    out = list(sub.take(10.0))
+    out = take(sub, 10.0)
     assert out[0]["readings"] == [["a", "t", 2.0, 2.0]]
     sub.offer_rows(rows("a", 2, start=3))
-    assert list(sub.take(10.2)) == []  # not due yet: kept
+    assert take(sub, 10.2) == []  # not due yet: kept
     assert sub.next_due() == pytest.approx(10.5)
-    assert next(iter(sub.take(10.5)))["readings"] == [["a", "t", 4.0, 4.0]]
+    assert take(sub, 10.5)[0]["readings"] == [["a", "t", 4.0, 4.0]]
     assert sub.thinned == 3 and math.isinf(sub.next_due())
 
 
@@ -142,7 +154,7 @@ def test_heartbeat_and_stats_keep_only_the_latest():
     sub.offer_stats({"a": {"rate": 2}, "b": {"rate": 3}})
     sub.offer_heartbeat({"type": "heartbeat", "time": 1})
     sub.offer_heartbeat({"type": "heartbeat", "time": 2})
-    out = list(sub.take(0.0))
+    out = take(sub, 0.0)
     assert out == [
         {"type": "stats", "devices": {"a": {"rate": 2}, "b": {"rate": 3}}},
         {"type": "heartbeat", "time": 2, "missed": 0, "queued": 0},
@@ -152,13 +164,25 @@ def test_heartbeat_and_stats_keep_only_the_latest():
 def test_readings_are_split_into_messages_of_batch_limit():
     sub = Subscriber(1, "t", 10_000, 100, 0.0, matcher=Matcher(Subscription()))
     sub.offer_rows(rows("a", 250))
-    assert [len(m["readings"]) for m in sub.take(0.0)] == [100, 100, 50]
+    assert [len(m["readings"]) for m in take(sub)] == [100, 100, 50]
+
+
+def test_a_batch_taken_whole_is_encoded_once_for_every_subscriber():
+    batch = RowBatch(rows("a", 3))
+    subs = [subscriber(limit=100) for _ in range(3)]
+    for sub in subs:
+        sub.offer_rows(batch)
+    texts = [m for sub in subs for m in sub.take(0.0)]
+    assert all(isinstance(m, ReadingsText) for m in texts)
+    assert texts[0].fragments[0] is texts[1].fragments[0] is texts[2].fragments[0]  # one encoding
 
 
 def test_series_ring_keeps_the_last_points_in_order():
     ring = SeriesRing(4)
     for i in range(10):
         ring.append(float(i), float(i * 10))
+        assert len(ring.t) < 8  # never more than twice the points it keeps
     assert ring.last(4) == ([6.0, 7.0, 8.0, 9.0], [60.0, 70.0, 80.0, 90.0])
+    assert ring.last(100) == ring.last(4)
     assert ring.last(2) == ([8.0, 9.0], [80.0, 90.0])
     assert ring.last(0) == ([], [])

@@ -1,0 +1,390 @@
+"""The web dashboard in a real browser against a real collector and real simulated sensors.
+
+Everything runs as separate processes on loopback: `collector serve`, two `tools/simulate.py`
+runs (five healthy sensors, and one that goes silent without a goodbye), and headless Chromium
+driven by Selenium. The test waits for what a user would see: the devices, values that change,
+a chart with lines on it, the silent sensor going offline with reason "timeout", a command sent
+from the page coming back acked with the device's answer, and the close code when the collector
+shuts down.
+
+Chromium and chromedriver come from Debian (`apt-get install chromium chromedriver`). Without
+them the test is skipped, unless REQUIRE_BROWSER=1, when it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+SENSORS = [f"sensor-{i:03d}" for i in range(1, 6)]
+DOOMED = "doomed-001"
+CONFIG = """\
+[sessions]
+heartbeat_interval = 1.0
+timeout = 3.0
+
+[shutdown]
+grace = 1.0
+"""
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+READY = re.compile(r"collector ready: TCP [^ ]+:(\d+), UDP [^ ]+:(\d+), HTTP [^ ]+:(\d+)")
+
+
+def require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if not missing:
+        return
+    message = (
+        f"the browser test needs {' and '.join(missing)} (apt-get install chromium chromedriver)"
+    )
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail(f"REQUIRE_BROWSER=1 but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+class Processes:
+    """Subprocesses with their output in files; all stopped (TERM, then KILL) on close."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.workdir / f"{name}.out", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str) -> Path:
+        return self.workdir / f"{name}.out"
+
+    def stop(self, name: str, timeout: float = 5.0) -> int | None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def close(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def report(self) -> str:
+        return "\n".join(f"--- {name} ---\n{tail(self.output(name))}" for name in self.procs)
+
+
+def run_tool(*args: str) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=30)
+
+
+def wait_for_ports(procs: Processes, deadline: float) -> tuple[int, int, int]:
+    """The collector binds port 0 for all three: read what it got from its log."""
+    while time.monotonic() < deadline:
+        match = READY.search(procs.output("collector").read_text(errors="replace"))
+        if match:
+            tcp, udp, http = (int(g) for g in match.groups())
+            return tcp, udp, http
+        if procs.procs["collector"].poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"the collector did not start:\n{procs.report()}")
+
+
+def wait_healthy(base: str, deadline: float) -> dict[str, Any]:
+    while time.monotonic() < deadline:
+        try:
+            with HTTP.open(f"{base}/healthz", timeout=1) as r:
+                return json.load(r)
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{base}/healthz never answered")
+
+
+def get_json(url: str) -> Any:
+    with HTTP.open(url, timeout=5) as r:
+        return json.load(r)
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[str, Processes]]:
+    """A collector on free loopback ports with 5 healthy sensors and one that will hang."""
+    workdir = Path(tempfile.mkdtemp(prefix="dashboard-test-"))
+    procs = Processes(workdir)
+    try:
+        devices, config = workdir / "devices.toml", workdir / "collector.toml"
+        run_tool("tools/simulate.py", "--init-devices", str(devices), "--sensors", "5")
+        run_tool(
+            "tools/simulate.py",
+            "--init-devices",
+            str(devices),
+            "--prefix",
+            "doomed",
+            "--sensors",
+            "1",
+        )
+        config.write_text(CONFIG)
+        procs.start(
+            "collector",
+            *("-m", "collector", "serve", "--host", "127.0.0.1"),
+            *("--tcp-port", "0", "--udp-port", "0", "--http-port", "0"),
+            *("--devices", str(devices), "--config", str(config)),
+        )
+        deadline = time.monotonic() + 15
+        tcp, udp, http = wait_for_ports(procs, deadline)
+        base = f"http://127.0.0.1:{http}"
+        assert wait_healthy(base, deadline)["devices_known"] == 6
+        sim = ("tools/simulate.py", "--devices", str(devices), "--host", "127.0.0.1")
+        ports = ("--tcp-port", str(tcp), "--udp-port", str(udp), "--duration", "120")
+        procs.start("sensors", *sim, *ports, "--sensors", "5", "--rate", "2")
+        hang = "--prefix doomed --sensors 1 --rate 2 --hang 1 --hang-at 3".split()
+        procs.start("doomed", *sim, *ports, *hang)
+        yield base, procs
+    finally:
+        procs.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def driver() -> Iterator[WebDriver]:
+    require_browser()
+    profile = tempfile.mkdtemp(prefix="dashboard-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--no-proxy-server",
+        "--window-size=1400,1200",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield browser
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# -- what the page shows ----------------------------------------------------------------------
+
+
+def wait(
+    driver: WebDriver,
+    timeout: float,
+    condition: Callable[[WebDriver], Any],
+    what: Callable[[], str],
+) -> Any:
+    """Poll `condition` until it is truthy; on timeout fail saying what the page showed."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"after {timeout:g} s: {what()}") from None
+
+
+def row(driver: WebDriver, device: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f'tr.device[data-device="{device}"]')
+
+
+def state_of(driver: WebDriver, device: str) -> str:
+    return row(driver, device).find_element(By.CSS_SELECTOR, ".state").text
+
+
+def values_of(driver: WebDriver, device: str) -> str:
+    return row(driver, device).find_element(By.CSS_SELECTOR, ".values").text
+
+
+def device_ids(driver: WebDriver) -> set[str]:
+    return {
+        r.get_attribute("data-device") for r in driver.find_elements(By.CSS_SELECTOR, "tr.device")
+    }
+
+
+def coloured_pixels(driver: WebDriver, metric: str) -> int:
+    """Saturated pixels on the metric's chart: the device lines (axes and grid are grey)."""
+    return driver.execute_script(
+        """
+        const canvas = document.querySelector(`.chart[data-metric="${arguments[0]}"] canvas`);
+        if (!canvas || !canvas.width) return 0;
+        const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) {
+          const hi = Math.max(px[i], px[i + 1], px[i + 2]), lo = Math.min(px[i], px[i + 1], px[i + 2]);
+          if (px[i + 3] > 128 && hi - lo > 80) n++;
+        }
+        return n;
+        """,
+        metric,
+    )
+
+
+def test_dashboard_live(driver: WebDriver, stack: tuple[str, Processes]) -> None:
+    base, procs = stack
+    conn = lambda: driver.find_element(By.ID, "conn")  # noqa: E731
+    driver.get(base + "/")
+    try:
+        # 1. All six devices, from the snapshot, over a connected stream.
+        wait(
+            driver,
+            10,
+            lambda d: conn().get_attribute("data-state") == "connected",
+            lambda: f"the stream is {conn().text!r}, not connected",
+        )
+        wait(
+            driver,
+            10,
+            lambda d: device_ids(d) == {*SENSORS, DOOMED},
+            lambda: f"the page lists {sorted(device_ids(driver))}",
+        )
+        wait(
+            driver,
+            10,
+            lambda d: state_of(d, "sensor-001") == "online",
+            lambda: f"sensor-001 shows {state_of(driver, 'sensor-001')!r}",
+        )
+
+        # 2. A value shown changes as readings stream in.
+        wait(
+            driver,
+            10,
+            lambda d: "temperature" in values_of(d, "sensor-001"),
+            lambda: f"sensor-001 shows values {values_of(driver, 'sensor-001')!r}",
+        )
+        first = values_of(driver, "sensor-001")
+        wait(
+            driver,
+            15,
+            lambda d: values_of(d, "sensor-001") != first,
+            lambda: f"sensor-001's values stayed {first!r}",
+        )
+
+        # 3. A chart per metric, with the device lines drawn on its canvas.
+        wait(
+            driver,
+            10,
+            lambda d: coloured_pixels(d, "temperature") > 200,
+            lambda: (
+                f"the temperature chart has {coloured_pixels(driver, 'temperature')} line pixels"
+            ),
+        )
+        charts = {
+            c.get_attribute("data-metric") for c in driver.find_elements(By.CSS_SELECTOR, ".chart")
+        }
+        assert charts == {"temperature", "humidity", "battery"}
+
+        # 4. The sensor that went silent is offline with reason timeout (3 s after its hang);
+        #    the others stay online.
+        wait(
+            driver,
+            15,
+            lambda d: state_of(d, DOOMED) == "offline (timeout)",
+            lambda: f"{DOOMED} shows {state_of(driver, DOOMED)!r}",
+        )
+        assert [state_of(driver, s) for s in SENSORS] == ["online"] * len(SENSORS)
+
+        # 5. A command sent with the page's form, followed to its final state on the stream.
+        row(driver, "sensor-001").find_element(By.CSS_SELECTOR, ".open-commands").click()
+        detail = driver.find_element(By.CSS_SELECTOR, 'tr.detail[data-detail-for="sensor-001"]')
+        wait(driver, 5, lambda d: detail.is_displayed(), lambda: "the command form did not open")
+        detail.find_element(By.CSS_SELECTOR, ".cmd-name").send_keys("ping")
+        args = detail.find_element(By.CSS_SELECTOR, ".cmd-args")
+        args.clear()
+        args.send_keys("{}")
+        detail.find_element(By.CSS_SELECTOR, ".cmd-send").click()
+        commands = lambda: detail.find_elements(By.CSS_SELECTOR, ".cmd")  # noqa: E731
+        acked = wait(
+            driver,
+            10,
+            lambda d: detail.find_elements(By.CSS_SELECTOR, '.cmd[data-state="acked"]'),
+            lambda: (
+                f"commands shown: {[c.text for c in commands()]}, "
+                f"error: {detail.find_element(By.CSS_SELECTOR, '.cmd-error').text!r}"
+            ),
+        )[0]
+        assert acked.find_element(By.CSS_SELECTOR, ".cmd-state").text == "acked"
+        result = json.loads(acked.find_element(By.CSS_SELECTOR, ".cmd-result").text)
+        assert result == {"pong": True, "device": "sensor-001"}
+        command = get_json(f"{base}/api/commands/{acked.get_attribute('data-command-id')}")
+        assert (command["device"], command["name"], command["state"]) == (
+            "sensor-001",
+            "ping",
+            "acked",
+        )
+        assert "ping: acked" in row(driver, "sensor-001").text
+        if os.environ.get("DASHBOARD_SCREENSHOT"):
+            driver.save_screenshot(os.environ["DASHBOARD_SCREENSHOT"])
+
+        # No script errors, no refused resources.
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+
+        # 6. The collector shuts down: the page marks the devices offline and says why.
+        procs.stop("collector")
+        banner = driver.find_element(By.ID, "banner")
+        wait(
+            driver,
+            10,
+            lambda d: "stream closed:" in banner.text,
+            lambda: f"the banner says {banner.text!r}",
+        )
+        wait(
+            driver,
+            5,
+            lambda d: state_of(d, "sensor-001") == "offline (shutdown)",
+            lambda: f"sensor-001 shows {state_of(driver, 'sensor-001')!r}",
+        )
+        assert conn().get_attribute("data-state") == "reconnecting"
+        assert "stream closed: 1001 collector shutting down" in banner.text, banner.text
+    except Exception:
+        print(procs.report())
+        shot = Path(tempfile.gettempdir()) / "dashboard-failure.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot of the page: {shot}")
+        raise
