@@ -149,7 +149,10 @@ async def http(
         await stream.send_all(out)
         status, resp_headers, chunks = 0, {}, []
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:  # closed without a (complete) answer
+                break
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.Response):
