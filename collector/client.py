@@ -31,7 +31,7 @@ from .datagram import (
     DatagramError,
     DatagramType,
     Flag,
-    Reading,
+    ReadingPair,
     Value,
     decode_ack_untrusted,
     decode_command_untrusted,
@@ -164,7 +164,7 @@ class DeviceClient:
         return seq
 
     async def send_readings(
-        self, readings: Mapping[str, Value] | list[Reading], *, ack: bool = False
+        self, readings: Mapping[str, Value] | list[ReadingPair], *, ack: bool = False
     ) -> int:
         """Send readings in one TELEMETRY datagram; returns its sequence number.
 

@@ -75,6 +75,7 @@ class ValueType(enum.IntEnum):
 
 
 Value: TypeAlias = float | int | bool | str
+ReadingPair: TypeAlias = tuple[str, Value]  # what decoders return; a Reading is one too
 
 _KNOWN_TYPES = frozenset(int(t) for t in DatagramType)
 _KNOWN_FLAGS = int(Flag.ACK_REQUESTED)
@@ -104,10 +105,12 @@ class Header:
 
 
 class Reading(NamedTuple):
-    """One metric value. `name` is validated by the decoder; `value` keeps its wire type.
+    """One metric value: a (name, value) pair. `value` keeps its wire type.
 
-    A NamedTuple rather than an attrs class: one is made per reading on the ingest path, and a
-    tuple is the cheapest immutable value Python has.
+    Decoders return plain `(name, value)` tuples, which compare equal to Readings: one pair is
+    made per reading on the ingest path, and a plain tuple is the cheapest value Python has.
+    So code that takes readings unpacks them (`for name, value in readings`) rather than using
+    the attribute names.
     """
 
     name: str
@@ -174,12 +177,12 @@ def encode_heartbeat_payload(uptime_s: int) -> bytes:
     return U32.pack(uptime_s & MAX_SEQ)
 
 
-def encode_readings(readings: Mapping[str, Value] | Iterable[Reading]) -> bytes:
+def encode_readings(readings: Mapping[str, Value] | Iterable[ReadingPair]) -> bytes:
     """Encode readings for a TELEMETRY payload; raises ValueError on anything not encodable."""
     items = (
         list(readings.items())
         if isinstance(readings, Mapping)
-        else [(r.name, r.value) for r in readings]
+        else [(r[0], r[1]) for r in readings]
     )
     if not 1 <= len(items) <= MAX_READINGS:
         raise ValueError(f"a datagram carries 1 to {MAX_READINGS} readings, not {len(items)}")
@@ -271,7 +274,7 @@ def decode_heartbeat_untrusted(payload: bytes) -> int:
     return U32.unpack(payload)[0]
 
 
-def decode_readings_untrusted(payload: bytes) -> list[Reading]:
+def decode_readings_untrusted(payload: bytes) -> list[ReadingPair]:
     fast = _decode_known_layout(payload)
     if fast is not None:
         return fast
@@ -290,7 +293,9 @@ class _Layout:
     it), and only the values are checked (finite floats, bools 0 or 1).
     """
 
-    __slots__ = ("bools", "floats", "names", "skeleton", "skeleton_of", "struct", "values_of")
+    __slots__ = (
+        "bools", "floats", "floats_of", "names", "skeleton", "skeleton_of", "struct", "values_of",
+    )  # fmt: skip
 
     def __init__(self, items: list[tuple[bytes, int]]) -> None:
         fmt = ">B"
@@ -316,41 +321,55 @@ class _Layout:
         self.struct = struct.Struct(fmt)
         self.skeleton_of = operator.itemgetter(*skel_idx)
         self.skeleton = tuple(skeleton)
-        self.values_of = (
-            operator.itemgetter(*val_idx) if len(val_idx) > 1 else (lambda t, j=val_idx[0]: (t[j],))
-        )
-        self.names = [raw.decode("ascii") for raw, _ in items]
+        self.values_of = _getter(val_idx)
+        self.floats_of = _getter(self.floats) if self.floats else None
+        self.names = tuple(raw.decode("ascii") for raw, _ in items)
 
 
-_LAYOUTS: dict[bytes, _Layout] = {}
+def _getter(indices: list[int]) -> Any:
+    """itemgetter that always returns a tuple, even for one index."""
+    if len(indices) == 1:
+        j = indices[0]
+        return lambda t: (t[j],)
+    return operator.itemgetter(*indices)
+
+
+#: first name's length byte and bytes -> {payload length: layout}
+_LAYOUTS: dict[bytes, dict[int, _Layout]] = {}
 _LAYOUTS_MAX = 256
 
 
-def _decode_known_layout(p: bytes) -> list[Reading] | None:
+def _decode_known_layout(p: bytes) -> list[ReadingPair] | None:
     if len(p) < 3:
         return None
-    layout = _LAYOUTS.get(p[: 2 + p[1]] + len(p).to_bytes(2, "big"))
-    if layout is None or layout.struct.size != len(p):
+    by_size = _LAYOUTS.get(p[1 : 2 + p[1]])
+    if by_size is None:
+        return None
+    layout = by_size.get(len(p))
+    if layout is None:
         return None
     fields = layout.struct.unpack(p)
     if layout.skeleton_of(fields) != layout.skeleton:
         return None
-    values = list(layout.values_of(fields))
-    for k in layout.floats:
-        if not math.isfinite(values[k]):
-            return None  # the slow path says why
-    for k in layout.bools:
-        if values[k] > 1:
-            return None
-        values[k] = values[k] == 1
-    return list(map(Reading, layout.names, values))
+    values = layout.values_of(fields)
+    # One check for all the floats: a sum is finite only if every term is (a sum that
+    # overflows takes the slow path, which accepts it).
+    if layout.floats_of is not None and not math.isfinite(sum(layout.floats_of(values))):
+        return None
+    if layout.bools:
+        values = list(values)
+        for k in layout.bools:
+            if values[k] > 1:
+                return None  # the slow path says why
+            values[k] = values[k] == 1
+    return list(zip(layout.names, values, strict=True))
 
 
-def _learn_layout(p: bytes, readings: list[Reading]) -> None:
+def _learn_layout(p: bytes, readings: list[ReadingPair]) -> None:
     """Remember the shape of a payload that decoded, if all its values have a fixed size."""
     items = []
     for r in readings:
-        v = r.value
+        v = r[1]
         if isinstance(v, str):
             return
         vtype = (
@@ -360,9 +379,14 @@ def _learn_layout(p: bytes, readings: list[Reading]) -> None:
             if isinstance(v, int)
             else ValueType.FLOAT
         )
-        items.append((r.name.encode("ascii"), vtype))
-    if len(_LAYOUTS) < _LAYOUTS_MAX:
-        _LAYOUTS[p[: 2 + p[1]] + len(p).to_bytes(2, "big")] = _Layout(items)
+        items.append((r[0].encode("ascii"), vtype))
+    by_size = _LAYOUTS.get(p[1 : 2 + p[1]])
+    if by_size is None:
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            return
+        by_size = _LAYOUTS[p[1 : 2 + p[1]]] = {}
+    if len(by_size) < 16:
+        by_size[len(p)] = _Layout(items)
 
 
 #: Metric names seen before, raw bytes -> validated name: devices send the same few names over
@@ -371,12 +395,12 @@ _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 4096
 
 
-def _decode_readings(p: bytes) -> list[Reading]:
+def _decode_readings(p: bytes) -> list[ReadingPair]:
     count = p[0]
     if count == 0:
         raise DatagramError("malformed", "telemetry with no readings")
     pos = 1
-    out: list[Reading] = []
+    out: list[ReadingPair] = []
     names = _NAMES
     for _ in range(count):
         nlen = p[pos]
@@ -415,7 +439,7 @@ def _decode_readings(p: bytes) -> list[Reading]:
             pos += 1 + slen
         else:
             raise DatagramError("malformed", f"metric {name!r}: unknown value type {vtype}")
-        out.append(Reading(name, value))
+        out.append((name, value))
     if pos != len(p):
         raise DatagramError("malformed", f"{len(p) - pos} trailing bytes after readings")
     _learn_layout(p, out)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import attrs
 
-from .datagram import Reading
+from .datagram import ReadingPair
 
 
 class Telemetry(NamedTuple):
@@ -23,7 +23,8 @@ class Telemetry(NamedTuple):
     device_id: str
     seq: int
     device_time_us: int
-    readings: tuple[Reading, ...]
+    readings: tuple[ReadingPair, ...]
+    payload: bytes = b""  # the TELEMETRY payload as received (the recorder stores it as is)
 
 
 @attrs.frozen

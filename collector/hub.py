@@ -359,7 +359,7 @@ class StreamHub:
         add_row = rows.append
         views = self.views
         hist = self.config.history
-        for time, device_id, _seq, _dt, readings in batch:
+        for time, device_id, _seq, _dt, readings, _payload in batch:
             if not readings:
                 continue
             view = views.get(device_id)

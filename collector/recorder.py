@@ -76,7 +76,7 @@ class Recorder:
             if t.readings:
                 self._append(
                     recording.encode_readings_record(
-                        t.time, t.device_id, t.seq, t.device_time_us, t.readings
+                        t.time, t.device_id, t.seq, t.device_time_us, t.readings, t.payload
                     )
                 )
             else:

@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from .datagram import DatagramError, Reading, decode_readings_untrusted, encode_readings
+from .datagram import DatagramError, ReadingPair, decode_readings_untrusted, encode_readings
 
 MAGIC = b"TCREC\r\n\x1a"
 VERSION = 1
@@ -69,7 +69,7 @@ class ReadingsRecord:
     device_id: str
     seq: int
     device_time_us: int
-    readings: tuple[Reading, ...]
+    readings: tuple[ReadingPair, ...]
 
 
 @attrs.frozen
@@ -124,9 +124,19 @@ def _id(device_id: str) -> bytes:
 
 
 def encode_readings_record(
-    time: float, device_id: str, seq: int, device_time_us: int, readings: Sequence[Reading]
+    time: float,
+    device_id: str,
+    seq: int,
+    device_time_us: int,
+    readings: Sequence[ReadingPair],
+    encoded: bytes = b"",
 ) -> bytes:
-    payload = _id(device_id) + _READINGS_HEAD.pack(seq, device_time_us) + encode_readings(readings)
+    """`encoded`: the readings already in wire format (a TELEMETRY payload), if at hand."""
+    payload = (
+        _id(device_id)
+        + _READINGS_HEAD.pack(seq, device_time_us)
+        + (encoded or encode_readings(readings))
+    )
     return encode_record(RecordType.READINGS, time, payload)
 
 

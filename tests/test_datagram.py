@@ -80,8 +80,8 @@ def test_readings_round_trip_every_value_type():
         "empty": "",
     }
     decoded = dg.decode_readings_untrusted(dg.encode_readings(readings))
-    assert [(r.name, r.value) for r in decoded] == list(readings.items())
-    assert [type(r.value) for r in decoded] == [float, int, int, bool, bool, str, str]
+    assert [(name, value) for name, value in decoded] == list(readings.items())
+    assert [type(value) for _, value in decoded] == [float, int, int, bool, bool, str, str]
 
 
 @pytest.mark.parametrize(
@@ -236,6 +236,6 @@ def test_decoders_survive_mutated_datagrams(data, flips, cut):
 )
 def test_readings_round_trip_property(readings):
     decoded = dg.decode_readings_untrusted(dg.encode_readings(readings))
-    assert {r.name: r.value for r in decoded} == readings
-    assert all(type(r.value) is type(readings[r.name]) for r in decoded)
+    assert dict(decoded) == readings
+    assert all(type(value) is type(readings[name]) for name, value in decoded)
     assert Reading  # the decoder returns Reading values

@@ -262,4 +262,4 @@ async def test_client_library_round_trip_with_acks(nursery, autojump_clock):
         for i in range(10):
             await dev.send_readings({"i": i}, ack=True)
         assert dev.acked == 10 and dev.retransmits == 0
-    assert [t.readings[0].value for t in log.telemetry] == list(range(10))
+    assert [t.readings[0][1] for t in log.telemetry] == list(range(10))

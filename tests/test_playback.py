@@ -126,8 +126,8 @@ async def test_replay_at_ten_times_the_speed_keeps_the_order_and_scales_the_time
     for r, t in zip(sent, arrived, strict=True):  # each at a tenth of its recorded offset
         assert t.time - start == pytest.approx((r.time - records[0].time) / 10, abs=1e-5)
     assert summary.lateness_ms(100) < 1.0  # virtual clock: every send exactly on time
-    values = [t.readings[0].value for t in log.telemetry if t.readings]
-    assert values == [r.readings[0].value for r in records if isinstance(r, ReadingsRecord)]
+    values = [t.readings[0][1] for t in log.telemetry if t.readings]
+    assert values == [r.readings[0][1] for r in records if isinstance(r, ReadingsRecord)]
 
 
 async def test_stand_in_collector_serves_a_recording_with_pause_seek_and_speed(
@@ -164,7 +164,7 @@ async def test_stand_in_collector_serves_a_recording_with_pause_seek_and_speed(
         first = [r for r in records if isinstance(r, ReadingsRecord)]
         assert len(readings) > 50
         assert [tuple(r) for r in readings] == [
-            (r.device_id, x.name, r.time, x.value) for r in first for x in r.readings
+            (r.device_id, name, r.time, value) for r in first for name, value in r.readings
         ][: len(readings)]
         status, st = await api(stand_in, "POST", "/api/replay", {"action": "pause"})
         assert status == 200 and st["paused"]

@@ -79,8 +79,8 @@ def _decoded(t: DatagramType, payload: bytes) -> dict:
         names = {float: "float", int: "int", bool: "bool", str: "string"}
         return {
             "readings": [
-                [r.name, names[type(r.value)], r.value]
-                for r in dg.decode_readings_untrusted(payload)
+                [name, names[type(value)], value]
+                for name, value in dg.decode_readings_untrusted(payload)
             ]
         }
     if t is DatagramType.ACK:

@@ -81,11 +81,11 @@ def summarise(records: list[Record], reader: RecordingReader, gap: float) -> dic
                 d["_seq"].add(r.seq)
             if isinstance(r, ReadingsRecord):
                 d["readings"] += len(r.readings)
-                for x in r.readings:
-                    m = metrics[x.name]
+                for name, value in r.readings:
+                    m = metrics[name]
                     m["count"] += 1
-                    if not isinstance(x.value, str):
-                        v = float(x.value)
+                    if not isinstance(value, str):
+                        v = float(value)
                         m["numeric"] += 1
                         m["sum"] += v
                         m["min"] = min(m["min"], v)
@@ -183,13 +183,13 @@ def print_summary(s: dict[str, Any], gap: float) -> None:
 def rows(records: Iterable[Record]) -> Iterator[dict[str, Any]]:
     for r in records:
         if isinstance(r, ReadingsRecord):
-            for x in r.readings:
+            for name, value in r.readings:
                 yield {
                     "time": iso(r.time),
                     "time_unix": r.time,
                     "device": r.device_id,
-                    "metric": x.name,
-                    "value": x.value,
+                    "metric": name,
+                    "value": value,
                     "seq": r.seq,
                 }
 
