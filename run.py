@@ -23,7 +23,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed-from"
-EXTRAS = "tools,test,dev"
+EXTRAS = "tools,bench,test,dev"
 
 
 def _wanted_stamp() -> str:

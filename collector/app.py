@@ -198,6 +198,7 @@ class Collector:
                 ping_interval=config.stream_ping_interval,
                 ping_timeout=config.stream_ping_timeout,
                 heartbeat_interval=config.stream_heartbeat,
+                min_interval=config.stream_min_interval,
                 max_subscribers=config.stream_max_subscribers,
                 max_message=config.stream_max_message,
             ),

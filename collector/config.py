@@ -55,6 +55,7 @@ class Config:
     stream_ping_interval: float = 10.0
     stream_ping_timeout: float = 10.0
     stream_heartbeat: float = 1.0
+    stream_min_interval: float = 0.002
     stream_max_subscribers: int = 100
     stream_max_message: int = 65536
     # [sessions]
@@ -116,6 +117,8 @@ class Config:
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if not 0 <= self.stream_min_interval <= 1:
+            problems.append("stream min_interval must be between 0 and 1 second")
         if self.record_retain_days < 0 or self.record_retain_gb < 0:
             problems.append("record_retain_days and record_retain_gb must not be negative")
         if self.log_format not in ("text", "json"):
@@ -165,6 +168,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "ping_interval": "stream_ping_interval",
         "ping_timeout": "stream_ping_timeout",
         "heartbeat_interval": "stream_heartbeat",
+        "min_interval": "stream_min_interval",
         "max_subscribers": "stream_max_subscribers",
         "max_message": "stream_max_message",
     },

@@ -22,7 +22,7 @@ import math
 import operator
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import attrs
@@ -274,7 +274,7 @@ def decode_heartbeat_untrusted(payload: bytes) -> int:
     return U32.unpack(payload)[0]
 
 
-def decode_readings_untrusted(payload: bytes) -> list[ReadingPair]:
+def decode_readings_untrusted(payload: bytes) -> Sequence[ReadingPair]:
     fast = _decode_known_layout(payload)
     if fast is not None:
         return fast
@@ -339,7 +339,7 @@ _LAYOUTS: dict[bytes, dict[int, _Layout]] = {}
 _LAYOUTS_MAX = 256
 
 
-def _decode_known_layout(p: bytes) -> list[ReadingPair] | None:
+def _decode_known_layout(p: bytes) -> tuple[ReadingPair, ...] | None:
     if len(p) < 3:
         return None
     by_size = _LAYOUTS.get(p[1 : 2 + p[1]])
@@ -362,7 +362,7 @@ def _decode_known_layout(p: bytes) -> list[ReadingPair] | None:
             if values[k] > 1:
                 return None  # the slow path says why
             values[k] = values[k] == 1
-    return list(zip(layout.names, values, strict=True))
+    return tuple(zip(layout.names, values, strict=True))
 
 
 def _learn_layout(p: bytes, readings: list[ReadingPair]) -> None:

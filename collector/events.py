@@ -23,7 +23,7 @@ class Telemetry(NamedTuple):
     device_id: str
     seq: int
     device_time_us: int
-    readings: tuple[ReadingPair, ...]
+    readings: Sequence[ReadingPair]  # a tuple, or a list straight from the decoder
     payload: bytes = b""  # the TELEMETRY payload as received (the recorder stores it as is)
 
 

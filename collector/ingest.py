@@ -238,7 +238,7 @@ class Ingest:
             device.readings += len(readings)
             self.readings += len(readings)
             self._pending.append(
-                Telemetry(self.wall_now, device.device_id, seq, ts, tuple(readings), payload)
+                Telemetry(self.wall_now, device.device_id, seq, ts, readings, payload)
             )
         elif typ == _HEARTBEAT:  # a Telemetry without readings: liveness, for the recorder
             self._pending.append(Telemetry(self.wall_now, device.device_id, seq, ts, ()))

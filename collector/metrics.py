@@ -15,6 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
 from .ingest import REJECT_REASONS
+from .udp_server import kernel_drops
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -52,6 +53,14 @@ class CollectorMetrics(PromCollector):
         yield counter("readings", "Readings accepted.", s.readings)
         yield counter("replies_sent", "ACK/WELCOME/COMMAND/GOODBYE datagrams sent.", s.replies_sent)
         yield counter("send_errors", "Datagrams that could not be sent.", s.send_errors)
+        sock = app.ingest.sock
+        drops = kernel_drops(sock) if sock is not None else None
+        if drops is not None:
+            yield counter(
+                "udp_kernel_drops",
+                "Datagrams the kernel dropped before ingest read them (receive buffer full).",
+                drops,
+            )
         yield counter("address_changes", "Sessions that moved to a new address.", s.address_changes)
         yield counter("sessions_opened", "Sessions opened.", s.sessions_opened)
         ended = CounterMetricFamily(

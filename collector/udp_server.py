@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
 from typing import Any
@@ -23,6 +24,26 @@ BATCH_LIMIT = 256
 #: Linux's SO_RCVBUFFORCE (root may exceed net.core.rmem_max); Python does not name it.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 RECV_SIZE = 65536  # smaller buffers silently truncate larger datagrams
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped for this socket (its receive buffer was full), from the
+    `drops` column of /proc/net/udp; None where that is not available."""
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 12 and fields[9] == str(inode):
+                        return int(fields[12])
+        except (OSError, StopIteration, ValueError):
+            continue
+    return None
 
 
 def open_udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:

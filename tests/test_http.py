@@ -339,7 +339,7 @@ async def test_a_dashboard_that_never_reads_is_closed_and_slows_no_one(nursery, 
         fast_sub = next(s for s in collector.hub.subscribers if s is not slow_sub)
         assert fast_sub.missed_total == 0
         assert slow_sub.missed_total > 10_000 and slow_sub.queued <= 8  # coalesced to 8 series
-        await trio.sleep(6)  # past the stall limit
+        await trio.sleep(7)  # past the stall limit (closed within 1.25 times it)
         assert collector.hub.closed_by_reason["stalled"] == 1
         assert slow_sub.close_code == 4002
         assert list(collector.hub.subscribers) == [fast_sub]
@@ -428,3 +428,9 @@ async def test_snapshot_history_is_budgeted(nursery, autojump_clock, monkeypatch
     assert all(
         len(d["history"]["x"][0]) == 10 for d in devices if d.get("history")
     )  # 50 / 5 series
+
+
+async def test_kernel_drops_are_exported(nursery, autojump_clock):
+    collector, _ = await start(nursery)
+    _, _, body = await http(collector, "GET", "/metrics")
+    assert b"collector_udp_kernel_drops_total 0.0" in body

@@ -56,22 +56,29 @@ def percentile(values: list[float], p: float) -> float:
 # -- roles ------------------------------------------------------------------------------------
 
 
-def run_sensors(args: argparse.Namespace) -> None:
-    from collector.devices import DeviceRegistry
-    from collector.sim import SimConfig, Simulator
-
-    cfg = SimConfig(
-        devices=args.sensors,
-        prefix="bench",
-        rate=args.rate,
-        stamp=True,
-        signals=args.signals,
-        seed=1,
-    )
-    sim = Simulator(
-        cfg, DeviceRegistry.load(args.devices), tcp_port=args.tcp_port, udp_port=args.udp_port
-    )
-    trio.run(sim.run, args.duration)
+def start_senders(
+    devices: dict[str, str], udp_port: int, n: int, work: Path
+) -> list[subprocess.Popen[str]]:
+    """The pre-signing, paced senders of tools/stress.py: light enough not to be the bottleneck."""
+    ids = sorted(devices)
+    procs = []
+    for k in range(n):
+        plan = work / f"sender-{k}.json"
+        share = {d: devices[d] for d in ids[k::n]}
+        plan.write_text(
+            json.dumps(
+                {"host": "127.0.0.1", "udp_port": udp_port, "devices": share, "one_reading": True}
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "stress.py"), "--role", "sender", "--plan", str(plan)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+        )  # fmt: skip
+    for proc in procs:
+        json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+    return procs
 
 
 def run_dashboards(args: argparse.Namespace) -> None:
@@ -157,15 +164,10 @@ def main() -> int:
     p.add_argument("--sensors", type=int, default=200)
     p.add_argument("--rate", type=float, default=10.0, help="readings datagrams/s per sensor")
     p.add_argument("--dashboards", type=int, default=10)
-    p.add_argument(
-        "--signals",
-        action="store_true",
-        help="send temperature, humidity and battery too (4 readings per datagram, not 1)",
-    )
     p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--role", choices=["sensors", "dashboards"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["dashboards"], help=argparse.SUPPRESS)
     p.add_argument("--devices", help=argparse.SUPPRESS)
     p.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--udp-port", type=int, help=argparse.SUPPRESS)
@@ -173,9 +175,6 @@ def main() -> int:
     p.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.role == "sensors":
-        run_sensors(args)
-        return 0
     if args.role == "dashboards":
         run_dashboards(args)
         return 0
@@ -185,7 +184,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     ids = SimConfig(devices=args.sensors, prefix="bench").device_ids()
-    DeviceRegistry({d: f"secret-{d}" for d in ids}).save(work / "devices.toml")
+    DeviceRegistry({d: f"secret-{d}" for d in ids}).save(
+        work / "devices.toml"
+    )  # the senders know them too
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     collector = subprocess.Popen(
@@ -201,12 +202,18 @@ def main() -> int:
         except OSError:
             time.sleep(0.1)
     total = args.warmup + 2 * args.phase + 3
-    sensors = subprocess.Popen(
-        [*me, "--role", "sensors", "--devices", str(work / "devices.toml"), "--tcp-port", str(tcp),
-         "--udp-port", str(udp), "--sensors", str(args.sensors), "--rate", str(args.rate),
-         "--duration", str(total + 5), *(["--signals"] if args.signals else [])],
-    )  # fmt: skip
-    time.sleep(2)  # let the sensors register
+    secrets_by_id = {d: f"secret-{d}" for d in ids}
+    senders = start_senders(secrets_by_id, udp, 2, work)
+    rate = args.sensors * args.rate
+    start_at = time.time() + 1.0 + rate * (total + 5) / 2 * 12e-6
+    for proc in senders:
+        proc.stdin.write(
+            json.dumps({"rate": rate / 2, "start": start_at, "seconds": total + 5, "ack_share": 0})
+            + "\n"
+        )  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+    while time.time() < start_at:
+        time.sleep(0.05)
     out = work / "dashboards.json"
     dashboards = subprocess.Popen(
         [*me, "--role", "dashboards", "--http-port", str(http), "--dashboards", str(args.dashboards),
@@ -214,7 +221,7 @@ def main() -> int:
     )  # fmt: skip
     print(
         f"collector pid {collector.pid}; {args.sensors} sensors x {args.rate:g}/s = "
-        f"{args.sensors * args.rate:g} datagrams/s ({4 if args.signals else 1} readings each); "
+        f"{args.sensors * args.rate:g} datagrams/s of one reading each (2 pre-signing senders); "
         f"{args.dashboards} dashboards; phases of {args.phase:g}s",
         flush=True,
     )
@@ -225,13 +232,13 @@ def main() -> int:
     samples.append(proc_sample(collector.pid))
     result = json.loads(out.read_text())
     metrics = _scrape(http)
-    for proc in (sensors, collector):
-        proc.send_signal(signal.SIGTERM)
-    for proc in (sensors, collector):
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    for proc in senders:
+        proc.kill()
+    collector.send_signal(signal.SIGTERM)
+    try:
+        collector.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        collector.kill()
 
     marks = result["marks"]
     rows = []

@@ -1,0 +1,617 @@
+#!/usr/bin/env python3
+"""Stress test: step the offered load up until loss or latency breaks, find the knee, plot it.
+
+    tools/stress.py                                         # 1000 sensors, 2 dashboards, defaults
+    tools/stress.py --sensors 2000 --steps 5000,20000,50000,80000 --step-seconds 10 --out stress/
+    tools/stress.py --sessions-test --sensors 10000 --duration 300   # heartbeats only: memory, false offlines
+
+Everything runs on 127.0.0.1 and is bounded in count and time. The pieces, each its own process
+so that the load generator is not the bottleneck:
+
+  collector    a real `collector serve` (its CPU and memory are sampled from /proc)
+  senders      --senders processes; each registers its share of the sensors with HELLO datagrams,
+               then, for every step, signs all of its datagrams for the step before the step
+               starts (each TELEMETRY carries its scheduled send time as a `sent_at` reading) and
+               sends them on schedule. Each reports how late it was: a sender that falls behind
+               says so, and the report says which side was saturated.
+  dashboards   --dashboards WebSocket clients subscribed to everything; they timestamp every
+               `sent_at` they receive (sensor-to-dashboard latency) into per-second histograms.
+
+At each step the report records the offered and accepted rates, loss at the application level
+(the collector's sequence-gap counts) and in the kernel (the collector socket's drop counter and
+/proc/net/snmp RcvbufErrors), latency p50/p99/p999, the collector's CPU and RSS, and the
+senders' lateness. The knee is the highest offered rate before latency p99 reaches twice its
+low-load value or loss passes --max-loss. Writes report.json and knee.png (matplotlib) in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import bisect
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# latency histogram: log-spaced bucket edges from 10 us to 100 s
+EDGES = [1e-5 * (10 ** (i / 20)) for i in range(141)]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quantile(hist: list[int], q: float) -> float:
+    total = sum(hist)
+    if not total:
+        return math.nan
+    need = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= need:
+            return EDGES[min(i, len(EDGES) - 1)]
+    return EDGES[-1]
+
+
+# -- sender process --------------------------------------------------------------------------
+
+
+def step_datagrams(
+    sessions: list[tuple[int, bytes]],
+    seqs: list[int],
+    n: int,
+    start: float,
+    rate: float,
+    ack_every: int,
+    *,
+    heartbeats: bool,
+    one_reading: bool,
+) -> Any:
+    """(scheduled time, signed datagram) for one step, round-robin over the sessions."""
+    from collector import datagram as dg
+
+    for i in range(n):
+        k = i % len(sessions)
+        sid, key = sessions[k]
+        seqs[k] += 1
+        when = start + i / rate
+        flags = dg.Flag.ACK_REQUESTED if ack_every and i % ack_every == 0 else dg.Flag.NONE
+        if heartbeats:
+            payload, typ = dg.encode_heartbeat_payload(i), dg.DatagramType.HEARTBEAT
+        elif one_reading:
+            payload, typ = dg.encode_readings({"sent_at": when}), dg.DatagramType.TELEMETRY
+        else:
+            payload = dg.encode_readings({"sent_at": when, "value": float(i % 1000)})
+            typ = dg.DatagramType.TELEMETRY
+        yield (
+            when,
+            dg.encode_datagram(key, typ, sid, seqs[k], int(when * 1e6), payload, flags=flags),
+        )
+
+
+def sender_main(args: argparse.Namespace) -> None:
+    from collector import auth
+    from collector import datagram as dg
+
+    plan = json.loads(Path(args.plan).read_text())
+    target = (plan["host"], plan["udp_port"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    sessions: list[tuple[int, bytes]] = []
+    counter = int(time.time() * 1000) & 0x7FFF_FFFF
+    # Register with HELLO, a few at a time (the WELCOME comes back to this socket).
+    pending = dict(plan["devices"])
+    while pending:
+        batch = list(pending.items())[:200]
+        nonces = {}
+        for device_id, secret in batch:
+            counter += 1
+            nonce = secrets.token_bytes(16)
+            nonces[counter] = (device_id, secret, nonce)
+            sock.sendto(
+                dg.encode_datagram(
+                    auth.hello_key(secret),
+                    dg.DatagramType.HELLO,
+                    0,
+                    counter,
+                    0,
+                    dg.encode_hello_payload(device_id, nonce),
+                ),
+                target,
+            )
+        got = 0
+        while got < len(batch):
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            h = dg.decode_header_untrusted(data, max_size=65536)
+            if h.type != dg.DatagramType.WELCOME or h.seq not in nonces:
+                continue
+            device_id, secret, nonce = nonces[h.seq]
+            w = dg.decode_welcome_untrusted(dg.payload_of(data))
+            key = auth.session_key(
+                secret, device_id, w.server_nonce.hex(), nonce.hex(), h.session_id
+            )
+            if dg.verify_tag(key, data) and device_id in pending:
+                sessions.append((h.session_id, key))
+                del pending[device_id]
+                got += 1
+    sock.setblocking(False)
+    seqs = [0] * len(sessions)
+    print(json.dumps({"ready": len(sessions)}), flush=True)
+    hb_only = plan.get("heartbeats_only", False)
+    one_reading = plan.get("one_reading", False)  # only `sent_at`
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("stop"):
+            break
+        rate, start, seconds, ack_share = (
+            cmd["rate"],
+            cmd["start"],
+            cmd["seconds"],
+            cmd["ack_share"],
+        )
+        n = int(rate * seconds)
+        ack_every = int(1 / ack_share) if ack_share > 0 else 0
+
+        # Load steps: sign everything now, before the start time, so that sending is only
+        # sendto calls. Heartbeats only (a long, slow run): sign each one as it falls due.
+        gen = step_datagrams(
+            sessions, seqs, n, start, rate, ack_every, heartbeats=hb_only, one_reading=one_reading
+        )
+        items = gen if hb_only else iter(list(gen))
+        signed = time.time()
+        sent = acks = 0
+        worst = 0.0
+        late = array.array("d")
+        nxt = next(items, None)
+        while nxt is not None:
+            now = time.time()
+            while nxt is not None and nxt[0] <= now:
+                try:
+                    sock.sendto(nxt[1], target)
+                except BlockingIOError:
+                    break
+                lateness = now - nxt[0]
+                if sent % 97 == 0:
+                    late.append(lateness)
+                worst = max(worst, lateness)
+                sent += 1
+                nxt = next(items, None)
+            while True:  # drain ACKs so the socket never fills
+                try:
+                    sock.recv(65536)
+                    acks += 1
+                except BlockingIOError:
+                    break
+            if nxt is not None:
+                time.sleep(max(0.0, min(0.0005, nxt[0] - time.time())))
+        late_sorted = sorted(late)
+        print(json.dumps({
+            "sent": sent, "acks": acks, "signed_ahead": start - signed,
+            "lateness_p99": late_sorted[int(0.99 * (len(late_sorted) - 1))] if late_sorted else 0.0,
+            "lateness_max": worst,
+        }), flush=True)  # fmt: skip
+
+
+# -- dashboards process --------------------------------------------------------------------------
+
+
+def dashboards_main(args: argparse.Namespace) -> None:
+    import trio
+    from trio_websocket import open_websocket_url
+
+    hists: dict[int, list[int]] = {}
+
+    async def one(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_websocket_url(
+            f"ws://127.0.0.1:{args.port}/stream", message_queue_size=4096
+        ) as ws:
+            await ws.send_message(json.dumps({"type": "subscribe", "history": 0}))
+            task_status.started()
+            while True:
+                text = await ws.get_message()
+                if not text.startswith('{"type":"readings"'):
+                    continue
+                now = time.time()
+                sec = int(now)
+                hist = hists.get(sec)
+                if hist is None:
+                    hist = hists[sec] = [0] * (len(EDGES) + 1)
+                for row in json.loads(text)["readings"]:
+                    if row[1] == "sent_at":
+                        hist[bisect.bisect_left(EDGES, now - row[3])] += 1
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                for _ in range(args.count):
+                    await nursery.start(one)
+                print(json.dumps({"ready": args.count}), flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    Path(args.out).write_text(json.dumps({str(k): v for k, v in hists.items()}))
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[float, float, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return time.time(), (int(fields[11]) + int(fields[12])) / CLK, int(fields[21]) * PAGE
+
+
+def rcvbuf_errors() -> int:
+    lines = [
+        line.split()
+        for line in Path("/proc/net/snmp").read_text().splitlines()
+        if line.startswith("Udp:")
+    ]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("collector_device_"):
+                out[s.name] = out.get(s.name, 0.0) + s.value  # summed over devices
+            else:
+                key = s.name + (
+                    "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                    if s.labels
+                    else ""
+                )
+                out[key] = s.value
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--sensors", type=int, default=1000)
+    p.add_argument("--steps", default="2000,5000,10000,20000,40000,60000,80000,100000",
+                   help="offered loads to try, datagrams/s")  # fmt: skip
+    p.add_argument("--step-seconds", type=float, default=10.0)
+    p.add_argument("--senders", type=int, default=2)
+    p.add_argument("--dashboards", type=int, default=2)
+    p.add_argument(
+        "--ack-share", type=float, default=0.0, help="share of datagrams with ACK requested"
+    )
+    p.add_argument("--max-loss", type=float, default=0.01, help="stop when loss passes this share")
+    p.add_argument(
+        "--max-p99-ms", type=float, default=1000.0, help="stop when p99 latency passes this"
+    )
+    p.add_argument("--sessions-test", action="store_true",
+                   help="heartbeats only, one per sensor per second, for --duration: memory and false offlines")  # fmt: skip
+    p.add_argument("--duration", type=float, default=300.0, help="length of --sessions-test (s)")
+    p.add_argument("--out", default="stress-report", help="directory for report.json and knee.png")
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role == "sender":
+        sender_main(args)
+        return 0
+    if args.role == "dashboards":
+        dashboards_main(args)
+        return 0
+    return orchestrate(args)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    from collector.devices import DeviceRegistry
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="stress-"))
+    devices = {f"stress-{i:05d}": secrets.token_urlsafe(16) for i in range(args.sensors)}
+    DeviceRegistry(devices).save(work / "devices.toml")
+    hb, timeout = (1.0, 3.0) if args.sessions_test else (5.0, 30.0)
+    (work / "collector.toml").write_text(
+        f"[sessions]\nheartbeat_interval = {hb}\ntimeout = {timeout}\n"
+        f"[limits]\nmax_devices = {max(10_000, args.sensors)}\n"
+        f"[stream]\nqueue_limit = 100000\nstall_limit = 30.0\n"
+    )
+    tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp), "--udp-port", str(udp),
+         "--http-port", str(http), "--devices", str(work / "devices.toml"), "--config", str(work / "collector.toml"),
+         "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=open(work / "collector.log", "w"),
+    )  # fmt: skip
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        ids = sorted(devices)
+        for k in range(args.senders):
+            share = {d: devices[d] for d in ids[k :: args.senders]}
+            plan = work / f"sender-{k}.json"
+            plan.write_text(json.dumps({"host": "127.0.0.1", "udp_port": udp, "devices": share,
+                                        "heartbeats_only": args.sessions_test}))  # fmt: skip
+            procs.append(subprocess.Popen([sys.executable, str(HERE), "--role", "sender", "--plan", str(plan)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
+        registered = sum(json.loads(proc.stdout.readline())["ready"] for proc in procs)  # type: ignore[union-attr]
+        print(
+            f"collector pid {collector.pid}: {registered} of {args.sensors} sensors registered by {args.senders} senders",
+            flush=True,
+        )
+        if args.sessions_test:
+            return sessions_test(args, collector, procs, http, out, registered)
+        hist_file = work / "latency.json"
+        dash = subprocess.Popen([sys.executable, str(HERE), "--role", "dashboards", "--port", str(http), "--count",
+                                 str(args.dashboards), "--out", str(hist_file)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        json.loads(dash.stdout.readline())  # type: ignore[union-attr]
+        steps = []
+        for rate in [float(x) for x in args.steps.split(",")]:
+            step = run_step(args, rate, collector, procs, http)
+            steps.append(step)
+            print(
+                f"offered {rate:8,.0f}/s  accepted {step['accepted_rate']:8,.0f}/s  loss {step['loss']:.4%}  "
+                f"kernel drops {step['kernel_drops']:6.0f}  CPU {step['cpu_percent']:5.1f}%  RSS {step['rss_mb']:6.1f} MB  "
+                f"senders late p99 {step['sender_lateness_p99'] * 1000:7.1f} ms",
+                flush=True,
+            )
+            if step["loss"] > args.max_loss:
+                break
+        dash.send_signal(signal.SIGTERM)
+        dash.wait(timeout=60)
+        hists = {int(k): v for k, v in json.loads(hist_file.read_text()).items()}
+        for step in steps:
+            merged = [0] * (len(EDGES) + 1)
+            for sec, h in hists.items():
+                if step["start"] + 1 <= sec < step["end"]:
+                    merged = [a + b for a, b in zip(merged, h, strict=True)]
+            step["latency_ms"] = {
+                q: quantile(merged, v) * 1000
+                for q, v in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))
+            }
+            step["latency_samples"] = sum(merged)
+        report = finish(args, steps, out)
+        print(json.dumps(report["knee"], indent=1))
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(json.dumps({"stop": True}) + "\n")  # type: ignore[union-attr]
+                    proc.stdin.flush()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+                proc.kill()
+        collector.send_signal(signal.SIGTERM)
+        try:
+            collector.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+
+
+def run_step(
+    args: argparse.Namespace,
+    rate: float,
+    collector: subprocess.Popen[bytes],
+    procs: list[Any],
+    http: int,
+) -> dict[str, Any]:
+    # Signing happens before `start`: allow time for it (about 10 us a datagram).
+    n_each = rate * args.step_seconds / len(procs)
+    start = time.time() + 1.0 + n_each * 12e-6
+    before = scrape(http)
+    drops_before = rcvbuf_errors()
+    for proc in procs:
+        proc.stdin.write(json.dumps({"rate": rate / len(procs), "start": start, "seconds": args.step_seconds,
+                                     "ack_share": args.ack_share}) + "\n")  # fmt: skip
+        proc.stdin.flush()
+    while time.time() < start:
+        time.sleep(0.01)
+    samples = []
+    end = start + args.step_seconds
+    while time.time() < end:
+        samples.append(proc_stat(collector.pid))
+        time.sleep(0.25)
+    reports = [json.loads(proc.stdout.readline()) for proc in procs]
+    time.sleep(1.0)  # let the last datagrams through
+    samples.append(proc_stat(collector.pid))
+    after = scrape(http)
+    sent = sum(r["sent"] for r in reports)
+    accepted = (
+        after["collector_datagrams_accepted_total"] - before["collector_datagrams_accepted_total"]
+    )
+    lost = after["collector_device_lost_total"] - before["collector_device_lost_total"]
+    kernel = after.get("collector_udp_kernel_drops_total", 0) - before.get(
+        "collector_udp_kernel_drops_total", 0
+    )
+    cpu = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100
+    return {
+        "offered_rate": rate,
+        "sent": sent,
+        "accepted": accepted,
+        "accepted_rate": accepted / args.step_seconds,
+        "loss": max(0.0, 1 - accepted / sent) if sent else 0.0,
+        "app_lost": lost,
+        "kernel_drops": kernel,
+        "rcvbuf_errors": rcvbuf_errors() - drops_before,
+        "cpu_percent": cpu,
+        "rss_mb": max(s[2] for s in samples) / 2**20,
+        "sender_lateness_p99": max(r["lateness_p99"] for r in reports),
+        "sender_lateness_max": max(r["lateness_max"] for r in reports),
+        "sender_saturated": any(r["lateness_p99"] > 0.05 for r in reports),
+        "acks": sum(r["acks"] for r in reports),
+        "start": start,
+        "end": end,
+    }
+
+
+def finish(args: argparse.Namespace, steps: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    base = steps[0]["latency_ms"]["p99"]
+    knee = None
+    for i, s in enumerate(steps):
+        # Where latency bends upward: p99 five times its low-load value (and 20 ms more).
+        bent = s["latency_ms"]["p99"] > max(5 * base, base + 20.0)
+        broken = s["loss"] > args.max_loss or bent or s["latency_ms"]["p99"] > args.max_p99_ms
+        s["broken"] = broken
+        if broken:
+            knee = steps[i - 1] if i else None
+            break
+    else:
+        knee = steps[-1]
+    limit = (
+        "not reached: the highest step still held"
+        if knee is steps[-1] and not steps[-1]["broken"]
+        else "reached"
+    )
+    saturated = [s["offered_rate"] for s in steps if s["sender_saturated"]]
+    cpu_bound = [s["offered_rate"] for s in steps if s["cpu_percent"] > 90]
+    report = {
+        "sensors": args.sensors, "senders": args.senders, "dashboards": args.dashboards,
+        "step_seconds": args.step_seconds, "steps": steps,
+        "knee": {
+            "offered_rate": knee["offered_rate"] if knee else None,
+            "accepted_rate": knee["accepted_rate"] if knee else None,
+            "latency_p99_ms": knee["latency_ms"]["p99"] if knee else None,
+            "knee": limit,
+            "saturated_side": (
+                "sender" if saturated and (not cpu_bound or min(saturated) <= min(cpu_bound))
+                else "collector" if cpu_bound else "neither (within the steps tried)"
+            ),
+            "senders_saturated_at": saturated, "collector_cpu_over_90_at": cpu_bound,
+        },
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot(steps, knee, out / "knee.png")
+    print(f"\nwrote {out / 'report.json'} and {out / 'knee.png'}")
+    print(
+        f"{'offered/s':>10} {'accepted/s':>11} {'loss':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'CPU %':>6} {'RSS MB':>7}"
+    )
+    for s in steps:
+        lat = s["latency_ms"]
+        print(f"{s['offered_rate']:10,.0f} {s['accepted_rate']:11,.0f} {s['loss']:8.3%} {lat['p50']:8.2f} {lat['p99']:8.2f} "
+              f"{lat['p999']:8.2f} {s['cpu_percent']:6.1f} {s['rss_mb']:7.1f}" + ("  <- knee" if s is knee else ""))  # fmt: skip
+    return report
+
+
+def plot(steps: list[dict[str, Any]], knee: dict[str, Any] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s["offered_rate"] for s in steps]
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(8, 7))
+    for q, style in (("p50", "o-"), ("p99", "s-"), ("p999", "^-")):
+        ax1.plot(x, [s["latency_ms"][q] for s in steps], style, label=q)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("sensor-to-dashboard latency (ms)")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend()
+    ax2.plot(x, [s["loss"] * 100 for s in steps], "o-", color="tab:red", label="loss %")
+    ax2.set_ylabel("loss (%)")
+    ax2.set_xlabel("offered load (datagrams/s)")
+    ax2.grid(True, alpha=0.3)
+    ax3 = ax2.twinx()
+    ax3.plot(x, [s["cpu_percent"] for s in steps], "d--", color="tab:gray", label="collector CPU %")
+    ax3.set_ylabel("collector CPU (%)")
+    lines = ax2.get_legend_handles_labels()
+    more = ax3.get_legend_handles_labels()
+    ax2.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left")
+    if knee is not None:
+        for ax in (ax1, ax2):
+            ax.axvline(knee["offered_rate"], color="tab:green", linestyle=":")
+        ax1.annotate(f"knee {knee['offered_rate']:,.0f}/s", (knee["offered_rate"], knee["latency_ms"]["p99"]),
+                     textcoords="offset points", xytext=(8, 8), color="tab:green")  # fmt: skip
+    ax1.set_title("trio-collector under stepped load (127.0.0.1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sessions_test(
+    args: argparse.Namespace,
+    collector: subprocess.Popen[bytes],
+    procs: list[Any],
+    http: int,
+    out: Path,
+    registered: int,
+) -> int:
+    rate = registered * 1.0  # one heartbeat per sensor per second
+    print(
+        f"{registered} sessions, {rate:,.0f} heartbeats/s for {args.duration:g}s (timeout 3 s)",
+        flush=True,
+    )
+    before = scrape(http)
+    samples = []
+    start = time.time() + 0.5
+    for proc in procs:  # one long step: the senders sign each heartbeat as it falls due
+        proc.stdin.write(
+            json.dumps(
+                {
+                    "rate": rate / len(procs),
+                    "start": start,
+                    "seconds": args.duration,
+                    "ack_share": 0,
+                }
+            )
+            + "\n"
+        )
+        proc.stdin.flush()
+    key = "collector_sessions_ended_total{reason=timeout}"
+    next_report = start + 30
+    while time.time() < start + args.duration:
+        samples.append(proc_stat(collector.pid))
+        if time.time() >= next_report:
+            next_report += 30
+            now = scrape(http)
+            print(f"  {time.time() - start:6.0f}s: online {now['collector_devices_online']:.0f}, "
+                  f"sessions ended by timeout {now.get(key, 0) - before.get(key, 0):.0f}, "
+                  f"RSS {samples[-1][2] / 2**20:.1f} MB, CPU so far {(samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100:.0f} %",
+                  flush=True)  # fmt: skip
+        time.sleep(1.0)
+    reports = [json.loads(proc.stdout.readline()) for proc in procs]
+    after = scrape(http)
+    timeouts = after.get(key, 0) - before.get(key, 0)
+    result = {
+        "sender_lateness_max_s": max(r["lateness_max"] for r in reports),
+        "sessions": registered, "duration": args.duration, "heartbeats_per_second": rate,
+        "timeouts": timeouts, "online_at_end": after["collector_devices_online"],
+        "rss_mb_max": max(s[2] for s in samples) / 2**20, "rss_mb_end": samples[-1][2] / 2**20,
+        "cpu_percent": (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100,
+    }  # fmt: skip
+    (out / "sessions.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0 if timeouts == 0 and result["rss_mb_max"] <= 300 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
