@@ -209,6 +209,7 @@ class Collector:
         if config.record_dir:
             self.recorder = Recorder(recorder_config(config), wall=wall)
             self.listeners.append(self.recorder)
+            self.ingest.heartbeats_to_listeners = True
             if config.record_raw:
                 self.ingest.raw_sink = self.recorder.on_datagram
         self.http: HttpServer | None = None

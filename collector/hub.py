@@ -536,7 +536,8 @@ class StreamHub:
             last = samples[-2][1] if len(samples) > 1 else None
             if last is None or n1 != last or self._rates.get(device_id) != rate:
                 self._rates[device_id] = rate
-                changed[device_id] = _stats_of(state, rate)
+                if self.subscribers:  # nobody to tell: the API computes its answer on demand
+                    changed[device_id] = _stats_of(state, rate)
         heartbeat: dict[str, Any] = {
             "type": "heartbeat",
             "time": self.wall(),

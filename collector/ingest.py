@@ -96,6 +96,7 @@ class Ingest:
         self.send_errors = 0
         self.address_changes = 0
         self.accepting_hellos = True
+        self.heartbeats_to_listeners = False  # only a recorder wants them
         self.batches = 0
         self._hello_counters: dict[str, int] = {}
         self._hello_keys: dict[str, bytes] = {}
@@ -240,7 +241,8 @@ class Ingest:
             self._pending.append(
                 Telemetry(self.wall_now, device.device_id, seq, ts, readings, payload)
             )
-        elif typ == _HEARTBEAT:  # a Telemetry without readings: liveness, for the recorder
+        elif typ == _HEARTBEAT and self.heartbeats_to_listeners:
+            # A Telemetry without readings: liveness, which the recorder keeps for replays.
             self._pending.append(Telemetry(self.wall_now, device.device_id, seq, ts, ()))
         elif typ == _ACK:
             if self.commands is None or not self.commands.on_udp_ack(

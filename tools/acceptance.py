@@ -65,11 +65,11 @@ def main() -> int:
     (work / "collector.toml").write_text(
         f"[sessions]\nheartbeat_interval = {args.heartbeat}\ntimeout = {args.timeout}\n"
     )
-    tcp, udp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+    tcp, udp, http = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
     log = open(work / "collector.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1",
-         "--tcp-port", str(tcp), "--udp-port", str(udp), "--devices", str(work / "devices.toml"),
+         "--tcp-port", str(tcp), "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
          "--config", str(work / "collector.toml"), "--stats-json", str(work / "stats.json")],
         stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
@@ -93,7 +93,7 @@ def main() -> int:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     log.close()
-    print(f"collector exited {proc.returncode}: {out.strip()}")
+    print(f"collector exited {proc.returncode}: {out.strip().splitlines()[-1]}")
     print(sim.summary())
     stats = json.loads((work / "stats.json").read_text())
     devices = stats["devices"]

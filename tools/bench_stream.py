@@ -164,10 +164,12 @@ def main() -> int:
     p.add_argument("--sensors", type=int, default=200)
     p.add_argument("--rate", type=float, default=10.0, help="readings datagrams/s per sensor")
     p.add_argument("--dashboards", type=int, default=10)
+    p.add_argument("--no-mosquitto", action="store_true", help="skip the Mosquitto reference run")
     p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--role", choices=["dashboards"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["dashboards", "mqtt-subscribers", "mqtt-publisher"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--devices", help=argparse.SUPPRESS)
     p.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--udp-port", type=int, help=argparse.SUPPRESS)
@@ -177,6 +179,12 @@ def main() -> int:
     args = p.parse_args()
     if args.role == "dashboards":
         run_dashboards(args)
+        return 0
+    if args.role == "mqtt-subscribers":
+        mqtt_subscribers(args.port, args.dashboards, args.phase, args.out)
+        return 0
+    if args.role == "mqtt-publisher":
+        mqtt_publisher(args.port, args.rate, args.phase)
         return 0
 
     from collector.devices import DeviceRegistry
@@ -282,11 +290,105 @@ def main() -> int:
         f"closed as stalled {metrics.get(stalled_key, 0):.0f}, "
         f"closed for ping timeout {metrics.get(ping_key, 0):.0f}"
     )
+    mqtt = None
+    if not args.no_mosquitto:
+        mqtt = mosquitto_latency(rate, args.dashboards, args.phase)
+        if mqtt is None:
+            print("\nmosquitto: not installed (apt-get install mosquitto) or paho-mqtt missing: reference skipped")
+        else:
+            print(
+                f"\nMosquitto at the same paced load ({rate:g} messages/s, {args.dashboards} subscribers, "
+                f"{args.phase:g}s): latency p50 {mqtt['p50']:.2f} ms, p99 {mqtt['p99']:.2f} ms, max {mqtt['max']:.1f} ms; "
+                f"broker CPU {mqtt['cpu_percent']:.1f} %"
+            )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"phases": rows, "p99_change_percent": change, "metrics": metrics}, indent=1)
+            json.dumps(
+                {"phases": rows, "p99_change_percent": change, "metrics": metrics, "mosquitto": mqtt}, indent=1
+            )
         )
     return 0
+
+
+def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str, float] | None:
+    """Mosquitto (Debian's) as the reference broker at the same paced load: a publisher puts
+    its send time in every 100-byte payload, `subscribers` clients time what they receive."""
+    import shutil
+
+    broker = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    try:
+        import paho.mqtt.client  # noqa: F401
+    except ImportError:
+        return None
+    if broker is None:
+        return None
+    port = free_port()
+    conf = Path(tempfile.mkdtemp(prefix="bench-mqtt-")) / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        out = conf.parent / "latency.json"
+        subs = subprocess.Popen([*me, "--role", "mqtt-subscribers", "--port", str(port), "--dashboards", str(subscribers),
+                                 "--phase", str(seconds + 2), "--out", str(out)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        subs.stdout.readline()  # type: ignore[union-attr]
+        cpu0 = proc_sample(proc.pid)
+        subprocess.run([*me, "--role", "mqtt-publisher", "--port", str(port), "--rate", str(rate), "--phase", str(seconds)], check=True)
+        cpu1 = proc_sample(proc.pid)
+        subs.wait(timeout=seconds + 30)
+        lat = sorted(json.loads(out.read_text()))
+        return {
+            "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000, "max": lat[-1] * 1000,
+            "samples": len(lat), "cpu_percent": (cpu1[1] - cpu0[1]) / (cpu1[0] - cpu0[0]) * 100,
+        }  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def mqtt_publisher(port: int, rate: float, seconds: float) -> None:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    start = time.time() + 0.5
+    n = int(rate * seconds)
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        client.publish("bench/readings", f"{time.time():.6f}".encode().ljust(100, b" "), qos=0)
+    time.sleep(0.5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def mqtt_subscribers(port: int, count: int, seconds: float, out: str) -> None:
+    import paho.mqtt.client as mqtt
+
+    latencies: list[float] = []
+    clients = []
+    for _ in range(count):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        c.on_message = lambda _c, _u, m: latencies.append(time.time() - float(m.payload))
+        c.connect("127.0.0.1", port)
+        c.subscribe("bench/readings", qos=0)
+        c.loop_start()
+        clients.append(c)
+    time.sleep(0.5)
+    print("ready", flush=True)
+    time.sleep(seconds + 1)
+    for c in clients:
+        c.loop_stop()
+    Path(out).write_text(json.dumps(latencies))
 
 
 def _scrape(port: int) -> dict[str, float]:
