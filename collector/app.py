@@ -242,7 +242,12 @@ class Collector:
             if self.serve_ingest:
                 self.udp_address = await nursery.start(
                     functools.partial(
-                        serve_udp, self.ingest, cfg.host, cfg.udp_port, rcvbuf=cfg.udp_rcvbuf
+                        serve_udp,
+                        self.ingest,
+                        cfg.host,
+                        cfg.udp_port,
+                        rcvbuf=cfg.udp_rcvbuf,
+                        coalesce=cfg.udp_coalesce,
                     )
                 )
                 self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)

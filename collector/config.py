@@ -44,6 +44,7 @@ class Config:
     udp_port: int = 8081
     http_port: int | None = 8082  # None: no HTTP server (dashboards, API, metrics)
     udp_rcvbuf: int = 8 * 1024 * 1024
+    udp_coalesce: float = 0.001
     # [http]
     read_tokens: tuple[str, ...] = ()
     command_tokens: tuple[str, ...] = ()
@@ -117,6 +118,8 @@ class Config:
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if not 0 <= self.udp_coalesce <= 0.1:
+            problems.append("udp_coalesce must be between 0 and 0.1 second")
         if not 0 <= self.stream_min_interval <= 1:
             problems.append("stream min_interval must be between 0 and 1 second")
         if self.record_retain_days < 0 or self.record_retain_gb < 0:
@@ -140,7 +143,9 @@ class Config:
 
 # section -> {toml key: Config field}
 _SECTIONS: dict[str, dict[str, str]] = {
-    "server": {k: k for k in ("host", "tcp_port", "udp_port", "http_port", "udp_rcvbuf")},
+    "server": {
+        k: k for k in ("host", "tcp_port", "udp_port", "http_port", "udp_rcvbuf", "udp_coalesce")
+    },
     "sessions": {k: k for k in ("heartbeat_interval", "timeout", "replay_window_blocks")},
     "limits": {
         k: k

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import collections
 import itertools
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -88,6 +89,15 @@ class ReadingsText:
         self.count = count
 
 
+class StatsText:
+    """A `stats` message encoded once for every subscriber that takes all devices."""
+
+    __slots__ = ("devices_json",)
+
+    def __init__(self, devices_json: str) -> None:
+        self.devices_json = devices_json
+
+
 class SeriesRing:
     """The last `maxlen` (time, value) points of one numeric series, in two flat arrays.
 
@@ -140,6 +150,7 @@ class Subscriber:
     missed_pending: int = 0
     missed_total: int = 0
     pending_stats: dict[str, Any] = attrs.field(factory=dict)
+    pending_stats_text: StatsText | None = None  # the shared encoding, if nothing else is pending
     pending_heartbeat: dict[str, Any] | None = None
     last_sent: dict[tuple[str, str], float] = attrs.field(factory=dict)
     deferred: dict[tuple[str, str], Row] = attrs.field(factory=dict)
@@ -227,10 +238,22 @@ class Subscriber:
         self.queued_events += 1
         self._wake()
 
-    def offer_stats(self, stats: dict[str, Any]) -> None:
+    def offer_stats(self, stats: dict[str, Any], shared: StatsText | None = None) -> None:
         m = self.matcher
         if m is None:
             return
+        if (
+            shared is not None
+            and m.all_devices
+            and not self.pending_stats
+            and self.pending_stats_text is None
+        ):
+            self.pending_stats_text = shared  # the usual case: encoded once for everybody
+            self._wake()
+            return
+        if self.pending_stats_text is not None:  # a tick not sent yet: merge into a dict
+            self.pending_stats.update(json.loads(self.pending_stats_text.devices_json))
+            self.pending_stats_text = None
         for device_id, s in stats.items():
             if m.device(device_id):
                 self.pending_stats[device_id] = s
@@ -269,6 +292,9 @@ class Subscriber:
         if coalesced:
             batches.append(list(coalesced.values()))
         yield from self._readings(batches, now)
+        if self.pending_stats_text is not None:
+            yield self.pending_stats_text
+            self.pending_stats_text = None
         if self.pending_stats:
             yield {"type": "stats", "devices": self.pending_stats}
             self.pending_stats = {}
@@ -545,9 +571,10 @@ class StreamHub:
         }
         if self.app.playback is not None:
             heartbeat["replay"] = self.app.playback.status()
+        shared = StatsText(stream.encode(changed)) if changed else None
         for sub in self.subscribers:
             if changed:
-                sub.offer_stats(changed)
+                sub.offer_stats(changed, shared)
             sub.offer_heartbeat(heartbeat)
 
     # -- one WebSocket subscriber ------------------------------------------------------------
@@ -701,6 +728,7 @@ class StreamHub:
         sub.deferred.clear()
         sub.last_sent.clear()
         sub.pending_stats = {}
+        sub.pending_stats_text = None
         snapshot = self.snapshot_messages(sub)
         for message in snapshot:
             sub.items.append(("m", message))
@@ -730,6 +758,14 @@ class StreamHub:
                 sub.seq += 1
                 if isinstance(message, ReadingsText):
                     text = stream.readings_text(message.fragments, sub.seq)
+                elif isinstance(message, StatsText):
+                    text = (
+                        '{"type":"stats","devices":'
+                        + message.devices_json
+                        + ',"seq":'
+                        + str(sub.seq)
+                        + "}"
+                    )
                 else:
                     message["seq"] = sub.seq
                     text = stream.encode(message)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -168,7 +169,11 @@ def main() -> int:
     p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--role", choices=["dashboards", "mqtt-subscribers", "mqtt-publisher"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--role",
+        choices=["dashboards", "mqtt-subscribers", "mqtt-publisher"],
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--devices", help=argparse.SUPPRESS)
     p.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
@@ -294,7 +299,9 @@ def main() -> int:
     if not args.no_mosquitto:
         mqtt = mosquitto_latency(rate, args.dashboards, args.phase)
         if mqtt is None:
-            print("\nmosquitto: not installed (apt-get install mosquitto) or paho-mqtt missing: reference skipped")
+            print(
+                "\nmosquitto: not installed (apt-get install mosquitto) or paho-mqtt missing: reference skipped"
+            )
         else:
             print(
                 f"\nMosquitto at the same paced load ({rate:g} messages/s, {args.dashboards} subscribers, "
@@ -304,7 +311,13 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"phases": rows, "p99_change_percent": change, "metrics": metrics, "mosquitto": mqtt}, indent=1
+                {
+                    "phases": rows,
+                    "p99_change_percent": change,
+                    "metrics": metrics,
+                    "mosquitto": mqtt,
+                },
+                indent=1,
             )
         )
     return 0
@@ -315,7 +328,9 @@ def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str
     its send time in every 100-byte payload, `subscribers` clients time what they receive."""
     import shutil
 
-    broker = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    broker = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     try:
         import paho.mqtt.client  # noqa: F401
     except ImportError:
@@ -325,7 +340,9 @@ def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str
     port = free_port()
     conf = Path(tempfile.mkdtemp(prefix="bench-mqtt-")) / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     me = [sys.executable, str(Path(__file__).resolve())]
     try:
         for _ in range(100):
@@ -339,7 +356,20 @@ def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str
                                  "--phase", str(seconds + 2), "--out", str(out)], stdout=subprocess.PIPE, text=True)  # fmt: skip
         subs.stdout.readline()  # type: ignore[union-attr]
         cpu0 = proc_sample(proc.pid)
-        subprocess.run([*me, "--role", "mqtt-publisher", "--port", str(port), "--rate", str(rate), "--phase", str(seconds)], check=True)
+        subprocess.run(
+            [
+                *me,
+                "--role",
+                "mqtt-publisher",
+                "--port",
+                str(port),
+                "--rate",
+                str(rate),
+                "--phase",
+                str(seconds),
+            ],
+            check=True,
+        )
         cpu1 = proc_sample(proc.pid)
         subs.wait(timeout=seconds + 30)
         lat = sorted(json.loads(out.read_text()))
@@ -372,22 +402,64 @@ def mqtt_publisher(port: int, rate: float, seconds: float) -> None:
 
 
 def mqtt_subscribers(port: int, count: int, seconds: float, out: str) -> None:
-    import paho.mqtt.client as mqtt
-
+    """`count` MQTT 3.1.1 subscribers in one trio process, like the dashboards process (paho's
+    one thread per client, fighting over the GIL, would measure itself rather than the broker)."""
     latencies: list[float] = []
-    clients = []
-    for _ in range(count):
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        c.on_message = lambda _c, _u, m: latencies.append(time.time() - float(m.payload))
-        c.connect("127.0.0.1", port)
-        c.subscribe("bench/readings", qos=0)
-        c.loop_start()
-        clients.append(c)
-    time.sleep(0.5)
-    print("ready", flush=True)
-    time.sleep(seconds + 1)
-    for c in clients:
-        c.loop_stop()
+
+    def packet(kind: int, body: bytes) -> bytes:
+        n, length = len(body), b""
+        while True:
+            byte, n = n % 128, n // 128
+            length += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return bytes([kind]) + length + body
+
+    def string(s: bytes) -> bytes:
+        return len(s).to_bytes(2, "big") + s
+
+    async def one(i: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            packet(0x10, string(b"MQTT") + b"\x04\x02\x00\x3c" + string(f"sub{i}".encode()))
+        )
+        await stream.send_all(packet(0x82, b"\x00\x01" + string(b"bench/readings") + b"\x00"))
+        buf = b""
+        started = False
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            while len(buf) >= 2:
+                length, mult, pos = 0, 1, 1
+                while pos < len(buf):
+                    byte = buf[pos]
+                    length += (byte & 0x7F) * mult
+                    mult *= 128
+                    pos += 1
+                    if not byte & 0x80:
+                        break
+                else:
+                    break
+                if len(buf) < pos + length:
+                    break
+                kind, body, buf = buf[0] & 0xF0, buf[pos : pos + length], buf[pos + length :]
+                if kind == 0x90 and not started:  # SUBACK
+                    started = True
+                    task_status.started()
+                elif kind == 0x30:  # PUBLISH, QoS 0: topic, then the payload
+                    tlen = int.from_bytes(body[:2], "big")
+                    latencies.append(time.time() - float(body[2 + tlen :]))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                await nursery.start(one, i)
+            print("ready", flush=True)
+            await trio.sleep(seconds + 1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
     Path(out).write_text(json.dumps(latencies))
 
 
