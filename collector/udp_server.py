@@ -90,9 +90,10 @@ async def serve_udp(
     ingest.sock = sock
     address = sock.getsockname()
     log.info(
-        "UDP ingest on %s:%d (receive buffer %d KiB granted)",
+        "UDP ingest on %s:%d (receive buffer: asked %d KiB, the kernel reports %d KiB)",
         address[0],
         address[1],
+        rcvbuf // 1024,
         granted // 1024,
     )
     try:
