@@ -363,6 +363,25 @@ class DeviceClient:
             pass  # the session ended meanwhile: the collector has already failed the command
 
 
+@asynccontextmanager
+async def _running(
+    client: DeviceClient, *, heartbeat: bool, say_goodbye: bool
+) -> AsyncIterator[None]:
+    """Run a registered client's background tasks around the caller's block, and say goodbye
+    (if asked and the session is still on) when the block exits."""
+    with _single_errors():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
+            try:
+                yield
+            finally:
+                if say_goodbye and client.end_reason is None:
+                    with trio.move_on_after(2) as cs:
+                        cs.shield = True
+                        await client.goodbye()
+                nursery.cancel_scope.cancel()
+
+
 @contextmanager
 def _single_errors() -> Iterator[None]:
     """Let an exception from the caller's block (SessionEnded, say) out as itself, not wrapped
@@ -437,17 +456,8 @@ async def open_device(
             )
             client._tcp_stream = stream
             client._tcp_conn = conn
-            with _single_errors():
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
-                    try:
-                        yield client
-                    finally:
-                        if say_goodbye and client.end_reason is None:
-                            with trio.move_on_after(2) as cs:
-                                cs.shield = True
-                                await client.goodbye()
-                        nursery.cancel_scope.cancel()
+            async with _running(client, heartbeat=heartbeat, say_goodbye=say_goodbye):
+                yield client
 
 
 @asynccontextmanager
@@ -519,14 +529,5 @@ async def open_udp_device(
             udp=udp,
             on_command=on_command,
         )
-        with _single_errors():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(client._background, heartbeat=heartbeat))
-                try:
-                    yield client
-                finally:
-                    if say_goodbye and client.end_reason is None:
-                        with trio.move_on_after(2) as cs:
-                            cs.shield = True
-                            await client.goodbye()
-                    nursery.cancel_scope.cancel()
+        async with _running(client, heartbeat=heartbeat, say_goodbye=say_goodbye):
+            yield client

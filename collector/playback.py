@@ -216,25 +216,7 @@ async def replay_into(
                             session_stack = None
                         else:
                             await leave()
-                    client, silent = None, False
-                    session_stack = AsyncExitStack()
-                    try:
-                        client = await session_stack.enter_async_context(
-                            _open(
-                                r.data.get("transport"),
-                                device_id,
-                                secrets[device_id],
-                                host,
-                                tcp_port,
-                                udp_port,
-                                counter,
-                            )
-                        )
-                        summary.sessions += 1
-                    except Exception as exc:
-                        summary.errors += 1
-                        log.warning("replay: %s could not register: %s", device_id, exc)
-                        session_stack, client = None, None
+                    await register(r.data.get("transport"))
                 elif isinstance(r, EventRecord) and r.type is RecordType.OFFLINE:
                     reason = r.data.get("reason")
                     if reason == "closed" and client is not None:

@@ -115,7 +115,9 @@ async def test_replay_at_ten_times_the_speed_keeps_the_order_and_scales_the_time
     secrets, _ = await record_a_run(nursery, tmp_path)
     records = select(RecordingReader(tmp_path / "rec"), devices=["sensor-00*"])
     assert {r.device_id for r in records} <= {f"sensor-00{i}" for i in range(1, 10)}
-    replay, log = await start_collector(nursery, devices=secrets, udp_coalesce=0)  # exact receive times
+    replay, log = await start_collector(
+        nursery, devices=secrets, udp_coalesce=0
+    )  # exact receive times
     start = wall()
     summary = await replay_into(
         records, secrets, tcp_port=replay.tcp_address[1], udp_port=replay.udp_address[1], speed=10.0

@@ -65,7 +65,11 @@ def main() -> int:
     (work / "collector.toml").write_text(
         f"[sessions]\nheartbeat_interval = {args.heartbeat}\ntimeout = {args.timeout}\n"
     )
-    tcp, udp, http = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    tcp, udp, http = (
+        free_port(socket.SOCK_STREAM),
+        free_port(socket.SOCK_DGRAM),
+        free_port(socket.SOCK_STREAM),
+    )
     log = open(work / "collector.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1",

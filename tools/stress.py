@@ -33,6 +33,7 @@ import json
 import math
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -118,15 +119,13 @@ def sender_main(args: argparse.Namespace) -> None:
     sessions: list[tuple[int, bytes]] = []
     seqs: list[int] = []
     counter = int(time.time() * 1000) & 0x7FFF_FFFF
+
     # Register with HELLO, a few at a time (the WELCOME comes back to this socket). While the
     # rest register, the registered ones heartbeat once a second, so no session times out.
-    pending = dict(plan["devices"])
-    last_keepalive = time.time()
-    while pending:
-        if time.time() - last_keepalive >= 1.0:
-            last_keepalive = time.time()
-            for k, (sid, key) in enumerate(sessions):
-                seqs[k] += 1
+    def keepalive() -> None:
+        for k, (sid, key) in enumerate(sessions):
+            seqs[k] += 1
+            try:
                 sock.sendto(
                     dg.encode_datagram(
                         key,
@@ -138,6 +137,15 @@ def sender_main(args: argparse.Namespace) -> None:
                     ),
                     target,
                 )
+            except BlockingIOError:
+                pass
+
+    pending = dict(plan["devices"])
+    last_keepalive = time.time()
+    while pending:
+        if time.time() - last_keepalive >= 1.0:
+            last_keepalive = time.time()
+            keepalive()
         batch = list(pending.items())[:200]
         nonces = {}
         for device_id, secret in batch:
@@ -178,7 +186,15 @@ def sender_main(args: argparse.Namespace) -> None:
     print(json.dumps({"ready": len(sessions)}), flush=True)
     hb_only = plan.get("heartbeats_only", False)
     one_reading = plan.get("one_reading", False)  # only `sent_at`
-    for line in sys.stdin:
+
+    while True:
+        # Between steps (waiting for the next command, or for the other senders to register)
+        # every session heartbeats once a second, so none times out while nothing is measured.
+        while not select.select([sys.stdin], [], [], 1.0)[0]:
+            keepalive()
+        line = sys.stdin.readline()
+        if not line:
+            break
         cmd = json.loads(line)
         if cmd.get("stop"):
             break
