@@ -82,11 +82,10 @@ class RowBatch(list):  # type: ignore[type-arg]
 class ReadingsText:
     """A `readings` message whose readings are already JSON (the sender adds only the seq)."""
 
-    __slots__ = ("count", "fragments")
+    __slots__ = ("fragments",)
 
-    def __init__(self, fragments: list[str], count: int) -> None:
+    def __init__(self, fragments: list[str]) -> None:
         self.fragments = fragments
-        self.count = count
 
 
 class StatsText:
@@ -325,7 +324,7 @@ class Subscriber:
             for chunk in chunks:
                 if count and count + len(chunk) > limit:
                     self.readings_sent += count
-                    yield ReadingsText(fragments, count)
+                    yield ReadingsText(fragments)
                     fragments, count = [], 0
                 fragments.append(
                     chunk.json_fragment()
@@ -335,7 +334,7 @@ class Subscriber:
                 count += len(chunk)
         if count:
             self.readings_sent += count
-            yield ReadingsText(fragments, count)
+            yield ReadingsText(fragments)
 
     def _thin(self, rows: list[Row], now: float, interval: float) -> list[Row]:
         """At most one update per series per interval: the latest one, when it is due."""

@@ -188,10 +188,6 @@ def hello_message(
     }
 
 
-def readings_message(rows: Iterable[Row]) -> dict[str, Any]:
-    return {"type": "readings", "readings": [list(r) for r in rows]}
-
-
 def encode_rows(rows: Iterable[Row]) -> str:
     """Rows as the inside of a JSON array: `["d","m",t,v],["d","m",t,v]`."""
     return json.dumps(

@@ -238,3 +238,38 @@ def test_record_stream_of_a_running_collector(tmp_path):
     summary = json.loads(tool(TOOLS / "inspect_recording.py", tmp_path / "s", "--json").stdout)
     assert set(summary["devices"]) == {"sensor-001", "sensor-002", "sensor-003"}
     assert summary["records"]["ONLINE"] == 3 and summary["records"]["READINGS"] > 3
+
+
+def test_raw_datagrams_are_recorded_and_resent_byte_for_byte(tmp_path):
+    from collector import datagram as dg
+
+    w = SegmentWriter(tmp_path / "rec")
+    w.open(T0)
+    sent = [
+        dg.encode_datagram(
+            bytes(32), dg.DatagramType.HEARTBEAT, 7, i, 0, dg.encode_heartbeat_payload(i)
+        )
+        for i in range(1, 4)
+    ]
+    w.write(
+        b"".join(
+            rec.encode_datagram_record(T0 + i * 0.01, "127.0.0.1:5000", d)
+            for i, d in enumerate(sent)
+        ),
+        T0,
+    )
+    w.release()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(10)
+    out = tool(
+        TOOLS / "replay.py",
+        "raw",
+        tmp_path / "rec",
+        "--target",
+        f"127.0.0.1:{sink.getsockname()[1]}",
+    )
+    assert out.returncode == 0 and "sent 3 raw datagrams" in out.stdout
+    assert [sink.recv(65536) for _ in range(3)] == sent
+    none = tool(TOOLS / "replay.py", "raw", tmp_path / "rec", "--from", "+5")
+    assert none.returncode == 2 and "no raw datagrams" in none.stderr

@@ -4,6 +4,7 @@
     tools/replay.py into recordings/ --devices devices.toml --speed 10
     tools/replay.py into recordings/ --devices replay.toml --create-missing   # then restart the collector
     tools/replay.py serve recordings/ --http-port 8082 --loop                 # dashboards, no sensors
+    tools/replay.py raw recordings/ --target 127.0.0.1:8081                       # the datagrams, byte for byte
 
 `into` registers every recorded device again (with the credentials in --devices) and resends
 its readings and heartbeats with the recorded timing divided by --speed ("max": as fast as
@@ -33,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
 from collector.playback import Playback, replay_into, select
-from collector.recording import RecordingError, RecordingReader
+from collector.recording import DatagramRecord, RecordingError, RecordingReader
 
 
 def parse_time(text: str | None, start: float) -> float | None:
@@ -103,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address for the HTTP port")
     serve.add_argument("--http-port", type=int, default=8082)
+
+    raw = sub.add_parser(
+        "raw",
+        help="resend the raw datagrams (recorded with [recording] raw = true) byte for byte",
+        description="Resend the DATAGRAM records byte for byte, with their timing, to --target. "
+        "A collector accepts them only while it holds the sessions they were signed for; "
+        "otherwise each is rejected and counted (unknown_session), which is what this mode "
+        "is for: replaying exactly what arrived, at a decoder, a capture or a rejection path.",
+    )
+    common(raw)
+    raw.add_argument("--target", default="127.0.0.1:8081", metavar="HOST:PORT")
     return p
 
 
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replay.py: {args.recording} holds no records", file=sys.stderr)
         return 2
     start = everything[0].time
+    if args.mode == "raw":
+        return _raw(args, everything, start)
     records = select(
         everything,
         start=parse_time(args.start, start),
@@ -192,6 +206,33 @@ def _into(args: argparse.Namespace, records: list) -> int:
         print("stopped")
     if "last" in totals:
         print(totals["last"].summary())
+    return 0
+
+
+def _raw(args: argparse.Namespace, everything: list, start: float) -> int:
+    import socket
+
+    t0, t1 = parse_time(args.start, start), parse_time(args.end, start)
+    datagrams = [
+        r for r in everything
+        if isinstance(r, DatagramRecord) and (t0 is None or r.time >= t0) and (t1 is None or r.time < t1)
+    ]  # fmt: skip
+    if not datagrams:
+        print("replay.py: no raw datagrams (record with [recording] raw = true)", file=sys.stderr)
+        return 2
+    host, _, port = args.target.rpartition(":")
+    target = (host or "127.0.0.1", int(port))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    begin, first = time.monotonic(), datagrams[0].time
+    for r in datagrams:
+        if math.isfinite(args.speed):
+            delay = begin + (r.time - first) / args.speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        sock.sendto(r.data, target)
+    print(
+        f"sent {len(datagrams)} raw datagrams ({datagrams[-1].time - first:.1f}s recorded) to {args.target}"
+    )
     return 0
 
 
