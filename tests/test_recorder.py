@@ -197,8 +197,8 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
         # Killed before the first flush after everybody was back: then nothing since is on disk.
         gaps.append(kills[n] - max(sent, default=onlines[n]))
     # What a kill can lose: what arrived since the last flush, at most `flush` seconds' worth,
-    # plus how long the kernel took to deliver the signal (allowed: 0.15 s on this busy box).
+    # plus scheduling delays of a busy machine (allowed: 0.25 s).
     worst = max(gaps)
-    assert worst <= flush + 0.15, gaps
+    assert worst <= flush + 0.25, gaps
     print(f"kill -9 x20: newest recorded reading at most {worst * 1000:.0f} ms before the kill "
           f"(flush interval {flush * 1000:.0f} ms): at most ~{worst * rate:.0f} of {rate:.0f}/s lost")  # fmt: skip

@@ -27,15 +27,10 @@ import time
 from pathlib import Path
 
 import trio
+from _common import free_port, wait_for_tcp
 
 from collector.devices import DeviceRegistry
 from collector.sim import SimConfig, Simulator
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -77,12 +72,7 @@ def main() -> int:
          "--config", str(work / "collector.toml"), "--stats-json", str(work / "stats.json")],
         stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", tcp), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_tcp(tcp)
     print(
         f"collector pid {proc.pid} on TCP {tcp} / UDP {udp}; {args.sensors} sensors "
         f"({args.udp_only:.0%} UDP-only) at {args.rate:g}/s for {args.duration:g}s, "

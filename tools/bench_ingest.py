@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import cProfile
 import json
-import os
 import pstats
 import secrets
 import shutil
@@ -49,19 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _common import mosquitto, mosquitto_path, proc_stat, rcvbuf_errors
 
 from collector.udp_server import SO_RCVBUFFORCE
 
 HERE = Path(__file__).resolve()
 BIG_RCVBUF = 1 << 30
-PAGE = os.sysconf("SC_PAGE_SIZE")
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def rcvbuf_errors() -> int:
-    lines = Path("/proc/net/snmp").read_text().splitlines()
-    udp = [line.split() for line in lines if line.startswith("Udp:")]
-    return int(udp[1][udp[0].index("RcvbufErrors")])
 
 
 def make_datagrams(n: int, sessions: list[tuple[int, bytes]]) -> list[bytes]:
@@ -246,38 +238,19 @@ async def dashboards_role(port: int, count: int) -> None:
 
 
 def run_mosquitto(n: int, subscribers: int) -> dict[str, Any] | None:
-    broker = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if broker is None:
+    if mosquitto_path() is None:
         return None
     try:
         import paho.mqtt.client  # noqa: F401
     except ImportError:
         return {"skipped": "paho-mqtt is not installed (pip install paho-mqtt)"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = Path(tempfile.mkdtemp(prefix="bench-mqtt-")) / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\n"
-    )
-    proc = subprocess.Popen(
-        [broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    with mosquitto() as (proc, port):
         subs = subprocess.Popen(
             [sys.executable, str(HERE), "--role", "mqtt-subscribers", "--port", str(port), "--count", str(subscribers),
              "--datagrams", str(n)], stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(1.5)  # let them connect and subscribe
-        cpu0 = _proc_cpu(proc.pid)
+        cpu0 = proc_stat(proc.pid)[1]
         t0 = time.perf_counter()
         pub = subprocess.run(
             [sys.executable, str(HERE), "--role", "mqtt-publisher", "--port", str(port), "--datagrams", str(n)],
@@ -285,20 +258,12 @@ def run_mosquitto(n: int, subscribers: int) -> dict[str, Any] | None:
         )  # fmt: skip
         out, _ = subs.communicate(timeout=300)
         elapsed = time.perf_counter() - t0
-        cpu = _proc_cpu(proc.pid) - cpu0
-        received = json.loads(out)
-        return {
-            "messages": n, "subscribers": subscribers, "delivered": sum(received), "seconds": elapsed,
-            "broker_cpu": cpu, "publisher": pub.stdout.strip(),
-        }  # fmt: skip
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
+        cpu = proc_stat(proc.pid)[1] - cpu0
+    received = json.loads(out)
+    return {
+        "messages": n, "subscribers": subscribers, "delivered": sum(received), "seconds": elapsed,
+        "broker_cpu": cpu, "publisher": pub.stdout.strip(),
+    }  # fmt: skip
 
 
 def mqtt_publisher(port: int, n: int) -> None:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import trio
+from _common import free_port, wait_for_tcp
 
 from collector import recording as rec
 from collector.devices import DeviceRegistry
@@ -122,12 +123,6 @@ def part_read(args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def part_replay(args: argparse.Namespace) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     try:
@@ -141,12 +136,7 @@ def part_replay(args: argparse.Namespace) -> dict[str, float]:
              "--http-port", str(http), "--devices", str(work / "devices.toml"), "--record", str(work / "out"), "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", tcp), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_tcp(tcp)
         datagrams = sum(1 for r in records if isinstance(r, ReadingsRecord))
         print(
             f"replaying {datagrams:,} datagrams of {len(secrets)} devices over {args.seconds:g}s at 1x ...",

@@ -26,24 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _common import free_port, mosquitto, mosquitto_path, proc_stat, scrape
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_sample(pid: int) -> tuple[float, float, int]:
-    """(wall time, CPU seconds, RSS bytes) of a process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return time.time(), cpu, rss
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -240,11 +226,11 @@ def main() -> int:
     )
     samples = []
     while dashboards.poll() is None:
-        samples.append(proc_sample(collector.pid))
+        samples.append(proc_stat(collector.pid))
         time.sleep(0.5)
-    samples.append(proc_sample(collector.pid))
+    samples.append(proc_stat(collector.pid))
     result = json.loads(out.read_text())
-    metrics = _scrape(http)
+    metrics = scrape(http)
     for proc in senders:
         proc.kill()
     collector.send_signal(signal.SIGTERM)
@@ -326,60 +312,30 @@ def main() -> int:
 def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str, float] | None:
     """Mosquitto (Debian's) as the reference broker at the same paced load: a publisher puts
     its send time in every 100-byte payload, `subscribers` clients time what they receive."""
-    import shutil
-
-    broker = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
     try:
         import paho.mqtt.client  # noqa: F401
     except ImportError:
         return None
-    if broker is None:
+    if mosquitto_path() is None:
         return None
-    port = free_port()
-    conf = Path(tempfile.mkdtemp(prefix="bench-mqtt-")) / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(
-        [broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     me = [sys.executable, str(Path(__file__).resolve())]
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        out = conf.parent / "latency.json"
+    with mosquitto() as (proc, port):
+        out = Path(tempfile.mkdtemp(prefix="bench-mqtt-lat-")) / "latency.json"
         subs = subprocess.Popen([*me, "--role", "mqtt-subscribers", "--port", str(port), "--dashboards", str(subscribers),
                                  "--phase", str(seconds + 2), "--out", str(out)], stdout=subprocess.PIPE, text=True)  # fmt: skip
         subs.stdout.readline()  # type: ignore[union-attr]
-        cpu0 = proc_sample(proc.pid)
+        cpu0 = proc_stat(proc.pid)
         subprocess.run(
-            [
-                *me,
-                "--role",
-                "mqtt-publisher",
-                "--port",
-                str(port),
-                "--rate",
-                str(rate),
-                "--phase",
-                str(seconds),
-            ],
+            [*me, "--role", "mqtt-publisher", "--port", str(port), "--rate", str(rate), "--phase", str(seconds)],
             check=True,
-        )
-        cpu1 = proc_sample(proc.pid)
+        )  # fmt: skip
+        cpu1 = proc_stat(proc.pid)
         subs.wait(timeout=seconds + 30)
         lat = sorted(json.loads(out.read_text()))
-        return {
-            "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000, "max": lat[-1] * 1000,
-            "samples": len(lat), "cpu_percent": (cpu1[1] - cpu0[1]) / (cpu1[0] - cpu0[0]) * 100,
-        }  # fmt: skip
-    finally:
-        proc.terminate()
-        proc.wait()
+    return {
+        "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000, "max": lat[-1] * 1000,
+        "samples": len(lat), "cpu_percent": (cpu1[1] - cpu0[1]) / (cpu1[0] - cpu0[0]) * 100,
+    }  # fmt: skip
 
 
 def mqtt_publisher(port: int, rate: float, seconds: float) -> None:
@@ -461,20 +417,6 @@ def mqtt_subscribers(port: int, count: int, seconds: float, out: str) -> None:
 
     trio.run(main)
     Path(out).write_text(json.dumps(latencies))
-
-
-def _scrape(port: int) -> dict[str, float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import array
 import bisect
 import json
 import math
-import os
 import secrets
 import select
 import signal
@@ -40,21 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _common import free_port, proc_stat, rcvbuf_errors, scrape, wait_for_tcp
+
 HERE = Path(__file__).resolve()
-CLK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 # latency histogram: log-spaced bucket edges from 10 us to 100 s
 EDGES = [1e-5 * (10 ** (i / 20)) for i in range(141)]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quantile(hist: list[int], q: float) -> float:
@@ -298,39 +290,6 @@ def dashboards_main(args: argparse.Namespace) -> None:
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def proc_stat(pid: int) -> tuple[float, float, int]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return time.time(), (int(fields[11]) + int(fields[12])) / CLK, int(fields[21]) * PAGE
-
-
-def rcvbuf_errors() -> int:
-    lines = [
-        line.split()
-        for line in Path("/proc/net/snmp").read_text().splitlines()
-        if line.startswith("Udp:")
-    ]
-    return int(lines[1][lines[0].index("RcvbufErrors")])
-
-
-def scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("collector_device_"):
-                out[s.name] = out.get(s.name, 0.0) + s.value  # summed over devices
-            else:
-                key = s.name + (
-                    "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
-                    if s.labels
-                    else ""
-                )
-                out[key] = s.value
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -390,12 +349,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     procs: list[subprocess.Popen[str]] = []
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_tcp(http)
         ids = sorted(devices)
         for k in range(args.senders):
             share = {d: devices[d] for d in ids[k :: args.senders]}
@@ -487,7 +441,7 @@ def run_step(
     # Signing happens before `start`: allow time for it (about 10 us a datagram).
     n_each = rate * args.step_seconds / len(procs)
     start = time.time() + 1.0 + n_each * 12e-6
-    before = scrape(http)
+    before = scrape(http, sum_devices=True)
     drops_before = rcvbuf_errors()
     for proc in procs:
         proc.stdin.write(json.dumps({"rate": rate / len(procs), "start": start, "seconds": args.step_seconds,
@@ -503,7 +457,7 @@ def run_step(
     reports = [json.loads(proc.stdout.readline()) for proc in procs]
     time.sleep(1.0)  # let the last datagrams through
     samples.append(proc_stat(collector.pid))
-    after = scrape(http)
+    after = scrape(http, sum_devices=True)
     sent = sum(r["sent"] for r in reports)
     accepted = (
         after["collector_datagrams_accepted_total"] - before["collector_datagrams_accepted_total"]
@@ -639,7 +593,7 @@ def sessions_test(
         f"{registered} sessions, {rate:,.0f} heartbeats/s for {args.duration:g}s (timeout 5 s)",
         flush=True,
     )
-    before = scrape(http)
+    before = scrape(http, sum_devices=True)
     samples = []
     start = time.time() + 0.5
     for proc in procs:  # one long step: the senders sign each heartbeat as it falls due
@@ -655,20 +609,20 @@ def sessions_test(
             + "\n"
         )
         proc.stdin.flush()
-    key = "collector_sessions_ended_total{reason=timeout}"
+    key = 'collector_sessions_ended_total{reason="timeout"}'
     next_report = start + 30
     while time.time() < start + args.duration:
         samples.append(proc_stat(collector.pid))
         if time.time() >= next_report:
             next_report += 30
-            now = scrape(http)
+            now = scrape(http, sum_devices=True)
             print(f"  {time.time() - start:6.0f}s: online {now['collector_devices_online']:.0f}, "
                   f"sessions ended by timeout {now.get(key, 0) - before.get(key, 0):.0f}, "
                   f"RSS {samples[-1][2] / 2**20:.1f} MB, CPU so far {(samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100:.0f} %",
                   flush=True)  # fmt: skip
         time.sleep(1.0)
     reports = [json.loads(proc.stdout.readline()) for proc in procs]
-    after = scrape(http)
+    after = scrape(http, sum_devices=True)
     timeouts = after.get(key, 0) - before.get(key, 0)
     result = {
         "sender_lateness_max_s": max(r["lateness_max"] for r in reports),
