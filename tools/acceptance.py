@@ -48,6 +48,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", metavar="DIR", help="keep the devices file, stats and log in DIR")
     args = p.parse_args()
+    if args.hang and args.duration / 2 < args.timeout + 1:
+        p.error(
+            f"sensors hang at {args.duration / 2:g}s: a run of {args.duration:g}s leaves them less than "
+            f"the timeout ({args.timeout:g}s) + 1 s to go offline; use --duration {2 * (args.timeout + 2):g} or more"
+        )
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="acceptance-"))
     work.mkdir(parents=True, exist_ok=True)
