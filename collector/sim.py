@@ -303,9 +303,14 @@ class Simulator:
             if self._stop.is_set() or now >= churn_at:
                 # Finish cleanly: release a held datagram, then one heartbeat that is never
                 # impaired, so every deliberate drop lies below a delivered sequence number.
+                # It asks for an ACK, so that it has been taken in before the goodbye, which goes
+                # over TCP and could otherwise overtake it.
                 ledger.impair = False
                 await ledger.flush()
-                await dev.send_heartbeat()
+                try:
+                    await dev.send_heartbeat(ack=True)
+                except AckTimeout:
+                    report.ack_timeouts += 1
                 return "stopped" if self._stop.is_set() else "churn"
             if now >= hang_at:
                 await ledger.flush()
