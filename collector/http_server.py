@@ -26,7 +26,6 @@ WebSocket). With no tokens configured, access control is off.
 from __future__ import annotations
 
 import collections
-import functools
 import hmac
 import json
 import logging
@@ -46,6 +45,7 @@ from . import metrics
 from .commands import CommandError, command_json
 from .events import format_address
 from .logs import RateLimitedLog
+from .serving import Acceptor
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -114,7 +114,7 @@ class HttpServer:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.rlog = RateLimitedLog(log, app.config.log_rate_limit)
         self.registry = metrics.make_registry(app)
-        self.accept_scope: trio.CancelScope | None = None
+        self.acceptor = Acceptor()
         self.address: tuple[Any, ...] | None = None
 
     # -- serving -----------------------------------------------------------------------------
@@ -130,21 +130,12 @@ class HttpServer:
                 "and send commands (set [http] read_tokens / command_tokens)",
                 self.address[1],
             )
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as acceptor:
-                self.accept_scope = acceptor.cancel_scope
-                await acceptor.start(
-                    functools.partial(
-                        trio.serve_listeners, self.handle, listeners, handler_nursery=handlers
-                    )
-                )
-                task_status.started(self.address)
-            # No new connections. Open ones (streams, keep-alive API connections) go on until
-            # the collector's shutdown closes the streams and then cancels what is left.
+        # After stop_accepting(), open connections (streams, keep-alive API connections) go on
+        # until the collector's shutdown closes the streams and then cancels what is left.
+        await self.acceptor.serve(self.handle, listeners, task_status, self.address)
 
     def stop_accepting(self) -> None:
-        if self.accept_scope is not None:
-            self.accept_scope.cancel()
+        self.acceptor.stop()
 
     def _access(self, headers: dict[bytes, bytes], query: dict[str, list[str]]) -> int:
         if not self.access_control:

@@ -8,7 +8,6 @@ real bug there should crash loudly.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from . import auth, control
 from .datagram import TAG_LEN
 from .events import format_address
 from .logs import RateLimitedLog
+from .serving import Acceptor
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -47,7 +47,7 @@ class ControlServer:
         self.accepted = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.rlog = RateLimitedLog(log, self.config.log_rate_limit)
-        self.accept_scope: trio.CancelScope | None = None
+        self.acceptor = Acceptor()
         self.handlers_done = trio.Event()
         self._registering: set[trio.CancelScope] = set()
 
@@ -59,23 +59,13 @@ class ControlServer:
         address = listeners[0].socket.getsockname()
         log.info("TCP control channel on %s:%d", address[0], address[1])
         try:
-            async with trio.open_nursery() as handlers:
-                async with trio.open_nursery() as acceptor:
-                    self.accept_scope = acceptor.cancel_scope
-                    # serve_listeners closes the listeners when cancelled: "stop accepting".
-                    await acceptor.start(
-                        functools.partial(
-                            trio.serve_listeners, self.handle, listeners, handler_nursery=handlers
-                        )
-                    )
-                    task_status.started(address)
+            await self.acceptor.serve(self.handle, listeners, task_status, address)
         finally:
             self.handlers_done.set()
 
     def stop_accepting(self) -> None:
         """Close the listeners, and refuse connections still waiting to register."""
-        if self.accept_scope is not None:
-            self.accept_scope.cancel()
+        self.acceptor.stop()
         for scope in self._registering:
             scope.cancel()
 
