@@ -5,10 +5,16 @@ as authenticated UDP datagrams; the collector keeps one session per device and k
 moment which devices are alive, and why the others are not.
 """
 
-from ._version import __version__
-from .app import Addresses, Collector, CollectorStatistics, DeviceStatistics, ShutdownReport
-from .config import Config, load_config
-from .devices import DeviceRegistry
+from collector._version import __version__
+from collector.app import (
+    Addresses,
+    Collector,
+    CollectorStatistics,
+    DeviceStatistics,
+    ShutdownReport,
+)
+from collector.config import Config, load_config
+from collector.devices import DeviceRegistry
 
 __all__ = [
     "Addresses",

@@ -22,19 +22,19 @@ from typing import Any
 import attrs
 import trio
 
-from . import control
-from .commands import CommandManager, CommandRecord
-from .config import Config, DeviceConfigRule
-from .datagram import DatagramType, encode_datagram, encode_goodbye_payload
-from .events import Event, Listener
-from .http_server import HttpServer
-from .hub import StreamConfig, StreamHub
-from .ingest import Ingest
-from .recorder import Recorder, RecorderConfig
-from .sessions import Session, SessionRecord, SessionRegistry
-from .stream import CLOSE_GOING_AWAY
-from .tcp_server import ControlServer
-from .udp_server import serve_udp
+from collector.config import Config, DeviceConfigRule
+from collector.core.commands import CommandManager, CommandRecord
+from collector.core.events import Event, Listener
+from collector.core.hub import StreamConfig, StreamHub
+from collector.core.ingest import Ingest
+from collector.core.recorder import Recorder, RecorderConfig
+from collector.core.sessions import Session, SessionRecord, SessionRegistry
+from collector.servers.http import HttpServer
+from collector.servers.tcp import ControlServer
+from collector.servers.udp import serve_udp
+from collector.wire import control
+from collector.wire.datagram import DatagramType, encode_datagram, encode_goodbye_payload
+from collector.wire.stream import CLOSE_GOING_AWAY
 
 log = logging.getLogger("collector")
 
@@ -152,7 +152,7 @@ class Collector:
     ) -> None:
         self.config = config
         self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
-        self.playback: Any = None  # a collector.playback.Playback driving the hub instead
+        self.playback: Any = None  # a collector.tools.playback.Playback driving the hub instead
         self.devices = devices
         self.wall = wall
         self.listeners: list[Listener] = list(listeners)

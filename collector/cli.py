@@ -14,11 +14,11 @@ from typing import Any
 
 import trio
 
-from .app import Addresses, Collector, ShutdownReport, statistics_to_json
-from .config import Config, ConfigError, load_config
-from .devices import DeviceRegistry, DevicesError, generate_secret
-from .logs import setup_logging
-from .recording import RecordingError
+from collector.app import Addresses, Collector, ShutdownReport, statistics_to_json
+from collector.config import Config, ConfigError, load_config
+from collector.devices import DeviceRegistry, DevicesError, generate_secret
+from collector.logs import setup_logging
+from collector.wire.recording import RecordingError
 
 log = logging.getLogger("collector")
 
@@ -233,7 +233,7 @@ def _fmt(addr: Any) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .sim import SimConfig, Simulator
+    from collector.device.sim import SimConfig, Simulator
 
     config = _config_from_args(
         args, host="127.0.0.1", record_dir=None if args.no_record else "recordings"

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from .datagram import MAX_DATAGRAM, MIN_HELLO_LEN
+from collector.wire.datagram import MAX_DATAGRAM, MIN_HELLO_LEN
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .datagram import DEVICE_ID_RE
+from collector.wire.datagram import DEVICE_ID_RE
 
 
 class DevicesError(ValueError):

@@ -8,10 +8,10 @@ from typing import Any
 
 import trio
 
-from collector import auth
 from collector.app import Collector
 from collector.config import Config
 from collector.devices import DeviceRegistry
+from collector.wire import auth
 
 EPOCH = 1_767_225_600.0  # the wall clock that tests see at trio time 0
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from collector.client import open_device, open_udp_device
-from collector.commands import CommandError
-from collector.events import CommandUpdate
+from collector.core.commands import CommandError
+from collector.core.events import CommandUpdate
+from collector.device.client import open_device, open_udp_device
 
 from .helpers import SECRETS, Lines, start_collector
 

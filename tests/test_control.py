@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector import control as c
-from collector.control import ControlConnection, ControlError, Role, State
+from collector.wire import control as c
+from collector.wire.control import ControlConnection, ControlError, Role, State
 
 NONCE = "00112233445566778899aabbccddeeff"
 CNONCE = "ffeeddccbbaa99887766554433221100"

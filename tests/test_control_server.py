@@ -7,7 +7,7 @@ import json
 import pytest
 import trio
 
-from collector.client import RegistrationError, open_device, open_udp_device
+from collector.device.client import RegistrationError, open_device, open_udp_device
 
 from .helpers import SECRETS, Lines, start_collector
 

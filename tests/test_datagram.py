@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector import datagram as dg
-from collector.datagram import DatagramError, DatagramType, Flag, Reading
+from collector.wire import datagram as dg
+from collector.wire.datagram import DatagramError, DatagramType, Flag, Reading
 
 KEY = bytes(range(32))
 

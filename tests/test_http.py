@@ -11,9 +11,9 @@ import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from collector.client import open_device
-from collector.datagram import Reading
-from collector.events import Telemetry
+from collector.core.events import Telemetry
+from collector.device.client import open_device
+from collector.wire.datagram import Reading
 
 from .helpers import SECRETS, api, http, start_collector
 
@@ -415,7 +415,7 @@ async def test_stream_events_carry_what_a_page_needs(nursery, autojump_clock):
 
 
 async def test_snapshot_history_is_budgeted(nursery, autojump_clock, monkeypatch):
-    from collector import hub as hub_module
+    from collector.core import hub as hub_module
 
     monkeypatch.setattr(hub_module, "SNAPSHOT_POINTS", 50)
     collector, _ = await start(nursery)

@@ -7,11 +7,11 @@ import secrets
 import attrs
 import trio
 
-from collector import auth
-from collector import datagram as dg
-from collector.client import open_device
-from collector.datagram import DatagramType, Flag
-from collector.events import DeviceOffline
+from collector.core.events import DeviceOffline
+from collector.device.client import open_device
+from collector.wire import auth
+from collector.wire import datagram as dg
+from collector.wire.datagram import DatagramType, Flag
 
 from .helpers import SECRETS, Lines, exchange, start_collector, udp_socket
 

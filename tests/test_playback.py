@@ -9,10 +9,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from collector.events import DeviceOffline, DeviceOnline
-from collector.playback import Playback, replay_into, select
-from collector.recording import EventRecord, ReadingsRecord, RecordingReader, RecordType
-from collector.sim import SimConfig, Simulator
+from collector.core.events import DeviceOffline, DeviceOnline
+from collector.core.segments import RecordingReader
+from collector.device.sim import SimConfig, Simulator
+from collector.tools.playback import Playback, replay_into, select
+from collector.wire.recording import EventRecord, ReadingsRecord, RecordType
 
 from .helpers import api, start_collector, wall
 

@@ -15,15 +15,9 @@ from pathlib import Path
 
 import trio
 
-from collector.client import open_device
-from collector.recording import (
-    EventRecord,
-    HeartbeatRecord,
-    ReadingsRecord,
-    RecordingReader,
-    RecordType,
-    SegmentWriter,
-)
+from collector.core.segments import RecordingReader, SegmentWriter
+from collector.device.client import open_device
+from collector.wire.recording import EventRecord, HeartbeatRecord, ReadingsRecord, RecordType
 
 from .helpers import SECRETS, start_collector
 
@@ -95,7 +89,7 @@ async def test_a_failing_disk_costs_records_but_never_ingest(nursery, autojump_c
     await collector.shutdown()
     stats = recorder.statistics()
     assert stats["write_errors"] == 1 and stats["dropped"] >= 2
-    from collector.metrics import make_registry, render
+    from collector.servers.metrics import make_registry, render
 
     text = render(make_registry(collector)).decode()
     assert f"collector_recording_dropped_total {float(stats['dropped'])}" in text

@@ -10,18 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector import recording as rec
-from collector.datagram import Reading
-from collector.recording import (
+from collector.core import segments
+from collector.core.segments import RecordingReader, SegmentWriter
+from collector.wire import recording as rec
+from collector.wire.datagram import Reading
+from collector.wire.recording import (
     DatagramRecord,
     EventRecord,
     HeartbeatRecord,
     ReadingsRecord,
     RecordingError,
-    RecordingReader,
     RecordType,
     ScanReport,
-    SegmentWriter,
 )
 
 T0 = 1_767_225_600.0
@@ -120,7 +120,7 @@ def test_repair_truncates_a_torn_tail_and_appending_works(tmp_path):
     for tail in (data[: ends[-1] - 3], data + bytes(4096), data + b"garbage\xc5\xa3\x00\x00\x10"):
         d = tmp_path / f"r{len(tail)}"
         d.mkdir()
-        (d / rec.segment_name(1)).write_bytes(tail)
+        (d / segments.segment_name(1)).write_bytes(tail)
         writer = SegmentWriter(d)
         repair = writer.open()
         valid = ends[-2] if len(tail) < len(data) else ends[-1]
@@ -266,10 +266,10 @@ def test_a_full_disk_leaves_no_half_record(tmp_path, monkeypatch):
             return real_write(fd, bytes(data)[:5])  # a partial write ...
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
-    monkeypatch.setattr(rec.os, "write", half_then_enospc)
+    monkeypatch.setattr(segments.os, "write", half_then_enospc)
     with pytest.raises(OSError, match="No space left"):
         writer.write(encode(sample_records()[4]))
-    monkeypatch.setattr(rec.os, "write", real_write)
+    monkeypatch.setattr(segments.os, "write", real_write)
     writer.write(encode(sample_records()[3]))  # the disk has room again
     writer.close()
     assert list(RecordingReader(tmp_path)) == [sample_records()[2], sample_records()[3]]

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from collector import recording as rec
-from collector.datagram import Reading
+from collector.core.segments import SegmentWriter
 from collector.devices import DeviceRegistry
-from collector.recording import RecordType, SegmentWriter
+from collector.wire import recording as rec
+from collector.wire.datagram import Reading
+from collector.wire.recording import RecordType
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
@@ -241,7 +242,7 @@ def test_record_stream_of_a_running_collector(tmp_path):
 
 
 def test_raw_datagrams_are_recorded_and_resent_byte_for_byte(tmp_path):
-    from collector import datagram as dg
+    from collector.wire import datagram as dg
 
     w = SegmentWriter(tmp_path / "rec")
     w.open(T0)

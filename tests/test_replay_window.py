@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector.replay_window import DUPLICATE, LATE, TOO_OLD, ReplayWindow
+from collector.wire.replay_window import DUPLICATE, LATE, TOO_OLD, ReplayWindow
 
 
 def test_in_order_sequence_has_no_gaps():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from collector.client import open_device, open_udp_device
-from collector.events import DeviceOffline, DeviceOnline
-from collector.sessions import deadline_slack
+from collector.core.events import DeviceOffline, DeviceOnline
+from collector.core.sessions import deadline_slack
+from collector.device.client import open_device, open_udp_device
 
 from .helpers import SECRETS, Lines, start_collector
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from collector.events import DeviceOffline
-from collector.sessions import deadline_slack
-from collector.sim import SimConfig, Simulator
+from collector.core.events import DeviceOffline
+from collector.core.sessions import deadline_slack
+from collector.device.sim import SimConfig, Simulator
 
 from .helpers import start_collector, wall
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector import stream
-from collector.hub import EVENT_LIMIT, ReadingsText, RowBatch, SeriesRing, Subscriber
-from collector.stream import Matcher, StreamError, Subscribe, Subscription
+from collector.core.hub import EVENT_LIMIT, ReadingsText, RowBatch, SeriesRing, Subscriber
+from collector.wire import stream
+from collector.wire.stream import Matcher, StreamError, Subscribe, Subscription
 
 
 def parse(text):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from collector import auth
-from collector import datagram as dg
-from collector.datagram import DatagramType, Flag
+from collector.wire import auth
+from collector.wire import datagram as dg
+from collector.wire.datagram import DatagramType, Flag
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 

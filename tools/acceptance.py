@@ -29,8 +29,8 @@ from pathlib import Path
 import trio
 from _common import free_port, wait_for_tcp
 
+from collector.device.sim import SimConfig, Simulator
 from collector.devices import DeviceRegistry
-from collector.sim import SimConfig, Simulator
 
 
 def main() -> int:

@@ -50,14 +50,14 @@ from typing import Any
 import trio
 from _common import mosquitto, mosquitto_path, proc_stat, rcvbuf_errors
 
-from collector.udp_server import SO_RCVBUFFORCE
+from collector.servers.udp import SO_RCVBUFFORCE
 
 HERE = Path(__file__).resolve()
 BIG_RCVBUF = 1 << 30
 
 
 def make_datagrams(n: int, sessions: list[tuple[int, bytes]]) -> list[bytes]:
-    from collector.datagram import DatagramType, encode_datagram, encode_readings
+    from collector.wire.datagram import DatagramType, encode_datagram, encode_readings
 
     seqs = [0] * len(sessions)
     out = []
@@ -85,7 +85,7 @@ def prefill(data: list[bytes], addr: tuple[str, int]) -> socket.socket:
 
 
 async def run_ceiling(n: int, devices: int) -> dict[str, Any]:
-    from collector.datagram import HEADER
+    from collector.wire.datagram import HEADER
 
     sessions = [(i + 1, secrets.token_bytes(32)) for i in range(devices)]
     table = {sid: [0] for sid, _ in sessions}

@@ -32,10 +32,12 @@ from pathlib import Path
 import trio
 from _common import free_port, wait_for_tcp
 
-from collector import recording as rec
+from collector.core import segments
+from collector.core.segments import RecordingReader, SegmentWriter
 from collector.devices import DeviceRegistry
-from collector.playback import replay_into, select
-from collector.recording import ReadingsRecord, RecordingReader, RecordType, SegmentWriter
+from collector.tools.playback import replay_into, select
+from collector.wire import recording as rec
+from collector.wire.recording import ReadingsRecord, RecordType
 
 T0 = 1_767_225_600.0
 
@@ -98,8 +100,8 @@ def part_read(args: argparse.Namespace) -> dict[str, float]:
         for _ in range(args.rounds):
             t = time.perf_counter()
             n = 0
-            for _, path in rec.list_segments(tmp):
-                for _ in rec.scan_records(rec.read_segment(path)):
+            for _, path in segments.list_segments(tmp):
+                for _ in rec.scan_records(segments.read_segment(path)):
                     n += 1
             scans.append(time.perf_counter() - t)
             t = time.perf_counter()

@@ -178,8 +178,8 @@ def main() -> int:
         mqtt_publisher(args.port, args.rate, args.phase)
         return 0
 
+    from collector.device.sim import SimConfig
     from collector.devices import DeviceRegistry
-    from collector.sim import SimConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     ids = SimConfig(devices=args.sensors, prefix="bench").device_ids()

@@ -25,14 +25,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from collector.playback import select
-from collector.recording import (
+from collector.core.segments import RecordingReader
+from collector.tools.playback import select
+from collector.wire.recording import (
     EventRecord,
     HeartbeatRecord,
     ReadingsRecord,
     Record,
     RecordingError,
-    RecordingReader,
     RecordType,
 )
 

@@ -13,9 +13,9 @@ import argparse
 import json
 import textwrap
 
-from collector import auth
-from collector import datagram as dg
-from collector.datagram import DatagramType, Flag
+from collector.wire import auth
+from collector.wire import datagram as dg
+from collector.wire.datagram import DatagramType, Flag
 
 SECRET = "correct horse battery staple"
 DEVICE = "greenhouse-1"

@@ -28,11 +28,11 @@ import urllib.parse
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from collector.datagram import Reading
-from collector.events import CommandUpdate, DeviceOffline, DeviceOnline, Telemetry
+from collector.core.events import CommandUpdate, DeviceOffline, DeviceOnline, Telemetry
+from collector.core.recorder import Recorder, RecorderConfig
 from collector.logs import setup_logging
-from collector.recorder import Recorder, RecorderConfig
-from collector.recording import RecordingError, RecordType, encode_json_record
+from collector.wire.datagram import Reading
+from collector.wire.recording import RecordingError, RecordType, encode_json_record
 
 log = logging.getLogger("record_stream")
 

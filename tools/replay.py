@@ -31,10 +31,11 @@ from typing import Any
 import trio
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from collector.core.segments import RecordingReader
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
-from collector.playback import Playback, replay_into, select
-from collector.recording import DatagramRecord, RecordingError, RecordingReader
+from collector.tools.playback import Playback, replay_into, select
+from collector.wire.recording import DatagramRecord, RecordingError
 
 
 def parse_time(text: str | None, start: float) -> float | None:

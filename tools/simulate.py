@@ -20,9 +20,9 @@ import sys
 import attrs
 import trio
 
+from collector.device.sim import SimConfig, Simulator
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
-from collector.sim import SimConfig, Simulator
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,7 +77,7 @@ def step_datagrams(
     one_reading: bool,
 ) -> Any:
     """(scheduled time, signed datagram) for one step, round-robin over the sessions."""
-    from collector import datagram as dg
+    from collector.wire import datagram as dg
 
     for i in range(n):
         k = i % len(sessions)
@@ -99,8 +99,8 @@ def step_datagrams(
 
 
 def sender_main(args: argparse.Namespace) -> None:
-    from collector import auth
-    from collector import datagram as dg
+    from collector.wire import auth
+    from collector.wire import datagram as dg
 
     plan = json.loads(Path(args.plan).read_text())
     target = (plan["host"], plan["udp_port"])

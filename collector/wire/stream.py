@@ -2,7 +2,7 @@
 
 JSON text messages over a WebSocket, specified in docs/STREAM.md. This module parses and
 validates what clients send, matches subscriptions against device and metric names, and builds
-the server's messages as plain dicts. It knows nothing of sockets or tasks; `collector.hub`
+the server's messages as plain dicts. It knows nothing of sockets or tasks; `collector.core.hub`
 does the fan-out.
 """
 
@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import attrs
-
-from .events import CommandUpdate, DeviceOffline, DeviceOnline
 
 PROTOCOL_VERSION = 1
 MAX_PATTERNS = 64
@@ -206,39 +204,3 @@ def missed_message(count: int, total: int) -> dict[str, Any]:
 
 def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
-
-
-def device_event_message(event: DeviceOnline | DeviceOffline) -> dict[str, Any]:
-    if isinstance(event, DeviceOnline):
-        return {
-            "type": "device",
-            "device": event.device_id,
-            "online": True,
-            "reason": None,
-            "time": event.time,
-            "transport": event.transport,
-            "address": event.address,
-            "session_id": event.session_id,
-        }
-    return {
-        "type": "device",
-        "device": event.device_id,
-        "online": False,
-        "reason": event.reason,
-        "time": event.time,
-        "duration": event.duration,
-    }
-
-
-def command_message(update: CommandUpdate) -> dict[str, Any]:
-    return {
-        "type": "command",
-        "device": update.device_id,
-        "id": update.command_id,
-        "name": update.name,
-        "args": update.args,
-        "state": update.state,
-        "result": update.result,
-        "error": update.error,
-        "time": update.time,
-    }

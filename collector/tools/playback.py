@@ -25,13 +25,25 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from .client import AckTimeout, DeviceClient, SessionEnded, open_device, open_udp_device
-from .events import CommandUpdate, DeviceOffline, DeviceOnline, Telemetry
-from .recording import EventRecord, HeartbeatRecord, ReadingsRecord, Record, RecordType
-from .replay_window import ReplayWindow
+from collector.core.events import CommandUpdate, DeviceOffline, DeviceOnline, Telemetry
+from collector.device.client import (
+    AckTimeout,
+    DeviceClient,
+    SessionEnded,
+    open_device,
+    open_udp_device,
+)
+from collector.wire.recording import (
+    EventRecord,
+    HeartbeatRecord,
+    ReadingsRecord,
+    Record,
+    RecordType,
+)
+from collector.wire.replay_window import ReplayWindow
 
 if TYPE_CHECKING:
-    from .app import Collector
+    from collector.app import Collector
 
 log = logging.getLogger("collector.playback")
 
@@ -432,7 +444,7 @@ class Playback:
         device_id = r.device_id
         state = registry.device(device_id)
         if r.type is RecordType.ONLINE:
-            from .sessions import Session
+            from collector.core.sessions import Session
 
             session = Session(
                 session_id=int(r.data.get("session_id") or 0),

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from . import control
-from .datagram import DatagramType, Flag, encode_command_payload, encode_datagram
-from .events import CommandUpdate, Event
+from collector.core.events import CommandUpdate, Event
+from collector.wire import control
+from collector.wire.datagram import DatagramType, Flag, encode_command_payload, encode_datagram
 
 if TYPE_CHECKING:
-    from .sessions import Session, SessionRegistry
+    from collector.core.sessions import Session, SessionRegistry
 
 log = logging.getLogger("collector.commands")
 

@@ -18,8 +18,10 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import auth
-from .datagram import (
+from collector.core.events import Listener, Telemetry, format_address
+from collector.logs import RateLimitedLog
+from collector.wire import auth
+from collector.wire.datagram import (
     HEADER,
     HEADER_LEN,
     MIN_DATAGRAM,
@@ -39,13 +41,11 @@ from .datagram import (
     encode_welcome_payload,
     verify_tag,
 )
-from .events import Listener, Telemetry, format_address
-from .logs import RateLimitedLog
-from .replay_window import LATE, TOO_OLD
+from collector.wire.replay_window import LATE, TOO_OLD
 
 if TYPE_CHECKING:
-    from .commands import CommandManager
-    from .sessions import Session, SessionRegistry
+    from collector.core.commands import CommandManager
+    from collector.core.sessions import Session, SessionRegistry
 
 log = logging.getLogger("collector.ingest")
 

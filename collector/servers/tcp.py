@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import auth, control
-from .datagram import TAG_LEN
-from .events import format_address
-from .logs import RateLimitedLog
-from .serving import Acceptor
+from collector.core.events import format_address
+from collector.logs import RateLimitedLog
+from collector.servers.serving import Acceptor
+from collector.wire import auth, control
+from collector.wire.datagram import TAG_LEN
 
 if TYPE_CHECKING:
-    from .app import Collector
-    from .sessions import Session
+    from collector.app import Collector
+    from collector.core.sessions import Session
 
 log = logging.getLogger("collector.tcp")
 

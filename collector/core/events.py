@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import attrs
 
-from .datagram import ReadingPair
+from collector.wire.datagram import ReadingPair
 
 
 class Telemetry(NamedTuple):

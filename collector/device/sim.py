@@ -25,13 +25,8 @@ from typing import Any
 import attrs
 import trio
 
-from .client import (
-    AckTimeout,
-    DeviceClient,
-    open_device,
-    open_udp_device,
-)
-from .datagram import HEADER
+from collector.device.client import AckTimeout, DeviceClient, open_device, open_udp_device
+from collector.wire.datagram import HEADER
 
 log = logging.getLogger("collector.sim")
 

@@ -41,14 +41,14 @@ import h11
 import trio
 import trio_websocket
 
-from . import metrics
-from .commands import CommandError, command_json
-from .events import format_address
-from .logs import RateLimitedLog
-from .serving import Acceptor
+from collector.core.commands import CommandError, command_json
+from collector.core.events import format_address
+from collector.logs import RateLimitedLog
+from collector.servers import metrics
+from collector.servers.serving import Acceptor
 
 if TYPE_CHECKING:
-    from .app import Collector
+    from collector.app import Collector
 
 log = logging.getLogger("collector.http")
 

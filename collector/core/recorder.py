@@ -17,11 +17,19 @@ from typing import Any
 import attrs
 import trio
 
-from . import recording
-from ._version import __version__
-from .events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry, format_address
-from .logs import RateLimitedLog
-from .recording import RecordType, RepairReport, SegmentWriter
+from collector._version import __version__
+from collector.core.events import (
+    CommandUpdate,
+    DeviceOffline,
+    DeviceOnline,
+    Event,
+    Telemetry,
+    format_address,
+)
+from collector.core.segments import RepairReport, SegmentWriter
+from collector.logs import RateLimitedLog
+from collector.wire import recording
+from collector.wire.recording import RecordType
 
 log = logging.getLogger("collector.recorder")
 

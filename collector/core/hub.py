@@ -29,16 +29,16 @@ import attrs
 import trio
 import trio_websocket
 
-from . import stream
-from ._version import __version__
-from .commands import command_json
-from .events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry
-from .logs import RateLimitedLog
-from .stream import Matcher, Row, StreamError, Subscription
+from collector._version import __version__
+from collector.core.commands import command_json
+from collector.core.events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry
+from collector.logs import RateLimitedLog
+from collector.wire import stream
+from collector.wire.stream import Matcher, Row, StreamError, Subscription
 
 if TYPE_CHECKING:
-    from .app import Collector
-    from .sessions import DeviceState
+    from collector.app import Collector
+    from collector.core.sessions import DeviceState
 
 log = logging.getLogger("collector.stream")
 
@@ -424,9 +424,9 @@ class StreamHub:
     def on_event(self, event: Event) -> None:
         self.stream_seq += 1
         if isinstance(event, DeviceOnline | DeviceOffline):
-            message = stream.device_event_message(event)
+            message = device_event_message(event)
         elif isinstance(event, CommandUpdate):
-            message = stream.command_message(event)
+            message = command_message(event)
         else:  # pragma: no cover
             return
         for sub in self.subscribers:
@@ -825,4 +825,40 @@ def _stats_of(state: DeviceState | None, rate: float) -> dict[str, Any]:
         "duplicates": state.duplicates,
         "out_of_order": state.out_of_order,
         "readings": state.readings,
+    }
+
+
+def device_event_message(event: DeviceOnline | DeviceOffline) -> dict[str, Any]:
+    if isinstance(event, DeviceOnline):
+        return {
+            "type": "device",
+            "device": event.device_id,
+            "online": True,
+            "reason": None,
+            "time": event.time,
+            "transport": event.transport,
+            "address": event.address,
+            "session_id": event.session_id,
+        }
+    return {
+        "type": "device",
+        "device": event.device_id,
+        "online": False,
+        "reason": event.reason,
+        "time": event.time,
+        "duration": event.duration,
+    }
+
+
+def command_message(update: CommandUpdate) -> dict[str, Any]:
+    return {
+        "type": "command",
+        "device": update.device_id,
+        "id": update.command_id,
+        "name": update.name,
+        "args": update.args,
+        "state": update.state,
+        "result": update.result,
+        "error": update.error,
+        "time": update.time,
     }

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from .events import DeviceOffline, DeviceOnline, Event, format_address
-from .replay_window import ReplayWindow
+from collector.core.events import DeviceOffline, DeviceOnline, Event, format_address
+from collector.wire.replay_window import ReplayWindow
 
 if TYPE_CHECKING:
-    from .commands import CommandRecord
-    from .control import Message
+    from collector.core.commands import CommandRecord
+    from collector.wire.control import Message
 
 log = logging.getLogger("collector.sessions")
 

@@ -14,11 +14,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
-from .ingest import REJECT_REASONS
-from .udp_server import kernel_drops
+from collector.core.ingest import REJECT_REASONS
+from collector.servers.udp import kernel_drops
 
 if TYPE_CHECKING:
-    from .app import Collector
+    from collector.app import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

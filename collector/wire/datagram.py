@@ -10,7 +10,7 @@ Wire layout (all integers big-endian), specified in docs/PROTOCOL.md::
 The tag is HMAC-SHA256 over header and payload, truncated to TAG_LEN bytes.
 
 Nothing here does I/O or keeps state between datagrams; the anti-replay window lives in
-`collector.replay` and the per-session logic in `collector.ingest`.
+`collector.wire.replay_window` and the per-session logic in `collector.core.ingest`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .ingest import Ingest
+from collector.core.ingest import Ingest
 
 log = logging.getLogger("collector.udp")
 

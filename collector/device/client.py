@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
-from . import auth, control
-from .datagram import (
+from collector.wire import auth, control
+from collector.wire.datagram import (
     MAX_SEQ,
     DatagramError,
     DatagramType,
@@ -46,7 +46,7 @@ from .datagram import (
     payload_of,
     verify_tag,
 )
-from .replay_window import DUPLICATE, TOO_OLD, ReplayWindow
+from collector.wire.replay_window import DUPLICATE, TOO_OLD, ReplayWindow
 
 log = logging.getLogger("collector.client")
 

@@ -1,0 +1,1 @@
+"""What the command-line tools are built from: replay and the stand-in collector."""
