@@ -22,11 +22,13 @@ from typing import Any
 import attrs
 import trio
 
-from collector.config import Config, DeviceConfigRule
-from collector.core.commands import CommandManager, CommandRecord
+from collector.config import MAX_CONFIG_BYTES, Config, ConfigPushError, DeviceConfigRule
+from collector.core.boundary import ErrorBoundary
+from collector.core.commands import CommandError, CommandManager, CommandRecord
 from collector.core.events import Event, Listener
 from collector.core.hub import StreamConfig, StreamHub
 from collector.core.ingest import Ingest
+from collector.core.ratelimit import FlappingDetector, SourceLimiter
 from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRecord, SessionRegistry
 from collector.servers.http import HttpServer
@@ -34,6 +36,7 @@ from collector.servers.tcp import ControlServer
 from collector.servers.udp import serve_udp
 from collector.wire import control
 from collector.wire.datagram import DatagramType, encode_datagram, encode_goodbye_payload
+from collector.wire.jsonio import dumps_bytes
 from collector.wire.stream import CLOSE_GOING_AWAY
 
 log = logging.getLogger("collector")
@@ -68,6 +71,7 @@ class DeviceStatistics:
     duplicates: int
     out_of_order: int
     malformed: int
+    metrics_refused: int
     address_changes: int
     sessions: int
     last_seen: float | None
@@ -121,11 +125,13 @@ class ShutdownReport:
     duration: float
     clean: bool
     recording: Mapping[str, Any] | None = None
+    overran: tuple[str, ...] = ()  # steps cut short by their budget
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items() if v)
+        how = "complete" if self.clean else f"forced ({', '.join(self.overran)} ran out of time)"
         return (
-            f"shutdown {'complete' if self.clean else 'forced after grace'} in {self.duration:.2f}s: "
+            f"shutdown {how} in {self.duration:.2f}s: "
             f"{self.devices} devices, {self.sessions_ended} sessions ended; "
             f"datagrams accepted {self.datagrams_accepted}, lost {self.datagrams_lost}, "
             f"rejected {self.datagrams_rejected}"
@@ -157,12 +163,19 @@ class Collector:
         self.wall = wall
         self.listeners: list[Listener] = list(listeners)
         self.device_config: list[DeviceConfigRule] = list(config.device_config)
+        #: where a bug in handling one input stops (collector_internal_errors_total)
+        self.boundary = ErrorBoundary(trio.current_time)
         self.registry = SessionRegistry(
             timeout=config.timeout,
             max_devices=config.max_devices,
             window_blocks=config.replay_window_blocks,
             wall=wall,
             emit=self._emit,
+            flapping=FlappingDetector(
+                max_count=config.flapping_max,
+                window=config.flapping_window,
+                ban=config.flapping_ban,
+            ),
         )
         self.ingest = Ingest(
             self.registry,
@@ -173,6 +186,13 @@ class Collector:
             wall=wall,
             listeners=self.listeners,
             rate_limit=config.log_rate_limit,
+            limiter=SourceLimiter(
+                rate=config.ratelimit_per_source,
+                burst=config.ratelimit_burst,
+                total=config.ratelimit_total,
+                max_sources=config.ratelimit_max_sources,
+            ),
+            boundary=self.boundary,
         )
         self.commands = CommandManager(
             self.registry,
@@ -185,6 +205,9 @@ class Collector:
             queue_limit=config.command_queue,
             retransmit_initial=config.command_retransmit_initial,
             retransmit_max=config.command_retransmit_max,
+            max_args=min(MAX_CONFIG_BYTES * 2, config.max_line // 2),
+            max_datagram=config.max_datagram,
+            boundary=self.boundary,
         )
         self.ingest.commands = self.commands
         self.control = ControlServer(self)
@@ -201,6 +224,8 @@ class Collector:
                 min_interval=config.stream_min_interval,
                 max_subscribers=config.stream_max_subscribers,
                 max_message=config.stream_max_message,
+                max_replies=config.stream_max_replies,
+                max_metrics=config.max_metrics_per_device,
             ),
             wall=wall,
         )
@@ -263,14 +288,17 @@ class Collector:
     async def shutdown(self, grace: float | None = None) -> ShutdownReport:
         """Stop accepting, let in-flight commands finish, say goodbye to every device, stop.
 
-        Everything after "stop accepting" shares one grace period; whatever is still running
-        when it runs out is cancelled. Returns what was done.
+        Each step has its own budget, so one that runs out (a device that never answers its
+        command) cannot take the others' time: commands already sent get `[shutdown] grace`,
+        the goodbyes to devices `goodbye_timeout`, the dashboards' final events and close
+        frames `close_timeout`; the recording's final flush always runs. Returns what was done.
         """
         if self._shutdown_report is not None:
             return self._shutdown_report
-        grace = self.config.shutdown_grace if grace is None else grace
+        cfg = self.config
+        grace = cfg.shutdown_grace if grace is None else grace
         start = trio.current_time()
-        deadline = start + grace
+        overran: list[str] = []
         log.info("shutting down: no new connections or registrations (grace %.1fs)", grace)
         self.accepting = False
         self.ingest.accepting_hellos = False
@@ -279,24 +307,33 @@ class Collector:
         if self.http is not None:
             self.http.stop_accepting()
         abandoned = self.commands.expire_queued("the collector is shutting down")
-        in_flight = len([c for c in self.commands.in_flight if c.state == "sent"])
-        with trio.move_on_at(deadline):
+        in_flight = [c for c in self.commands.in_flight if c.state == "sent"]
+        with trio.move_on_after(grace) as step:
             await self.commands.wait_sent_finished()
-        answered = in_flight - len([c for c in self.commands.in_flight if c.state == "sent"])
+        if step.cancelled_caught:
+            overran.append("commands")
+        unanswered = [c for c in in_flight if c.state == "sent"]
+        answered = len(in_flight) - len(unanswered)
+        abandoned += self.commands.abandon(
+            unanswered, "the collector shut down before the device answered"
+        )
         for session in list(self.registry.online.values()):
             self._goodbye_udp(session, "shutdown")
         ended = self.registry.end_all("shutdown")
-        with trio.move_on_at(deadline):
+        with trio.move_on_after(cfg.shutdown_goodbye_timeout) as step:
             await self.control.handlers_done.wait()
-        with trio.move_on_at(deadline):
+        if step.cancelled_caught:
+            overran.append("goodbyes")
+        with trio.move_on_after(cfg.shutdown_close_timeout) as step:
             # Dashboards get the final offline events, then a close with 1001 (going away).
             await self.hub.close_all(CLOSE_GOING_AWAY, "collector shutting down")
+        if step.cancelled_caught:
+            overran.append("dashboards")
         if self.recorder is not None:
-            # The final flush, even after a grace period that ran out. A write in a worker
-            # thread cannot be interrupted anyway, so there is no deadline to put here.
+            # The final flush, whatever ran out before. A write in a worker thread cannot be
+            # interrupted anyway, so there is no deadline to put here.
             await self.recorder.aclose()
-        clean = trio.current_time() < deadline
-        abandoned += len(self.commands.in_flight)
+        clean = not overran
         stats = self.ingest
         rejected = dict(stats.rejected)
         self._shutdown_report = ShutdownReport(
@@ -310,6 +347,7 @@ class Collector:
             commands_abandoned=abandoned,
             duration=trio.current_time() - start,
             clean=clean,
+            overran=tuple(overran),
             recording=self.recorder.statistics() if self.recorder is not None else None,
         )
         self.stopped_at = trio.current_time()
@@ -318,7 +356,10 @@ class Collector:
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:
-            listener.on_event(event)
+            try:
+                listener.on_event(event)
+            except Exception as exc:  # a listener's bug costs it this event, nothing more
+                self.boundary.report("listener", exc, type(listener).__name__)
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)  # shared with Ingest
@@ -332,15 +373,33 @@ class Collector:
                 merged.update(rule.config)
         return merged
 
-    def push_config(self, match: str, config: Mapping[str, Any]) -> list[str]:
+    def push_config(
+        self, match: str, config: Mapping[str, Any]
+    ) -> tuple[list[str], dict[str, str]]:
         """Send configuration to every online device whose id matches the glob `match`.
 
-        The rule is also kept, so devices that register later get it in their welcome.
-        TCP devices get a `config` line; UDP-only devices a `config` command (retransmitted).
-        Returns the ids of the online devices it went to.
+        The rule is also kept (replacing an earlier rule for the same glob), so devices that
+        register later get it in their welcome. TCP devices get a `config` line; UDP-only
+        devices a `config` command (retransmitted). Returns the ids of the online devices it
+        went to, and those it could not go to with the reason (a full command queue, say).
+        Raises ConfigPushError when the rule itself is refused.
         """
-        self.device_config.append(DeviceConfigRule(match, dict(config)))
-        sent = []
+        size = len(dumps_bytes(config))
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigPushError(
+                "config_too_large",
+                f"a configuration is at most {MAX_CONFIG_BYTES} bytes of JSON, not {size}",
+            )
+        rules = [r for r in self.device_config if r.match != match]
+        if len(rules) >= self.config.max_config_rules:
+            raise ConfigPushError(
+                "too_many_rules",
+                f"at most {self.config.max_config_rules} configuration rules: push to a glob that "
+                "has one to replace it",
+            )
+        self.device_config = [*rules, DeviceConfigRule(match, dict(config))]
+        sent: list[str] = []
+        failed: dict[str, str] = {}
         for device_id, session in list(self.registry.online.items()):
             if not fnmatch.fnmatchcase(device_id, match):
                 continue
@@ -350,12 +409,23 @@ class Collector:
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     self.control.errors["outbox_full"] += 1
                     log.warning("config for %s dropped: control channel full", device_id)
+                    failed[device_id] = "control_channel_full"
                     continue
             else:
-                self.commands.submit(device_id, "config", dict(config))
+                try:
+                    self.commands.submit(device_id, "config", dict(config))
+                except CommandError as exc:
+                    log.warning("config for %s not sent: %s", device_id, exc.message)
+                    failed[device_id] = exc.code
+                    continue
             sent.append(device_id)
-        log.info("config pushed to %d devices matching %r", len(sent), match)
-        return sent
+        log.info(
+            "config pushed to %d devices matching %r%s",
+            len(sent),
+            match,
+            f" ({len(failed)} could not take it)" if failed else "",
+        )
+        return sent, failed
 
     def send_command(
         self,
@@ -407,6 +477,7 @@ class Collector:
                 duplicates=d.duplicates,
                 out_of_order=d.out_of_order,
                 malformed=d.malformed,
+                metrics_refused=d.metrics_refused,
                 address_changes=d.address_changes,
                 sessions=d.sessions,
                 last_seen=d.last_seen,

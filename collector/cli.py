@@ -127,9 +127,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DevicesError, RecordingError) as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # Errors a person caused (a bad recording directory, say) surface from inside the
+        # collector's task tree, wrapped in exception groups: one line for those too.
+        found = _find(group, (ConfigError, DevicesError, RecordingError))
+        if found is None:
+            raise
+        print(f"collector: {found}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 2  # pragma: no cover
+
+
+def _find(group: BaseExceptionGroup, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `types` in a (nested) exception group, if it holds only those
+    (and cancellations)."""
+    matched, rest = group.split(types)
+    if matched is None:
+        return None
+    if rest is not None and rest.subgroup(lambda e: not isinstance(e, trio.Cancelled)) is not None:
+        return None
+    todo: list[BaseException] = [matched]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(reversed(e.exceptions))
+        else:
+            return e
+    return None
 
 
 def _devices(args: argparse.Namespace) -> int:

@@ -17,12 +17,27 @@ from typing import Any
 import attrs
 
 from collector.wire.datagram import MAX_DATAGRAM, MIN_HELLO_LEN
+from collector.wire.jsonio import JsonError, check_value
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     pass
+
+
+#: Largest configuration one push may carry, as JSON: it has to fit a control-channel line and
+#: a COMMAND datagram to a UDP-only device.
+MAX_CONFIG_BYTES = 1024
+
+
+class ConfigPushError(Exception):
+    """A configuration push that was refused (`code` and `message` go into the answer)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @attrs.frozen
@@ -48,6 +63,13 @@ class Config:
     # [http]
     read_tokens: tuple[str, ...] = ()
     command_tokens: tuple[str, ...] = ()
+    http_max_connections: int = 256
+    http_max_per_client: int = 32
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 10.0
+    http_send_timeout: float = 10.0
+    http_idle_timeout: float = 30.0
+    http_max_body: int = 65536
     # [stream]
     stream_history: int = 300
     stream_queue: int = 5000
@@ -59,6 +81,9 @@ class Config:
     stream_min_interval: float = 0.002
     stream_max_subscribers: int = 100
     stream_max_message: int = 65536
+    stream_max_replies: int = 32
+    stream_handshake_timeout: float = 10.0
+    stream_max_handshakes: int = 32
     # [sessions]
     heartbeat_interval: float = 5.0
     timeout: float = 15.0
@@ -70,6 +95,17 @@ class Config:
     max_datagram: int = MAX_DATAGRAM
     max_devices: int = 10_000
     command_queue: int = 32
+    max_metrics_per_device: int = 256
+    max_config_rules: int = 256
+    send_timeout: float = 10.0
+    flapping_max: int = 20
+    flapping_window: float = 60.0
+    flapping_ban: float = 120.0
+    # [ratelimit]
+    ratelimit_per_source: float = 500.0
+    ratelimit_burst: float = 1000.0
+    ratelimit_total: float = 5000.0
+    ratelimit_max_sources: int = 4096
     # [commands]
     command_timeout: float = 30.0
     command_expiry: float = 300.0
@@ -88,6 +124,8 @@ class Config:
     record_fsync: bool = False
     # [shutdown]
     shutdown_grace: float = 5.0
+    shutdown_goodbye_timeout: float = 2.0
+    shutdown_close_timeout: float = 2.0
     # [logging]
     log_level: str = "INFO"
     log_format: str = "text"
@@ -107,7 +145,9 @@ class Config:
             problems.append("max_line must be at least 256")
         for name in (
             "max_tcp_connections", "max_devices", "command_queue", "stream_queue",
-            "stream_batch", "stream_max_subscribers", "stream_max_message",
+            "stream_batch", "stream_max_subscribers", "stream_max_message", "stream_max_replies",
+            "stream_max_handshakes", "http_max_connections", "http_max_per_client", "http_max_body",
+            "max_metrics_per_device", "max_config_rules", "flapping_max", "ratelimit_max_sources",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -115,6 +155,10 @@ class Config:
             "registration_timeout", "command_timeout", "command_expiry", "shutdown_grace",
             "stream_stall_limit", "stream_ping_interval", "stream_ping_timeout", "stream_heartbeat",
             "record_flush_interval", "record_buffer_mb", "record_segment_mb", "record_segment_minutes",
+            "http_header_timeout", "http_body_timeout", "http_send_timeout", "http_idle_timeout",
+            "stream_handshake_timeout", "send_timeout", "flapping_window", "flapping_ban",
+            "ratelimit_per_source", "ratelimit_burst", "ratelimit_total",
+            "shutdown_goodbye_timeout", "shutdown_close_timeout",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -156,7 +200,19 @@ _SECTIONS: dict[str, dict[str, str]] = {
             "max_datagram",
             "max_devices",
             "command_queue",
+            "max_metrics_per_device",
+            "max_config_rules",
+            "send_timeout",
+            "flapping_max",
+            "flapping_window",
+            "flapping_ban",
         )
+    },
+    "ratelimit": {
+        "per_source": "ratelimit_per_source",
+        "burst": "ratelimit_burst",
+        "total": "ratelimit_total",
+        "max_sources": "ratelimit_max_sources",
     },
     "commands": {
         "timeout": "command_timeout",
@@ -164,7 +220,17 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "retransmit_initial": "command_retransmit_initial",
         "retransmit_max": "command_retransmit_max",
     },
-    "http": {"read_tokens": "read_tokens", "command_tokens": "command_tokens"},
+    "http": {
+        "read_tokens": "read_tokens",
+        "command_tokens": "command_tokens",
+        "max_connections": "http_max_connections",
+        "max_connections_per_client": "http_max_per_client",
+        "header_timeout": "http_header_timeout",
+        "body_timeout": "http_body_timeout",
+        "send_timeout": "http_send_timeout",
+        "idle_timeout": "http_idle_timeout",
+        "max_body": "http_max_body",
+    },
     "stream": {
         "history": "stream_history",
         "queue_limit": "stream_queue",
@@ -176,6 +242,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "min_interval": "stream_min_interval",
         "max_subscribers": "stream_max_subscribers",
         "max_message": "stream_max_message",
+        "max_replies": "stream_max_replies",
+        "handshake_timeout": "stream_handshake_timeout",
+        "max_handshakes": "stream_max_handshakes",
     },
     "recording": {
         "dir": "record_dir",
@@ -189,7 +258,11 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "raw": "record_raw",
         "fsync": "record_fsync",
     },
-    "shutdown": {"grace": "shutdown_grace"},
+    "shutdown": {
+        "grace": "shutdown_grace",
+        "goodbye_timeout": "shutdown_goodbye_timeout",
+        "close_timeout": "shutdown_close_timeout",
+    },
     "logging": {"level": "log_level", "format": "log_format", "rate_limit": "log_rate_limit"},
 }
 
@@ -224,6 +297,13 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: Any) -> Config:
                     raise ConfigError("each [[device_config]] needs exactly 'match' and 'config'")
                 if not isinstance(rule["match"], str) or not isinstance(rule["config"], dict):
                     raise ConfigError("[[device_config]]: 'match' is a glob, 'config' a table")
+                try:
+                    check_value(rule["config"])
+                except JsonError as exc:
+                    raise ConfigError(
+                        f"[[device_config]] {rule['match']!r}: {exc.message} (configuration "
+                        "travels to devices as JSON: no dates, no inf or nan)"
+                    ) from None
                 rules.append(DeviceConfigRule(rule["match"], rule["config"]))
             continue
         keys = _SECTIONS.get(section)

@@ -142,8 +142,9 @@ async def test_config_push_by_glob_reaches_tcp_and_udp_devices_and_later_ones(
             "127.0.0.1", "udp-1", SECRETS["udp-1"], udp_port=uport, hello_counter=1
         ) as u1,
     ):
-        assert sorted(collector.push_config("dev-1", {"rate": 5})) == ["dev-1"]
-        assert sorted(collector.push_config("*", {"unit": "C"})) == ["dev-1", "dev-2", "udp-1"]
+        assert collector.push_config("dev-1", {"rate": 5}) == (["dev-1"], {})
+        sent, failed = collector.push_config("*", {"unit": "C"})
+        assert (sorted(sent), failed) == (["dev-1", "dev-2", "udp-1"], {})
         await trio.sleep(2)
         assert d1.config == {"rate": 5, "unit": "C"}
         assert d2.config == {"unit": "C"}

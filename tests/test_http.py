@@ -393,11 +393,12 @@ async def test_head_plain_stream_requests_and_a_bug_in_one_request(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(collector.http, "_healthz", broken)
-    status, _, _ = await http(collector, "GET", "/healthz")
-    assert status == 0  # the connection was closed without an answer
+    status, body = await api(collector, "GET", "/healthz")
+    assert (status, body["error"]["code"]) == (500, "internal_error")  # answered, not dropped
     monkeypatch.undo()
     assert (await api(collector, "GET", "/healthz"))[0] == 200  # the collector is still there
     assert collector.http.requests[("internal_error", 500)] == 1
+    assert collector.boundary.counts["http_request"] == 1
 
 
 async def test_stream_events_carry_what_a_page_needs(nursery, autojump_clock):

@@ -144,6 +144,8 @@ async def test_bad_input_is_counted_and_touches_no_device(nursery, autojump_cloc
         "bad_tag": 3,
         "replay": 1,
         "over_limit": 0,
+        "rate_limited": 0,
+        "banned": 0,
     }
     after = (device_state(collector), device_state(collector, "dev-2"))
     dup = attrs.evolve(before[0], duplicates=1)  # the replay verified: it is dev-1's own datagram

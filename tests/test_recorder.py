@@ -72,11 +72,11 @@ async def test_a_failing_disk_costs_records_but_never_ingest(nursery, autojump_c
     real = recorder.writer.write
     failures = []
 
-    def full_disk_once(data, now=None):
+    def full_disk_once(data, now=None, preamble=None):
         if not failures:
             failures.append(len(data))
             raise OSError(28, "No space left on device")
-        return real(data, now)
+        return real(data, now, preamble)
 
     recorder.writer.write = full_disk_once
     async with open_device(

@@ -109,7 +109,8 @@ def summarise(records: list[Record], reader: RecordingReader, gap: float) -> dic
             {
                 "name": s.path.name,
                 "records": s.scan.records,
-                "created": iso(s.header.created_us / 1e6),
+                "created": iso(s.header.created_us / 1e6) if s.header else None,
+                "damage": s.damage,
             }
             for s in reader.reports
         ],

@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from collector.core.boundary import ErrorBoundary
 from collector.core.events import CommandUpdate, Event
 from collector.wire import control
-from collector.wire.datagram import DatagramType, Flag, encode_command_payload, encode_datagram
+from collector.wire.datagram import (
+    MAX_DATAGRAM,
+    DatagramType,
+    Flag,
+    encode_command_payload,
+    encode_datagram,
+)
+from collector.wire.jsonio import dumps_bytes
 
 if TYPE_CHECKING:
     from collector.core.sessions import Session, SessionRegistry
@@ -79,7 +87,13 @@ class CommandManager:
         queue_limit: int,
         retransmit_initial: float,
         retransmit_max: float,
+        max_args: int = 2048,
+        max_datagram: int = MAX_DATAGRAM,
+        boundary: ErrorBoundary | None = None,
     ) -> None:
+        self.max_args = max_args
+        self.max_datagram = max_datagram
+        self.boundary = boundary or ErrorBoundary(trio.current_time)
         self.registry = registry
         self.known_device = known_device
         self.send_datagram = send_datagram
@@ -122,6 +136,16 @@ class CommandManager:
             raise CommandError("unknown_device", f"no device {device_id!r}")
         if not name or len(name) > 128:
             raise CommandError("bad_command", "a command needs a name of 1-128 characters")
+        args = dict(args or {})
+        try:
+            size = len(dumps_bytes(args))
+        except ValueError:  # not JSON (a bug of the caller: the HTTP API checks at its boundary)
+            raise CommandError("bad_command", "command arguments must be JSON values") from None
+        if size > self.max_args:
+            raise CommandError(
+                "too_large",
+                f"command arguments are at most {self.max_args} bytes of JSON, not {size}",
+            )
         if self.active_by_device[device_id] >= self.queue_limit:
             raise CommandError(
                 "queue_full", f"device {device_id!r} already has {self.queue_limit} open commands"
@@ -132,7 +156,7 @@ class CommandManager:
             id=f"c{next(self._ids):06d}",
             device_id=device_id,
             name=name,
-            args=dict(args or {}),
+            args=args,
             timeout=self.timeout if timeout is None else timeout,
             expires_at=now + (self.expiry if expires_in is None else expires_in),
             created=self.wall(),
@@ -163,6 +187,15 @@ class CommandManager:
         for cmd in list(self.commands.values()):
             if cmd.state == "sent":
                 await cmd.done.wait()
+
+    def abandon(self, commands: list[CommandRecord], why: str) -> int:
+        """Fail commands that were sent and will not get their answer (used on shutdown)."""
+        n = 0
+        for cmd in commands:
+            if not cmd.final:
+                self._finish(cmd, "failed", error=why)
+                n += 1
+        return n
 
     def expire_queued(self, why: str) -> int:
         n = 0
@@ -203,6 +236,15 @@ class CommandManager:
     # -- driving one command -------------------------------------------------------------------
 
     async def _drive(self, cmd: CommandRecord) -> None:
+        # The boundary of one command: a bug while driving it fails it, nothing else.
+        try:
+            await self._drive_unguarded(cmd)
+        except Exception as exc:
+            self.boundary.report("command", exc, f"{cmd.id} {cmd.name} to {cmd.device_id}")
+            if not cmd.final:
+                self._finish(cmd, "failed", error="internal error in the collector")
+
+    async def _drive_unguarded(self, cmd: CommandRecord) -> None:
         session: Session | None = None
         try:
             with trio.move_on_at(cmd.expires_at):
@@ -243,6 +285,13 @@ class CommandManager:
             encode_command_payload(cmd.id, cmd.name, cmd.args),
             flags=Flag.ACK_REQUESTED,
         )
+        if len(data) > self.max_datagram:
+            self._finish(
+                cmd,
+                "failed",
+                error=f"too large for a datagram to a UDP-only device ({len(data)} > {self.max_datagram} bytes)",
+            )
+            return
         session.udp_commands[seq] = cmd
         try:
             async with trio.open_nursery() as nursery:

@@ -63,6 +63,8 @@ class StreamConfig:
     min_interval: float = 0.002  # seconds between two rounds of messages to one subscriber
     max_subscribers: int = 100
     max_message: int = 65536  # largest message a client may send
+    max_replies: int = 32  # pongs and errors queued for a subscriber before more are dropped
+    max_metrics: int = 256  # metric names kept per device; readings of further names are refused
 
 
 class RowBatch(list):  # type: ignore[type-arg]
@@ -167,6 +169,12 @@ class Subscriber:
     done: trio.Event = attrs.field(factory=trio.Event)
     close_code: int | None = None
     close_reason: str | None = None
+    max_replies: int = 32
+    queued_replies: int = 0
+    replies_dropped: int = 0
+    #: a subscribe not acted on yet: the sender builds its snapshot when it next runs, so a
+    #: client that sends subscribe after subscribe without reading costs one snapshot, not many
+    pending_subscription: Subscription | None = None
 
     @property
     def queued(self) -> int:
@@ -216,6 +224,18 @@ class Subscriber:
             self.missed_total += 1
         c[key] = r
 
+    def offer_reply(self, message: dict[str, Any]) -> bool:
+        """Queue an answer to the client (a pong, an error). A client that sends faster than it
+        reads gets at most `max_replies` of them queued; the rest are counted and dropped."""
+        if self.queued_replies >= self.max_replies:
+            self.replies_dropped += 1
+            return False
+        self.queued_replies += 1
+        self.items.append(("m", message))
+        self.queued_events += 1
+        self._wake()
+        return True
+
     def offer_message(self, message: dict[str, Any], device_id: str | None = None) -> None:
         m = self.matcher
         if device_id is not None and (m is None or not m.device(device_id)):
@@ -228,7 +248,7 @@ class Subscriber:
             self.missed_pending += dropped
             self.missed_total += dropped
             self.items.clear()
-            self.queued_rows = self.queued_events = 0
+            self.queued_rows = self.queued_events = self.queued_replies = 0
             self.coalesced = None
             self.resync = True
             self._wake()
@@ -278,7 +298,7 @@ class Subscriber:
             yield stream.missed_message(self.missed_pending, self.missed_total)
             self.missed_pending = 0
         items, self.items = self.items, collections.deque()
-        self.queued_rows = self.queued_events = 0
+        self.queued_rows = self.queued_events = self.queued_replies = 0
         coalesced, self.coalesced = self.coalesced, None
         batches: list[list[Row]] = []
         for kind, body in items:
@@ -376,6 +396,8 @@ class StreamHub:
         self.closed_by_reason: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.missed_closed = 0  # missed updates of subscribers that are gone
+        self.metrics_refused = 0  # readings of metric names beyond a device's limit
+        self.replies_dropped_closed = 0
         self.messages_sent_closed = 0
         self.readings_sent_closed = 0
         self.rlog = RateLimitedLog(log, app.config.log_rate_limit)
@@ -394,6 +416,7 @@ class StreamHub:
         add_row = rows.append
         views = self.views
         hist = self.config.history
+        max_metrics = self.config.max_metrics
         for time, device_id, _seq, _dt, readings, _payload in batch:
             if not readings:
                 continue
@@ -403,6 +426,9 @@ class StreamHub:
             values = view.values
             history = view.history
             for name, value in readings:
+                if len(values) >= max_metrics and name not in values:
+                    self._refuse_metric(device_id, name)
+                    continue
                 row = (device_id, name, time, value)
                 add_row(row)
                 values[name] = row
@@ -420,6 +446,20 @@ class StreamHub:
         self.readings_in += len(rows)
         for sub in self.subscribers:
             sub.offer_rows(rows)
+
+    def _refuse_metric(self, device_id: str, name: str) -> None:
+        self.metrics_refused += 1
+        state = self.app.registry.devices.get(device_id)
+        if state is not None:
+            state.metrics_refused += 1
+        self.rlog.warning(
+            "metrics_refused",
+            trio.current_time(),
+            "device %s: reading %r refused: it already has %d metrics ([limits] max_metrics_per_device)",
+            device_id,
+            name,
+            self.config.max_metrics,
+        )
 
     def on_event(self, event: Event) -> None:
         self.stream_seq += 1
@@ -544,7 +584,8 @@ class StreamHub:
         while True:
             await trio.sleep_until(next_tick)
             next_tick += interval
-            self.tick()
+            with self.app.boundary.guard("task", "stream statistics"):
+                self.tick()
 
     def tick(self) -> None:
         # Wall time, not trio time: on a replay's virtual clock this gives replay rates.
@@ -588,6 +629,8 @@ class StreamHub:
             "messages_sent": self.messages_sent_closed + sum(s.messages_sent for s in subs),
             "readings_sent": self.readings_sent_closed + sum(s.readings_sent for s in subs),
             "missed": self.missed_closed + sum(s.missed_total for s in subs),
+            "replies_dropped": self.replies_dropped_closed + sum(s.replies_dropped for s in subs),
+            "metrics_refused": self.metrics_refused,
             "closed": dict(self.closed_by_reason),
             "errors": dict(self.errors),
             "per_subscriber": [
@@ -615,7 +658,13 @@ class StreamHub:
         cfg = self.config
         now = trio.current_time()
         sub = Subscriber(
-            next(self._ids), remote, cfg.queue_limit, cfg.batch_limit, now, notify=self._notify
+            next(self._ids),
+            remote,
+            cfg.queue_limit,
+            cfg.batch_limit,
+            now,
+            notify=self._notify,
+            max_replies=cfg.max_replies,
         )
         self.connections += 1
         self.subscribers.add(sub)
@@ -648,6 +697,12 @@ class StreamHub:
                             closed = _Closed(None, "message too big", "message too big (1009)")
                         else:
                             closed = _Closed(None, "closed by the client")
+                    except Exception as exc:
+                        # The boundary of one dashboard: a bug in serving it closes it (1011).
+                        self.app.boundary.report("subscriber", exc, f"subscriber {sub.id} {remote}")
+                        closed = _Closed(
+                            stream.CLOSE_INTERNAL_ERROR, "internal error", "internal error"
+                        )
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run, self._reader)
@@ -657,6 +712,7 @@ class StreamHub:
         finally:
             self.subscribers.discard(sub)
             self.missed_closed += sub.missed_total
+            self.replies_dropped_closed += sub.replies_dropped
             self.messages_sent_closed += sub.messages_sent
             self.readings_sent_closed += sub.readings_sent
         sub.close_code, sub.close_reason = closed.code, closed.reason
@@ -703,9 +759,10 @@ class StreamHub:
                 self._error(sub, exc.code, exc.message)
                 continue
             if isinstance(msg, stream.Ping):
-                sub.offer_message({"type": "pong", "id": msg.id})
+                sub.offer_reply({"type": "pong", "id": msg.id})
             else:
-                self._subscribe(sub, msg.subscription)
+                sub.pending_subscription = msg.subscription
+                sub._wake()
 
     def _error(self, sub: Subscriber, code: str, message: str) -> None:
         sub.errors += 1
@@ -713,7 +770,7 @@ class StreamHub:
         self.rlog.warning(
             code, trio.current_time(), "stream subscriber %d: %s: %s", sub.id, code, message
         )
-        sub.offer_message(stream.error_message(code, message))
+        sub.offer_reply(stream.error_message(code, message))
 
     def _subscribe(self, sub: Subscriber, subscription: Subscription) -> None:
         sub.matcher = Matcher(subscription)
@@ -722,6 +779,7 @@ class StreamHub:
         )
         sub.queued_rows = 0
         sub.queued_events = len(sub.items)
+        sub.queued_replies = sum(1 for it in sub.items if it[1]["type"] != "hello")
         sub.coalesced = None
         sub.resync = False
         sub.deferred.clear()
@@ -750,7 +808,11 @@ class StreamHub:
                 with trio.move_on_at(due):
                     await sub.wake.wait()
             sub.wake = trio.Event()
-            if sub.resync and sub.matcher is not None:
+            if sub.pending_subscription is not None:
+                subscription, sub.pending_subscription = sub.pending_subscription, None
+                self._subscribe(sub, subscription)
+                sub.wake = trio.Event()
+            elif sub.resync and sub.matcher is not None:
                 self._subscribe(sub, sub.matcher.subscription)
                 sub.wake = trio.Event()
             for message in sub.take(trio.current_time()):
@@ -814,6 +876,7 @@ def _stats_of(state: DeviceState | None, rate: float) -> dict[str, Any]:
             "lost": 0,
             "duplicates": 0,
             "readings": 0,
+            "metrics_refused": 0,
         }
     expected = state.datagrams + state.lost
     return {
@@ -825,6 +888,7 @@ def _stats_of(state: DeviceState | None, rate: float) -> dict[str, Any]:
         "duplicates": state.duplicates,
         "out_of_order": state.out_of_order,
         "readings": state.readings,
+        "metrics_refused": state.metrics_refused,
     }
 
 

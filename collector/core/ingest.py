@@ -18,7 +18,11 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import trio
+
+from collector.core.boundary import ErrorBoundary
 from collector.core.events import Listener, Telemetry, format_address
+from collector.core.ratelimit import SourceLimiter
 from collector.logs import RateLimitedLog
 from collector.wire import auth
 from collector.wire.datagram import (
@@ -49,7 +53,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("collector.ingest")
 
-REJECT_REASONS = ("malformed", "unknown_session", "bad_tag", "replay", "too_large", "over_limit")
+REJECT_REASONS = (
+    "malformed",
+    "unknown_session",
+    "bad_tag",
+    "replay",
+    "too_large",
+    "over_limit",
+    "rate_limited",
+    "banned",
+)
+
+
+def source_key(addr: Any) -> str:
+    """What the rate limits count by: the IPv4 address, or the /64 of an IPv6 address (one
+    host can use a whole /64)."""
+    host = addr[0]
+    if ":" not in host:
+        return host
+    return ":".join(host.split("%")[0].split(":")[:4])
+
 
 _unpack_header = HEADER.unpack_from
 _digest = hmac.digest
@@ -75,6 +98,8 @@ class Ingest:
         wall: Callable[[], float],
         listeners: Sequence[Listener],
         rate_limit: float = 10.0,
+        limiter: SourceLimiter | None = None,
+        boundary: ErrorBoundary | None = None,
     ) -> None:
         self.registry = registry
         self.secrets = secrets_by_device
@@ -88,6 +113,10 @@ class Ingest:
         self.raw_sink: Callable[[bytes, Any, float], None] | None = None
         self.sock: socket.socket | None = None
         self.rlog = RateLimitedLog(log, rate_limit)
+        if limiter is None:
+            limiter = SourceLimiter(rate=500.0, burst=1000.0, total=5000.0, max_sources=4096)
+        self.limiter = limiter
+        self.boundary = boundary or ErrorBoundary(trio.current_time)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.received = 0
         self.accepted = 0
@@ -116,7 +145,10 @@ class Ingest:
         if self._pending:
             batch, self._pending = self._pending, []
             for listener in self.listeners:
-                listener.on_telemetry(batch)
+                try:
+                    listener.on_telemetry(batch)
+                except Exception as exc:  # a listener's bug costs it this batch, nothing more
+                    self.boundary.report("listener", exc, type(listener).__name__)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -173,10 +205,22 @@ class Ingest:
                 "malformed", addr, f"version {version} type {typ} flags {flags:#x}/{reserved:#x}"
             )
         if typ == _HELLO:
+            if not self.limiter.allow(source_key(addr), self.now):
+                return self._rate_limited(addr, "HELLO")
             return self._hello(data, addr, sid, seq)
         session = self._sessions.get(sid)
         if session is None:
+            if not self.limiter.allow(source_key(addr), self.now):
+                return self._rate_limited(addr, f"session {sid}")
             return self.reject("unknown_session", addr, f"session {sid}")
+        if (
+            addr != session.address
+            and session.address is not None
+            and not self.limiter.allow(source_key(addr), self.now)
+        ):
+            # Not where the session's datagrams come from: a NAT rebinding, or someone who
+            # learned the session id. Either way no MAC is spent beyond the source's budget.
+            return self._rate_limited(addr, f"session {sid} from a new address")
         if not _compare(_digest(session.key, data[:-TAG_LEN], "sha256")[:TAG_LEN], data[-TAG_LEN:]):
             return self.reject("bad_tag", addr, f"session {sid} seq {seq}")
 
@@ -255,6 +299,16 @@ class Ingest:
             self.registry.end(session, "closed")
         return None
 
+    def _rate_limited(self, addr: Any, what: str) -> None:
+        self.rejected["rate_limited"] += 1
+        self.rlog.warning(
+            "rate_limited",
+            self.now,
+            "rate limited %s: %s (over its budget of unauthenticated datagrams)",
+            addr,
+            what,
+        )
+
     def _address_changed(self, session: Session, addr: Any) -> None:
         old = session.address
         session.address = addr
@@ -297,6 +351,13 @@ class Ingest:
             return self.reject("over_limit", addr, f"HELLO from {device_id} while shutting down")
         if not self.registry.can_open(device_id):
             return self.reject("over_limit", addr, f"HELLO from {device_id}: too many devices")
+        banned = self.registry.flapping.check(device_id, self.now)
+        if banned:
+            return self.reject(
+                "banned",
+                addr,
+                f"HELLO from {device_id}: registers too often, banned for {banned:.0f}s",
+            )
         self._hello_counters[device_id] = counter
         server_nonce = secrets.token_bytes(16)
         session_id = self.registry.new_session_id()

@@ -76,6 +76,15 @@ class Recorder:
         self.rlog = RateLimitedLog(log, 1.0)
         self._due = trio.Event()
         self._closed = False
+        #: sessions open now (from the events), and as of the last record handed to the writer:
+        #: a new segment starts with the latter, so a reader of that segment alone knows them
+        self._open: dict[int, dict[str, Any]] = {}
+        self._open_written: dict[int, dict[str, Any]] = {}
+        self._open_changed = False
+        self._open_version = 0
+        self._open_written_version = 0
+        self._open_written_snapshot: list[dict[str, Any]] = []
+        self.sessions_closed_at_start = 0
 
     # -- listener (synchronous, from ingest) --------------------------------------------------
 
@@ -98,6 +107,8 @@ class Recorder:
                 "transport": event.transport,
                 "address": event.address,
             }
+            self._open[event.session_id] = {**data, "since": event.time}
+            self._open_changed = True
             self._append(recording.encode_json_record(RecordType.ONLINE, event.time, data))
         elif isinstance(event, DeviceOffline):
             data = {
@@ -106,6 +117,8 @@ class Recorder:
                 "reason": event.reason,
                 "duration": event.duration,
             }
+            self._open.pop(event.session_id, None)
+            self._open_changed = True
             self._append(recording.encode_json_record(RecordType.OFFLINE, event.time, data))
         elif isinstance(event, CommandUpdate):
             data = {
@@ -145,6 +158,19 @@ class Recorder:
     ) -> None:
         """Open (and repair) the recording, then flush batches until cancelled."""
         self.repair = await trio.to_thread.run_sync(self.writer.open, self.wall())
+        if self.repair.cleaned:
+            log.warning(
+                "recording %s: removed what an interrupted compression left: %s",
+                self.config.directory,
+                ", ".join(self.repair.cleaned),
+            )
+        if self.repair.damaged:
+            log.warning(
+                "recording %s: %s; recording goes on in a new segment (readers skip the damaged one)",
+                self.config.directory,
+                self.repair.damaged,
+            )
+        self._close_sessions_of_a_crash(self.repair)
         if self.repair.truncated_bytes or self.repair.corrupt_regions:
             log.warning(
                 "recording %s: repaired %s (truncated a torn tail of %d bytes; %d corrupt regions left "
@@ -175,6 +201,47 @@ class Recorder:
             self._due = trio.Event()
             await self.flush()
 
+    def _close_sessions_of_a_crash(self, repair: RepairReport) -> None:
+        """Sessions the last writer left open (it was killed) end here, with reason
+        `collector_restart`, at the time of the last record it wrote: that is all anybody can
+        know of when they ended."""
+        if not repair.open_sessions or repair.last_time is None:
+            return
+        for s in repair.open_sessions:
+            since = s.get("since")
+            data = {
+                "device": s.get("device"),
+                "session_id": s.get("session_id"),
+                "reason": "collector_restart",
+                "duration": round(repair.last_time - since, 6)
+                if isinstance(since, float | int)
+                else 0.0,
+            }
+            self._append(recording.encode_json_record(RecordType.OFFLINE, repair.last_time, data))
+        self.sessions_closed_at_start = len(repair.open_sessions)
+        log.warning(
+            "recording %s: the last run stopped without closing %d sessions (a crash?): "
+            "closed them with reason collector_restart",
+            self.config.directory,
+            len(repair.open_sessions),
+        )
+
+    def _preamble(self) -> Callable[[], bytes]:
+        """What starts a new segment, should this write start one: the sessions open as of the
+        last record already written. Encoded only then (in the writer's thread), and the set
+        is copied only when sessions came or went since the last flush."""
+        if self._open_written_version != self._open_version:
+            self._open_written_snapshot = list(self._open_written.values())
+            self._open_written_version = self._open_version
+        sessions, now = self._open_written_snapshot, self.wall()
+
+        def encode() -> bytes:
+            return recording.encode_json_record(
+                RecordType.META, now, {"event": "segment", "open": sessions}
+            )
+
+        return encode
+
     async def flush(self) -> None:
         if not self.buffer:
             return
@@ -182,8 +249,13 @@ class Recorder:
         n = self.pending
         self.buffer.clear()
         self.pending = 0
+        preamble = self._preamble()
+        if self._open_changed:
+            self._open_written = dict(self._open)
+            self._open_changed = False
+            self._open_version += 1
         try:
-            closed = await trio.to_thread.run_sync(self.writer.write, data, self.wall())
+            closed = await trio.to_thread.run_sync(self.writer.write, data, self.wall(), preamble)
         except (OSError, recording.RecordingError) as exc:
             self.write_errors += 1
             self.dropped += n

@@ -10,15 +10,19 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from collector.wire.recording import (
+    BODY_HEADER,
     SEGMENT_HEADER_LEN,
+    EventRecord,
     Record,
     RecordingError,
+    RecordType,
     ScanReport,
     SegmentHeader,
     decode_body,
@@ -28,6 +32,33 @@ from collector.wire.recording import (
 )
 
 SEGMENT_RE = re.compile(r"seg-(\d{6,})\.rec(\.gz)?\Z")
+_SESSION_TYPES = (int(RecordType.ONLINE), int(RecordType.OFFLINE), int(RecordType.META))
+
+
+def _record_time(body: memoryview) -> float:
+    return BODY_HEADER.unpack_from(body)[1] / 1_000_000
+
+
+def _track_sessions(body: memoryview, sessions: dict[Any, dict[str, Any]]) -> None:
+    """Follow which sessions are open through ONLINE, OFFLINE and META records."""
+    try:
+        record = decode_body(body)
+    except RecordingError:
+        return
+    if not isinstance(record, EventRecord):
+        return
+    data = record.data
+    if record.type is RecordType.ONLINE:
+        sessions[data.get("session_id")] = {**data, "since": record.time}
+    elif record.type is RecordType.OFFLINE:
+        sessions.pop(data.get("session_id"), None)
+    elif data.get("event") == "open":  # a new writer: nothing before it is still open
+        sessions.clear()
+    elif data.get("event") == "segment":  # a segment's preamble: what was open at its start
+        sessions.clear()
+        for s in data.get("open") or ():
+            if isinstance(s, dict):
+                sessions[s.get("session_id")] = dict(s)
 
 
 # -- segment files --------------------------------------------------------------------------------
@@ -38,7 +69,12 @@ def segment_name(segment_no: int) -> str:
 
 
 def list_segments(directory: str | Path) -> list[tuple[int, Path]]:
-    """The segments of a recording directory, oldest first."""
+    """The segments of a recording directory, oldest first, one path per segment number.
+
+    A compression interrupted by a crash can leave both `seg-N.rec` and `seg-N.rec.gz` (the
+    rename happened, the unlink did not): the uncompressed original wins. Temporary files
+    (`.gz.tmp`) are never segments.
+    """
     directory = Path(directory)
     if not directory.exists():
         raise RecordingError(f"recording directory {directory} does not exist")
@@ -50,12 +86,14 @@ def list_segments(directory: str | Path) -> list[tuple[int, Path]]:
         raise RecordingError(
             f"cannot read recording directory {directory}: {exc.strerror}"
         ) from None
-    out = []
+    by_number: dict[int, Path] = {}
     for name in names:
         m = SEGMENT_RE.match(name)
         if m:
-            out.append((int(m.group(1)), directory / name))
-    return sorted(out)
+            n = int(m.group(1))
+            if n not in by_number or not m.group(2):  # .rec over .rec.gz
+                by_number[n] = directory / name
+    return sorted(by_number.items())
 
 
 def read_segment(path: Path) -> bytes:
@@ -70,15 +108,53 @@ def read_segment(path: Path) -> bytes:
         ) from None
 
 
+def read_segment_salvaging(path: Path) -> tuple[bytes, str | None]:
+    """The bytes of a segment, and what went wrong reading it (None if nothing did).
+
+    A damaged compressed segment gives what decompressed before the damage (its records are
+    then checked one by one as usual); a file that cannot be read at all gives no bytes.
+    """
+    if path.suffix != ".gz":
+        try:
+            return path.read_bytes(), None
+        except OSError as exc:
+            return b"", f"cannot read it: {exc.strerror}"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return b"", f"cannot read it: {exc.strerror}"
+    out = bytearray()
+    d = zlib.decompressobj(wbits=31)  # gzip
+    try:
+        for i in range(0, len(raw), 1 << 16):
+            out += d.decompress(raw[i : i + (1 << 16)])
+            while d.eof and d.unused_data:  # concatenated gzip members
+                rest = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+                out += d.decompress(rest)
+        if not d.eof:
+            return bytes(out), "the compressed data ends early"
+    except zlib.error as exc:
+        return bytes(out), f"damaged compressed data ({exc}); read what came before it"
+    return bytes(out), None
+
+
 @attrs.define
 class SegmentReport:
     path: Path
-    header: SegmentHeader
+    header: SegmentHeader | None  # None: the header did not decode (the segment was skipped)
     scan: ScanReport
+    damage: str | None = None  # why the segment was skipped, or only partly read
 
 
 class RecordingReader:
-    """Reads every valid record of a recording directory, segment by segment, in order."""
+    """Reads every valid record of a recording directory, segment by segment, in order.
+
+    A damaged segment (a header cut short or corrupt, compressed data that does not
+    decompress) costs only itself: it is counted (`damaged_segments`), described in
+    `problems()`, and what could be read of it is. A segment of a newer format version stops
+    the reader with a RecordingError: it cannot know what the records mean.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -91,9 +167,17 @@ class RecordingReader:
     def records(self) -> Iterator[Record]:
         self.reports = []
         for _, path in self.segments:
-            data = read_segment(path)
-            header = decode_segment_header(data, str(path))
-            report = SegmentReport(path, header, ScanReport())
+            data, damage = read_segment_salvaging(path)
+            try:
+                header = decode_segment_header(data, str(path))
+            except RecordingError as exc:
+                if "newer than this reader" in str(exc):
+                    raise
+                self.reports.append(
+                    SegmentReport(path, None, ScanReport(), damage or str(exc).split(": ", 1)[-1])
+                )
+                continue
+            report = SegmentReport(path, header, ScanReport(), damage)
             self.reports.append(report)
             for _rtype, body in scan_records(data, report.scan):
                 try:
@@ -109,10 +193,17 @@ class RecordingReader:
     def torn_tails(self) -> int:
         return sum(1 for r in self.reports if r.scan.torn_tail is not None)
 
+    @property
+    def damaged_segments(self) -> int:
+        return sum(1 for r in self.reports if r.damage is not None)
+
     def problems(self) -> list[str]:
         """One line per corruption found, for a person."""
         out = []
         for r in self.reports:
+            if r.damage is not None:
+                what = "skipped" if r.header is None else "partly read"
+                out.append(f"{r.path.name}: damaged segment, {what}: {r.damage}")
             for s, e in r.scan.corrupt_regions:
                 out.append(f"{r.path.name}: skipped {e - s} corrupt bytes at offset {s}")
             if r.scan.torn_tail is not None:
@@ -132,9 +223,17 @@ class RecordingReader:
 
 @attrs.define
 class RepairReport:
+    """What opening a recording for appending found and did."""
+
     segment: Path | None
     truncated_bytes: int = 0
     corrupt_regions: int = 0
+    #: sessions that were open when the last writer stopped without closing them (a crash):
+    #: the ONLINE data of each (device, session_id, transport, address, since)
+    open_sessions: list[dict[str, Any]] = attrs.field(factory=list)
+    last_time: float | None = None  # of the last valid record, wall clock seconds
+    damaged: str | None = None  # the newest segment could not be appended to: why
+    cleaned: list[str] = attrs.field(factory=list)  # leftovers removed (interrupted compression)
 
 
 class SegmentWriter:
@@ -186,6 +285,7 @@ class SegmentWriter:
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise RecordingError(f"recording directory {self.directory} is not writable")
         self._lock()
+        cleaned = self._clean_leftovers()
         segments = list_segments(self.directory)
         if segments and segments[-1][1].suffix == ".rec":
             self.segment_no, path = segments[-1]
@@ -193,7 +293,26 @@ class SegmentWriter:
         else:
             self.segment_no = segments[-1][0] if segments else 0
             self._new_segment(now)
+        self.repair.cleaned = cleaned
         return self.repair
+
+    def _clean_leftovers(self) -> list[str]:
+        """Finish what a crash interrupted: a compression's temporary file goes, and where a
+        segment exists both compressed and not, the compressed copy goes (the original is
+        complete; list_segments already prefers it)."""
+        removed = []
+        names = set(os.listdir(self.directory))
+        for name in sorted(names):
+            leftover = name.endswith(".rec.gz.tmp") or (
+                name.endswith(".rec.gz") and name[: -len(".gz")] in names
+            )
+            if leftover and name.startswith("seg-"):
+                try:
+                    (self.directory / name).unlink()
+                    removed.append(name)
+                except OSError:
+                    pass
+        return removed
 
     def _lock(self) -> None:
         """One writer per directory: two would interleave their records in one segment."""
@@ -222,11 +341,32 @@ class SegmentWriter:
             self.segment_no -= 1
             self._new_segment(now)
             return
-        header = decode_segment_header(data, str(path))
+        try:
+            header = decode_segment_header(data, str(path))
+        except RecordingError as exc:
+            if "newer than this reader" in str(exc):
+                raise RecordingError(
+                    f"{exc}; this collector cannot append to it: record to another directory"
+                ) from None
+            # A damaged header: leave the segment for readers (which skip and count it) and
+            # go on in a new one.
+            self.repair = RepairReport(path, damaged=str(exc))
+            self._new_segment(now)
+            return
         report = ScanReport()
-        for _ in scan_records(data, report):
-            pass
-        self.repair = RepairReport(path, len(data) - report.valid_end, len(report.corrupt_regions))
+        sessions: dict[Any, dict[str, Any]] = {}
+        last_time: float | None = None
+        for rtype, body in scan_records(data, report):
+            if rtype in _SESSION_TYPES:
+                _track_sessions(body, sessions)
+            last_time = _record_time(body)
+        self.repair = RepairReport(
+            path,
+            len(data) - report.valid_end,
+            len(report.corrupt_regions),
+            open_sessions=list(sessions.values()),
+            last_time=last_time,
+        )
         fd = os.open(path, os.O_WRONLY)
         try:
             if report.valid_end < len(data):
@@ -255,8 +395,16 @@ class SegmentWriter:
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def write(self, data: bytes, now: float | None = None) -> list[Path]:
+    def write(
+        self,
+        data: bytes,
+        now: float | None = None,
+        preamble: Callable[[], bytes] | None = None,
+    ) -> list[Path]:
         """Append `data` (whole records). Returns the segments closed by rotation, if any.
+
+        `preamble()` (whole records) is written first if the write starts a new segment: the
+        recorder puts there what a reader of that segment alone needs (the open sessions).
 
         A failed write (a full disk) raises OSError after truncating back to the last whole
         record, so the file never keeps half a record from this process.
@@ -270,6 +418,8 @@ class SegmentWriter:
             or now - self.opened_at >= self.segment_seconds
         ):
             closed.append(self.rotate(now))
+            if preamble is not None:
+                data = preamble() + data
         start = self.size
         try:
             self._write_all(data)

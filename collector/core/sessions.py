@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from collector.core.events import DeviceOffline, DeviceOnline, Event, format_address
+from collector.core.ratelimit import FlappingDetector
 from collector.wire.replay_window import ReplayWindow
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class DeviceState:
     duplicates: int = 0  # authenticated but already seen: retransmissions, duplicates, replays
     out_of_order: int = 0  # arrived after a higher sequence number, within the window
     malformed: int = 0  # authenticated but with a payload that does not decode
+    metrics_refused: int = 0  # readings of metric names beyond [limits] max_metrics_per_device
     address_changes: int = 0
     sessions: int = 0
     address: str | None = None
@@ -122,8 +124,11 @@ class SessionRegistry:
         window_blocks: int,
         wall: Callable[[], float],
         emit: Callable[[Event], None],
+        flapping: FlappingDetector | None = None,
     ) -> None:
         self.timeout = timeout
+        #: registrations per device in a window: a device that registers in a loop is banned
+        self.flapping = flapping or FlappingDetector(max_count=20, window=60.0, ban=120.0)
         self.max_devices = max_devices
         self.window_blocks = window_blocks
         self.wall = wall

@@ -394,11 +394,17 @@ def _single_errors() -> Iterator[None]:
         raise
 
 
-async def _open_udp(host: str, port: int) -> trio.socket.SocketType:
+async def _open_udp(host: str, port: int, local_host: str | None = None) -> trio.socket.SocketType:
     info = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = info[0]
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    await sock.connect(addr)
+    try:
+        if local_host is not None:
+            await sock.bind((local_host, 0))
+        await sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -421,10 +427,12 @@ async def open_device(
     on_command: CommandHandler | None = None,
     heartbeat: bool = True,
     say_goodbye: bool = True,
+    local_host: str | None = None,
 ) -> AsyncIterator[DeviceClient]:
     """Register over TCP and run the device until the block exits (then say goodbye).
 
-    `udp_port` overrides the port from the welcome (for tests behind port mapping).
+    `udp_port` overrides the port from the welcome (for tests behind port mapping);
+    `local_host` is the address datagrams are sent from (default: what the route picks).
     """
     stream = await trio.open_tcp_stream(host, tcp_port)
     async with stream:
@@ -441,7 +449,7 @@ async def open_device(
         if not isinstance(welcome, control.Welcome):
             raise RegistrationError("protocol", f"expected a welcome, got {welcome!r}")
         key = auth.session_key(secret, device_id, event.nonce, cnonce, welcome.session_id)
-        udp = await _open_udp(host, udp_port or welcome.udp_port)
+        udp = await _open_udp(host, udp_port or welcome.udp_port, local_host)
         with udp:
             client = DeviceClient(
                 device_id,
@@ -473,6 +481,7 @@ async def open_udp_device(
     say_goodbye: bool = True,
     hello_attempts: int = 5,
     hello_timeout: float = 1.0,
+    local_host: str | None = None,
 ) -> AsyncIterator[DeviceClient]:
     """Register with a HELLO datagram (no TCP) and run the device until the block exits.
 
@@ -481,7 +490,7 @@ async def open_udp_device(
     """
     counter = hello_counter if hello_counter is not None else int(time.time() * 1000) & MAX_SEQ
     hello_k = auth.hello_key(secret)
-    udp = await _open_udp(host, udp_port)
+    udp = await _open_udp(host, udp_port, local_host)
     with udp:
         welcome = None
         for attempt in range(hello_attempts):

@@ -21,13 +21,16 @@ Routes (docs/STREAM.md has the details):
 
 Tokens: `Authorization: Bearer <token>`, or `?token=<token>` (browsers cannot set headers on a
 WebSocket). With no tokens configured, access control is off.
+
+Every wait on a client has a deadline (`[http]` header, body, send and idle timeouts, the
+stream's handshake timeout), connections are capped in all and per client address, and each
+request is an error boundary: a bug answers 500 and costs nothing else.
 """
 
 from __future__ import annotations
 
 import collections
 import hmac
-import json
 import logging
 import mimetypes
 import re
@@ -41,21 +44,22 @@ import h11
 import trio
 import trio_websocket
 
+from collector.config import ConfigPushError
 from collector.core.commands import CommandError, command_json
 from collector.core.events import format_address
 from collector.logs import RateLimitedLog
 from collector.servers import metrics
 from collector.servers.serving import Acceptor
+from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
 if TYPE_CHECKING:
     from collector.app import Collector
 
 log = logging.getLogger("collector.http")
 
-MAX_BODY = 64 * 1024
-REQUEST_TIMEOUT = 10.0
-IDLE_TIMEOUT = 30.0
 WEB = resources.files("collector") / "web"
+SEND_CHUNK = 64 * 1024  # a send makes progress at least this often, or times out
+MAX_QUERY_FIELDS = 32
 
 READ, COMMAND = 1, 2
 
@@ -93,12 +97,67 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def json_response(status: int, obj: Any) -> Response:
-    return Response(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+def json_response(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, dumps_bytes(obj) + b"\n", headers=headers)
 
 
-def error_response(status: int, code: str, message: str) -> Response:
-    return json_response(status, {"error": {"code": code, "message": message}})
+def error_response(
+    status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    return json_response(status, {"error": {"code": code, "message": message}}, headers)
+
+
+class _ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class _Timeout(Exception):
+    """A client did not send (or take) what it had to within its deadline."""
+
+    def __init__(self, kind: str, started: bool) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.started = started  # the client had sent part of a request
+
+
+LINGER = 1.0
+LINGER_BYTES = 256 * 1024
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    """Close without losing what was sent. Closing a socket with unread input makes the kernel
+    send a reset, which can discard an answer still in the client's buffers (a refusal, an
+    error about a request it is still sending): so half-close first, and read and drop what
+    the client still sends, for a moment and a bounded number of bytes."""
+    with trio.move_on_after(LINGER):
+        try:
+            await stream.send_eof()
+            n = 0
+            while n < LINGER_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                n += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _refusal(status: int, code: str, message: str) -> bytes:
+    """A whole response, for refusing a connection before any request was read."""
+    body = dumps_bytes({"error": {"code": code, "message": message}}) + b"\n"
+    reason = HTTPStatus(status).phrase.encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, reason, len(body))
+    ) + body
 
 
 class HttpServer:
@@ -106,13 +165,20 @@ class HttpServer:
         self, app: Collector, *, read_tokens: tuple[str, ...], command_tokens: tuple[str, ...]
     ) -> None:
         assert app.hub is not None
+        cfg = app.config
         self.app = app
         self.hub = app.hub
-        self.read_tokens = tuple(read_tokens)
-        self.command_tokens = tuple(command_tokens)
+        self.config = cfg
+        self.read_tokens = tuple(t.encode() for t in read_tokens)
+        self.command_tokens = tuple(t.encode() for t in command_tokens)
         self.access_control = bool(read_tokens or command_tokens)
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
-        self.rlog = RateLimitedLog(log, app.config.log_rate_limit)
+        self.timeouts: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.active = 0
+        self.handshakes = 0
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.rlog = RateLimitedLog(log, cfg.log_rate_limit)
         self.registry = metrics.make_registry(app)
         self.acceptor = Acceptor()
         self.address: tuple[Any, ...] | None = None
@@ -140,14 +206,16 @@ class HttpServer:
     def _access(self, headers: dict[bytes, bytes], query: dict[str, list[str]]) -> int:
         if not self.access_control:
             return COMMAND
-        token = None
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth.lower().startswith("bearer "):
+        token: bytes | None = None
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
             token = auth[7:].strip()
         elif "token" in query:
-            token = query["token"][0]
+            token = query["token"][0].encode("utf-8", "surrogateescape")
         if token is None:
             return 0
+        # Bytes, so any token a client sends compares in constant time (str would refuse
+        # non-ASCII text with a TypeError).
         if any(hmac.compare_digest(token, t) for t in self.command_tokens):
             return COMMAND
         if any(hmac.compare_digest(token, t) for t in self.read_tokens):
@@ -156,68 +224,134 @@ class HttpServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
-            peer = format_address(stream.socket.getpeername()) or "?"
+            addr = stream.socket.getpeername()
         except OSError:
+            await stream.aclose()
             return
+        peer = format_address(addr) or "?"
+        client = addr[0]
+        cfg = self.config
+        if (
+            self.active >= cfg.http_max_connections
+            or self.per_client[client] >= cfg.http_max_per_client
+        ):
+            which = "total" if self.active >= cfg.http_max_connections else "per_client"
+            self.refused[which] += 1
+            self.requests[("refused", 503)] += 1
+            self.rlog.warning(
+                "http_refused",
+                trio.current_time(),
+                "refused an HTTP connection from %s: too many connections (%s limit)",
+                peer,
+                which,
+            )
+            limit = cfg.http_max_connections if which == "total" else cfg.http_max_per_client
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(
+                        _refusal(
+                            503, "too_many_connections", f"at most {limit} connections ({which})"
+                        )
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await _close(stream)
+            return
+        self.active += 1
+        self.per_client[client] += 1
+        try:
+            await self._serve_connection(stream, peer)
+        finally:
+            self.active -= 1
+            self.per_client[client] -= 1
+            if self.per_client[client] <= 0:
+                del self.per_client[client]
+
+    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         raw = bytearray()  # the bytes of the first request, in case it is a WebSocket upgrade
         first = True
-        async with stream:
+        try:
             try:
                 while True:
-                    with trio.move_on_after(IDLE_TIMEOUT if not first else REQUEST_TIMEOUT) as idle:
-                        request, body = await self._read_request(
-                            stream, conn, raw if first else None
-                        )
-                    if idle.cancelled_caught or request is None:
+                    request, body = await self._read_request(
+                        stream, conn, raw if first else None, first
+                    )
+                    if request is None:
                         return
                     if self._is_upgrade(request):
                         if not first or request.target.split(b"?")[0] != b"/stream":
-                            await self._send(
-                                stream,
-                                conn,
-                                error_response(400, "bad_upgrade", "WebSocket only on /stream"),
-                                "ws",
+                            response = error_response(
+                                400, "bad_upgrade", "WebSocket only on /stream"
                             )
+                            await self._send(stream, conn, response, "ws")
                             return
-                        await self._websocket(stream, bytes(raw), request, peer)
+                        await self._websocket(stream, conn, bytes(raw), request, peer)
                         return
                     first = False
-                    route, response = self.route(request, body)
+                    route, response = self._answer(request, body)
                     self.requests[(route, response.status)] += 1
                     await self._send(stream, conn, response, route, head=request.method == b"HEAD")
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
             except h11.RemoteProtocolError as exc:
-                self.requests[("bad_request", 400)] += 1
+                status = exc.error_status_hint
+                self.requests[("bad_request", status)] += 1
                 self.rlog.warning(
                     "bad_http", trio.current_time(), "bad HTTP request from %s: %s", peer, exc
                 )
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    code = "too_large" if status == 413 else "bad_request"
                     await self._send(
-                        stream,
-                        conn,
-                        error_response(exc.error_status_hint, "bad_request", str(exc)),
-                        "bad_request",
+                        stream, conn, error_response(status, code, str(exc)), "bad_request"
                     )
+            except _Timeout as exc:
+                self.timeouts[exc.kind] += 1
+                if (
+                    exc.kind in ("header", "body")
+                    and exc.started
+                    and conn.our_state
+                    in (
+                        h11.IDLE,
+                        h11.SEND_RESPONSE,
+                    )
+                ):
+                    self.requests[("timeout", 408)] += 1
+                    with trio.move_on_after(1.0):
+                        await stream.send_all(
+                            _refusal(
+                                408,
+                                "request_timeout",
+                                f"the request took longer than its {exc.kind} timeout",
+                            )
+                        )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            except Exception:
-                # This handler is an error boundary: a bug in answering one request closes that
-                # connection (logged with its traceback, counted), never the collector.
-                self.requests[("internal_error", 500)] += 1
-                log.exception("internal error answering %s", peer)
+        finally:
+            await _close(stream)
 
     async def _read_request(
-        self, stream: trio.SocketStream, conn: h11.Connection, raw: bytearray | None
+        self, stream: trio.SocketStream, conn: h11.Connection, raw: bytearray | None, first: bool
     ) -> tuple[h11.Request | None, bytes]:
+        cfg = self.config
+        wait = cfg.http_header_timeout if first else cfg.http_idle_timeout
+        deadline = trio.current_time() + wait
+        kind = "header" if first else "idle"
         request: h11.Request | None = None
         body = bytearray()
+        started = False
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
+                with trio.move_on_at(deadline) as cs:
+                    data = await stream.receive_some(65536)
+                if cs.cancelled_caught:
+                    raise _Timeout(kind, started)
+                if not started and data:
+                    started = True
+                    if kind == "idle":  # the next request began: its head gets the header timeout
+                        kind, deadline = "header", trio.current_time() + cfg.http_header_timeout
                 if raw is not None and request is None:
                     raw += data
                 conn.receive_data(data)
@@ -226,19 +360,29 @@ class HttpServer:
                 request = event
                 if self._is_upgrade(event):
                     return request, b""
+                length = dict(event.headers).get(b"content-length")
+                if length is not None and length.isdigit() and int(length) > cfg.http_max_body:
+                    raise h11.RemoteProtocolError(
+                        f"request body over {cfg.http_max_body} bytes", error_status_hint=413
+                    )
+                kind, deadline = "body", trio.current_time() + cfg.http_body_timeout
             elif isinstance(event, h11.Data):
                 body += event.data
-                if len(body) > MAX_BODY:
-                    raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+                if len(body) > cfg.http_max_body:
+                    raise h11.RemoteProtocolError(
+                        f"request body over {cfg.http_max_body} bytes", error_status_hint=413
+                    )
             elif isinstance(event, h11.EndOfMessage):
                 return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None, b""
 
     @staticmethod
     def _is_upgrade(request: h11.Request) -> bool:
-        headers = {k.lower(): v.lower() for k, v in request.headers}
-        return headers.get(b"upgrade") == b"websocket"
+        for k, v in request.headers:
+            if k == b"upgrade":
+                return v.lower() == b"websocket"
+        return False
 
     async def _send(
         self,
@@ -265,99 +409,143 @@ class HttpServer:
         if r.body and not head:  # a HEAD answer has the GET's headers and no body
             data += conn.send(h11.Data(data=r.body))
         data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
+        await self._send_bytes(stream, data)
+
+    async def _send_bytes(self, stream: trio.abc.Stream, data: bytes) -> None:
+        """Send, making progress at least every `send_timeout` (a client that does not read
+        is dropped; a slow one that does, however large the answer, is not)."""
+        view = memoryview(data)
+        for i in range(0, len(view), SEND_CHUNK):
+            with trio.move_on_after(self.config.http_send_timeout) as cs:
+                await stream.send_all(view[i : i + SEND_CHUNK])
+            if cs.cancelled_caught:
+                raise _Timeout("send", True)
 
     async def _websocket(
-        self, stream: trio.SocketStream, raw: bytes, request: h11.Request, peer: str
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        raw: bytes,
+        request: h11.Request,
+        peer: str,
     ) -> None:
-        target = request.target.decode("latin-1")
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        try:
+            _, query = _split_target(request.target)
+        except _ApiError as exc:
+            await self._send(
+                stream, conn, error_response(exc.status, exc.code, exc.message), "stream"
+            )
+            return
         headers = {k.lower(): v for k, v in request.headers}
         access = self._access(headers, query)
-        async with trio.open_nursery() as nursery:
-            ws_request = await trio_websocket.wrap_server_stream(
-                nursery,
-                PrefixedStream(stream, raw),
-                max_message_size=self.hub.config.max_message,
+        # Refusals are plain HTTP answers from here, and then the connection is closed: no
+        # WebSocket machinery is started for a client that will not get a stream.
+        if access < READ:
+            self.requests[("stream", 401)] += 1
+            self.hub.errors["unauthorized"] += 1
+            self.rlog.warning(
+                "unauthorized", trio.current_time(), "stream from %s: bad or missing token", peer
             )
-            if access < READ:
-                self.requests[("stream", 401)] += 1
-                self.hub.errors["unauthorized"] += 1
-                self.rlog.warning(
-                    "unauthorized",
-                    trio.current_time(),
-                    "stream from %s: bad or missing token",
-                    peer,
-                )
-                await ws_request.reject(
-                    401,
-                    extra_headers=[
-                        (b"content-type", b"application/json"),
-                        (b"www-authenticate", b"Bearer"),
-                    ],
-                    body=b'{"error":{"code":"unauthorized","message":"a valid read token is needed"}}\n',
-                )
-                return
-            if not self.hub.can_accept() or not self.app.accepting:
-                self.requests[("stream", 503)] += 1
-                await ws_request.reject(
-                    503,
-                    body=b'{"error":{"code":"unavailable","message":"too many subscribers or shutting down"}}\n',
-                )
+            response = error_response(
+                401,
+                "unauthorized",
+                "a valid read token is needed",
+                (("www-authenticate", "Bearer"),),
+            )
+            await self._send(stream, conn, response, "stream")
+            return
+        if (
+            not self.hub.can_accept()
+            or not self.app.accepting
+            or self.handshakes >= self.config.stream_max_handshakes
+        ):
+            self.requests[("stream", 503)] += 1
+            self.hub.errors["unavailable"] += 1
+            response = error_response(
+                503, "unavailable", "too many subscribers or handshakes, or shutting down"
+            )
+            await self._send(stream, conn, response, "stream")
+            return
+        async with trio.open_nursery() as nursery:
+            self.handshakes += 1
+            try:
+                with trio.move_on_after(self.config.stream_handshake_timeout) as cs:
+                    ws_request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        PrefixedStream(stream, raw),
+                        max_message_size=self.hub.config.max_message,
+                    )
+                    ws = await ws_request.accept()
+            finally:
+                self.handshakes -= 1
+            if cs.cancelled_caught:
+                self.timeouts["handshake"] += 1
+                nursery.cancel_scope.cancel()
                 return
             self.requests[("stream", 101)] += 1
-            ws = await ws_request.accept()
             await self.hub.run_subscriber(ws, peer, can_command=access >= COMMAND)
             nursery.cancel_scope.cancel()
 
     # -- routing (synchronous: everything here answers from memory) ----------------------------
 
+    def _answer(self, request: h11.Request, body: bytes) -> tuple[str, Response]:
+        """The boundary of one request: a bug answers 500 and costs nothing else."""
+        try:
+            return self.route(request, body)
+        except Exception as exc:
+            what = f"{request.method.decode('ascii', 'replace')} {request.target[:200]!r}"
+            self.app.boundary.report("http_request", exc, what)
+            return "internal_error", error_response(
+                500, "internal_error", "the collector failed to answer this request"
+            )
+
     def route(self, request: h11.Request, body: bytes) -> tuple[str, Response]:
         method = request.method.decode("ascii", "replace")
-        split = urllib.parse.urlsplit(request.target.decode("latin-1"))
-        path = urllib.parse.unquote(split.path)
-        query = urllib.parse.parse_qs(split.query)
+        try:
+            path, query = _split_target(request.target)
+        except _ApiError as exc:
+            return "bad_request", error_response(exc.status, exc.code, exc.message)
         headers = {k.lower(): v for k, v in request.headers}
 
         if path == "/" or path.startswith("/static/"):
             return "static", self._static(method, path)
         if path == "/healthz":
+            if method not in ("GET", "HEAD"):
+                return "healthz", _method_not_allowed("GET, HEAD")
             return "healthz", self._healthz(method)
         access = self._access(headers, query)
         need = COMMAND if method == "POST" else READ
         if access < need:
             if access < READ:
                 return path_route(path), error_response(
-                    401, "unauthorized", "a valid bearer token is needed"
+                    401,
+                    "unauthorized",
+                    "a valid bearer token is needed",
+                    (("www-authenticate", "Bearer"),),
                 )
             return path_route(path), error_response(
                 403, "forbidden", "this token may read but not send commands"
             )
         if path == "/stream":  # a plain request where a WebSocket upgrade belongs
-            return "stream", Response(
-                426,
-                json_response(
-                    426,
-                    {"error": {"code": "upgrade_required", "message": "connect with a WebSocket"}},
-                ).body,
-                headers=(("upgrade", "websocket"),),
+            return "stream", error_response(
+                426, "upgrade_required", "connect with a WebSocket", (("upgrade", "websocket"),)
             )
         if path == "/metrics":
-            if method != "GET":
-                return "metrics", error_response(405, "method_not_allowed", "GET only")
+            if method not in ("GET", "HEAD"):
+                return "metrics", _method_not_allowed("GET, HEAD")
             return "metrics", Response(200, metrics.render(self.registry), metrics.CONTENT_TYPE)
         route = path_route(path)
         try:
             return route, self._api(method, path, query, body)
         except _ApiError as exc:
-            return route, error_response(exc.status, exc.code, exc.message)
+            return route, error_response(exc.status, exc.code, exc.message, exc.headers)
 
     def _static(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
-            return error_response(405, "method_not_allowed", "GET only")
+            return _method_not_allowed("GET, HEAD")
         name = "index.html" if path == "/" else path[len("/static/") :]
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?", name) or ".." in name:
-            return error_response(404, "not_found", f"no file {name!r}")
+            return error_response(404, "not_found", f"no file {name[:100]!r}")
         resource = WEB.joinpath(*name.split("/"))
         if not resource.is_file():
             return error_response(404, "not_found", f"no file {name!r}")
@@ -429,7 +617,7 @@ class HttpServer:
             _only(method, "GET")
             cmd = app.commands.get(parts[2])
             if cmd is None:
-                raise _ApiError(404, "unknown_command", f"no command {parts[2]!r}")
+                raise _ApiError(404, "unknown_command", f"no command {parts[2][:100]!r}")
             return json_response(200, command_json(cmd))
         if parts == ["api", "replay"]:
             return self._replay(method, body)
@@ -437,10 +625,19 @@ class HttpServer:
             _only(method, "POST")
             req = _json_body(body)
             match, config = req.get("match"), req.get("config")
-            if not isinstance(match, str) or not isinstance(config, dict):
+            if (
+                not isinstance(match, str)
+                or not 0 < len(match) <= 128
+                or not isinstance(config, dict)
+            ):
                 raise _ApiError(400, "bad_config", 'send {"match": glob, "config": object}')
-            return json_response(200, {"match": match, "sent_to": app.push_config(match, config)})
-        raise _ApiError(404, "not_found", f"no route {path!r}")
+            try:
+                sent, failed = app.push_config(match, config)
+            except ConfigPushError as exc:
+                status = 413 if exc.code == "config_too_large" else 409
+                raise _ApiError(status, exc.code, exc.message) from None
+            return json_response(200, {"match": match, "sent_to": sent, "failed": failed})
+        raise _ApiError(404, "not_found", f"no route {path[:100]!r}")
 
     def _replay(self, method: str, body: bytes) -> Response:
         playback = self.app.playback
@@ -448,9 +645,9 @@ class HttpServer:
             raise _ApiError(
                 404, "not_replaying", "this collector is live, not replaying a recording"
             )
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             return json_response(200, playback.status())
-        _only(method, "POST")
+        _only(method, "POST", allow="GET, HEAD, POST")
         req = _json_body(body)
         action = req.get("action")
         try:
@@ -470,23 +667,38 @@ class HttpServer:
 
     def _known(self, device_id: str) -> None:
         if device_id not in self.app.devices and device_id not in self.app.registry.devices:
-            raise _ApiError(404, "unknown_device", f"no device {device_id!r}")
+            raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
 
 
 _COMMAND_ERROR_STATUS = {
     "unknown_device": 404,
     "queue_full": 409,
     "replay_mode": 409,
+    "too_large": 413,
     "shutting_down": 503,
 }
 
 
-class _ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+def _split_target(target: bytes) -> tuple[str, dict[str, list[str]]]:
+    """Path and query of a request target. Origin form (`/a/b?c=d`) is what clients send;
+    absolute form (`http://host/a`) is accepted too. Raises _ApiError for anything else."""
+    text = target.decode("latin-1")
+    if not text.startswith("/"):
+        try:
+            split = urllib.parse.urlsplit(text)
+        except ValueError:
+            raise _ApiError(400, "bad_request", "the request target is not a valid URL") from None
+        if split.scheme not in ("http", "https") or not split.path.startswith("/"):
+            raise _ApiError(400, "bad_request", "the request target must be a path")
+        path, query_text = split.path, split.query
+    else:
+        path, _, query_text = text.partition("?")
+        query_text = query_text.partition("#")[0]
+    try:
+        query = urllib.parse.parse_qs(query_text, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise _ApiError(400, "bad_request", f"at most {MAX_QUERY_FIELDS} query fields") from None
+    return urllib.parse.unquote(path), query
 
 
 def path_route(path: str) -> str:
@@ -504,21 +716,35 @@ def path_route(path: str) -> str:
         "api/devices/{id}/kick",
         "api/commands/{id}",
         "api/config",
+        "api/replay",
     }
     route = "/".join(parts)
     return route if route in known else "other"
 
 
-def _only(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise _ApiError(405, "method_not_allowed", f"{allowed} only")
+_ALLOW = {"GET": "GET, HEAD", "POST": "POST"}
+
+
+def _method_not_allowed(allow: str) -> Response:
+    return error_response(
+        405, "method_not_allowed", f"this resource allows {allow}", (("allow", allow),)
+    )
+
+
+def _only(method: str, allowed: str, allow: str | None = None) -> None:
+    ok = (allowed,) if allowed != "GET" else ("GET", "HEAD")
+    if method not in ok:
+        allow = allow or _ALLOW.get(allowed, allowed)
+        raise _ApiError(
+            405, "method_not_allowed", f"this resource allows {allow}", (("allow", allow),)
+        )
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
     try:
-        req = json.loads(body or b"{}")
-    except ValueError:
-        raise _ApiError(400, "bad_json", "the body must be a JSON object") from None
+        req = loads_untrusted(body or b"{}")
+    except JsonError as exc:
+        raise _ApiError(400, "bad_json", f"the body must be a JSON object: {exc.message}") from None
     if not isinstance(req, dict):
         raise _ApiError(400, "bad_json", "the body must be a JSON object")
     return req

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
+from collector.core.boundary import KINDS
 from collector.core.ingest import REJECT_REASONS
 from collector.servers.udp import kernel_drops
 
@@ -86,6 +87,35 @@ class CollectorMetrics(PromCollector):
             commands.add_metric([state], s.commands.get(state, 0))
         yield commands
         yield counter("command_retransmits", "COMMAND datagrams sent again.", s.command_retransmits)
+        internal = CounterMetricFamily(
+            "collector_internal_errors",
+            "Exceptions contained by an error boundary, by kind of handler (each is a bug).",
+            labels=["kind"],
+        )
+        for kind in KINDS:
+            internal.add_metric([kind], app.boundary.counts.get(kind, 0))
+        yield internal
+        flapping = app.registry.flapping
+        yield counter(
+            "registrations_banned",
+            "Devices banned for registering too often ([limits] flapping_max in flapping_window).",
+            flapping.bans,
+        )
+        yield counter(
+            "registrations_refused_banned",
+            "Registrations refused because the device was banned.",
+            flapping.refused,
+        )
+        yield gauge("devices_banned", "Devices banned right now.", flapping.banned)
+        limiter = app.ingest.limiter
+        yield gauge(
+            "ratelimit_sources", "Source addresses tracked by the UDP rate limit.", len(limiter)
+        )
+        yield counter(
+            "ratelimit_sources_evicted",
+            "Sources forgotten because [ratelimit] max_sources was reached.",
+            limiter.evicted,
+        )
 
         per_device: dict[str, Any] = {
             "datagrams": ("Datagrams accepted from the device.", CounterMetricFamily),
@@ -94,6 +124,10 @@ class CollectorMetrics(PromCollector):
             "duplicates": ("Duplicate or replayed datagrams rejected.", CounterMetricFamily),
             "out_of_order": ("Datagrams that arrived out of order.", CounterMetricFamily),
             "malformed": ("Authenticated datagrams with a bad payload.", CounterMetricFamily),
+            "metrics_refused": (
+                "Readings refused: the device already has [limits] max_metrics_per_device metric names.",
+                CounterMetricFamily,
+            ),
             "sessions": ("Sessions the device opened.", CounterMetricFamily),
         }
         families = {
@@ -132,6 +166,16 @@ class CollectorMetrics(PromCollector):
                 "stream_missed",
                 "Updates coalesced away for subscribers that fell behind.",
                 hub["missed"],
+            )
+            yield counter(
+                "stream_replies_dropped",
+                "Pongs and errors dropped: a client sent more than [stream] max_replies unread.",
+                hub["replies_dropped"],
+            )
+            yield counter(
+                "metrics_refused",
+                "Readings refused in all: their device already had max_metrics_per_device names.",
+                hub["metrics_refused"],
             )
             closed = CounterMetricFamily(
                 "collector_stream_closed",
@@ -184,6 +228,26 @@ class CollectorMetrics(PromCollector):
             for (route, status), n in sorted(app.http.requests.items()):
                 requests.add_metric([route, str(status)], n)
             yield requests
+            yield gauge("http_connections", "Open HTTP connections.", app.http.active)
+            yield gauge(
+                "stream_handshakes", "WebSocket handshakes in progress.", app.http.handshakes
+            )
+            refused = CounterMetricFamily(
+                "collector_http_connections_refused",
+                "HTTP connections refused at [http] max_connections (total) or max_connections_per_client.",
+                labels=["limit"],
+            )
+            for limit in ("total", "per_client"):
+                refused.add_metric([limit], app.http.refused.get(limit, 0))
+            yield refused
+            timeouts = CounterMetricFamily(
+                "collector_http_timeouts",
+                "HTTP connections closed by a deadline, by which ([http] *_timeout, [stream] handshake_timeout).",
+                labels=["kind"],
+            )
+            for kind in ("header", "body", "send", "idle", "handshake"):
+                timeouts.add_metric([kind], app.http.timeouts.get(kind, 0))
+            yield timeouts
 
 
 def make_registry(app: Collector) -> CollectorRegistry:

@@ -12,12 +12,14 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from collector.core.events import format_address
 from collector.logs import RateLimitedLog
 from collector.servers.serving import Acceptor
 from collector.wire import auth, control
+from collector.wire.control import encode_message
 from collector.wire.datagram import TAG_LEN
 
 if TYPE_CHECKING:
@@ -106,12 +108,15 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = "broken"
             log.info("connection from %s broke: %s", peer, exc or type(exc).__name__)
-        except Exception:
+        except trio.TooSlowError:
+            outcome = "send timeout"
+            self.errors["send_timeout"] += 1
+        except Exception as exc:
             # The handler is an error boundary: a bug while serving one device closes that
             # connection (logged with its traceback, counted), never the collector.
             outcome = "internal error"
             self.errors["internal_error"] += 1
-            log.exception("internal error serving %s", peer)
+            self.app.boundary.report("control_message", exc, f"serving {peer}")
         finally:
             self.active -= 1
             if session is not None and session.active:
@@ -172,7 +177,7 @@ class ControlServer:
     ) -> tuple[Session, trio.MemoryReceiveChannel[control.Message]]:
         app = self.app
         nonce = secrets.token_hex(16)
-        await stream.send_all(conn.send(control.Challenge(nonce)))
+        await self._send(stream, conn.send(control.Challenge(nonce)))
         event = await self._await_register(stream, conn)
         secret = app.devices.get(event.device_id)
         if secret is None or not auth.check_registration_proof(
@@ -185,6 +190,13 @@ class ControlServer:
         if not app.registry.can_open(event.device_id):
             raise _Refused(
                 "too_many_devices", f"at most {self.config.max_devices} devices may be online"
+            )
+        banned = app.registry.flapping.check(event.device_id, trio.current_time())
+        if banned:
+            raise _Refused(
+                "banned",
+                f"registered more than {self.config.flapping_max} times in "
+                f"{self.config.flapping_window:g}s: try again in {banned:.0f}s",
             )
         registry = app.registry
         sid = registry.new_session_id()
@@ -200,10 +212,21 @@ class ControlServer:
             config=app.config_for(event.device_id),
         )
         data = conn.send(welcome)
+        if len(data) > self.config.max_line:
+            # The configuration that applies is too big for one line: the device would refuse
+            # it. It registers without it (and an operator finds out from the log).
+            self.errors["config_too_large"] += 1
+            log.error(
+                "configuration for %s is too large for the welcome line (%d > %d bytes): sent none",
+                event.device_id,
+                len(data),
+                self.config.max_line,
+            )
+            data = encode_message(attrs.evolve(welcome, config={}))
         session = registry.open(event.device_id, key, "tcp", tcp_peer=peer, session_id=sid)
         send, receive = trio.open_memory_channel[control.Message](self.config.command_queue + 16)
         session.outbox = send
-        await stream.send_all(data)
+        await self._send(stream, data)
         return session, receive
 
     async def _run_registered(
@@ -241,19 +264,28 @@ class ControlServer:
             try:
                 async with outbox:
                     async for msg in outbox:  # ends when the session ends (it closes the outbox)
-                        await stream.send_all(conn.send(msg))
+                        await self._send(stream, conn.send(msg))
                 if fatal is not None:
-                    await stream.send_all(conn.send(control.Error(fatal.code, fatal.message)))
+                    await self._send(stream, conn.send(control.Error(fatal.code, fatal.message)))
                 elif conn.state is not control.State.CLOSED:
-                    await stream.send_all(
-                        conn.send(control.Goodbye(session.end_reason or "closed"))
+                    await self._send(
+                        stream, conn.send(control.Goodbye(session.end_reason or "closed"))
                     )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 outcome = "broken"
                 registry.end(session, "closed")
+            except trio.TooSlowError:
+                outcome = "send timeout"
+                self.errors["send_timeout"] += 1
+                registry.end(session, "closed")
             nursery.cancel_scope.cancel()
         reason = session.end_reason or "closed"
         return outcome if outcome not in ("closed", "eof") or reason == "closed" else reason
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+        """Send within `[limits] send_timeout`: a device that stops reading is dropped."""
+        with trio.fail_after(self.config.send_timeout):
+            await stream.send_all(data)
 
     async def _read_loop(
         self, stream: trio.SocketStream, conn: control.ControlConnection, session: Session
@@ -280,23 +312,38 @@ class ControlServer:
                 return "eof" if event.clean else "eof mid-line"
             if not session.active:
                 return session.end_reason or "closed"
-            app.registry.touch(session, trio.current_time())
-            session.device.last_seen = app.wall()
             if isinstance(event, control.Goodbye):
+                app.registry.touch(session, trio.current_time())
                 app.registry.end(session, "closed")
                 return "goodbye"
-            if isinstance(event, control.Ping):
-                self._queue(session, control.Pong())
-            elif isinstance(event, control.Ack):
-                if not app.commands.on_tcp_ack(session, event):
-                    self.errors["unknown_command"] += 1
-                    self._queue(
-                        session, control.Error("unknown_command", f"no open command {event.id!r}")
-                    )
-            elif isinstance(event, control.Error):
-                log.warning(
-                    "device %s reported error %s: %s", session.device_id, event.code, event.message
+            try:
+                self._handle_message(session, event)
+            except Exception as exc:
+                # The boundary of one control message: the device gets an error and goes on.
+                app.boundary.report(
+                    "control_message", exc, f"{event.TYPE} from {session.device_id}"
                 )
+                self._queue(
+                    session,
+                    control.Error("internal_error", "the collector failed to handle that message"),
+                )
+
+    def _handle_message(self, session: Session, event: control.Message) -> None:
+        app = self.app
+        app.registry.touch(session, trio.current_time())
+        session.device.last_seen = app.wall()
+        if isinstance(event, control.Ping):
+            self._queue(session, control.Pong())
+        elif isinstance(event, control.Ack):
+            if not app.commands.on_tcp_ack(session, event):
+                self.errors["unknown_command"] += 1
+                self._queue(
+                    session, control.Error("unknown_command", f"no open command {event.id!r}")
+                )
+        elif isinstance(event, control.Error):
+            log.warning(
+                "device %s reported error %s: %s", session.device_id, event.code, event.message
+            )
 
     def _queue(self, session: Session, msg: control.Message) -> None:
         if session.outbox is None:

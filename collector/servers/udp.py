@@ -100,6 +100,7 @@ async def serve_udp(
         task_status.started(address)
         recvfrom = sock.recvfrom
         handle = ingest.handle_datagram
+        report = ingest.boundary.report
         while True:
             await trio.lowlevel.wait_readable(sock)
             ingest.begin_batch(trio.current_time())
@@ -113,7 +114,10 @@ async def serve_udp(
                     if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         raise
                     continue
-                handle(data, addr)
+                try:
+                    handle(data, addr)
+                except Exception as exc:  # the boundary of one datagram: it costs only itself
+                    report("datagram", exc, f"from {addr}")
                 count += 1
             ingest.end_batch()
             if count < SMALL_BATCH and coalesce > 0:

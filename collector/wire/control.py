@@ -12,12 +12,13 @@ connection must be closed; after a non-fatal error the connection goes on.
 from __future__ import annotations
 
 import enum
-import json
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeAlias
 
 import attrs
+
+from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
 DEFAULT_MAX_LINE = 4096
 PROTOCOL_VERSION = 1
@@ -259,7 +260,7 @@ def _to_wire(msg: Message) -> dict[str, Any]:
 
 def encode_message(msg: Message) -> bytes:
     """One message as one line, independent of any connection state."""
-    return json.dumps(_to_wire(msg), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    return dumps_bytes(_to_wire(msg)) + b"\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,9 +330,11 @@ class ControlConnection:
     def _parse(self, line: bytes) -> Message:
         fatal = self.state is not State.REGISTERED
         try:
-            d = json.loads(line)
-        except (ValueError, RecursionError):
-            raise ControlError("bad_json", "a line is not valid UTF-8 JSON", fatal=fatal) from None
+            d = loads_untrusted(line)
+        except JsonError as exc:
+            raise ControlError(
+                "bad_json", f"a line is not valid JSON: {exc.message}", fatal=fatal
+            ) from None
         if not isinstance(d, dict):
             raise ControlError("bad_json", "a line must hold a JSON object", fatal=fatal)
         mtype = d.get("type")

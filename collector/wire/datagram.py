@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-import json
 import math
 import operator
 import re
@@ -26,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import attrs
+
+from collector.wire.jsonio import JsonError, dumps_bytes, loads_object
 
 VERSION = 1
 HEADER = struct.Struct(">BBBBIIQ")
@@ -230,13 +231,13 @@ def encode_welcome_payload(w: Welcome) -> bytes:
 def encode_ack_payload(acked_seq: int, result: Mapping[str, Any] | None = None) -> bytes:
     out = U32.pack(acked_seq)
     if result is not None:
-        out += json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+        out += dumps_bytes(result)
     return out
 
 
 def encode_command_payload(command_id: str, name: str, args: Mapping[str, Any]) -> bytes:
     body = {"id": command_id, "name": name, "args": dict(args)}
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return dumps_bytes(body)
 
 
 def encode_goodbye_payload(reason: str) -> bytes:
@@ -498,9 +499,6 @@ def decode_goodbye_untrusted(payload: bytes) -> str:
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise DatagramError("malformed", f"{what} is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise DatagramError("malformed", f"{what} is not a JSON object")
-    return body
+        return loads_object(raw)
+    except JsonError as exc:
+        raise DatagramError("malformed", f"{what}: {exc.message}") from None

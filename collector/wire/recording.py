@@ -17,7 +17,6 @@ Files (listing, reading, appending, repair) are `collector.core.segments`.
 from __future__ import annotations
 
 import enum
-import json
 import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from collector.wire.datagram import (
     decode_readings_untrusted,
     encode_readings,
 )
+from collector.wire.jsonio import dumps_bytes, loads_object
 
 MAGIC = b"TCREC\r\n\x1a"
 VERSION = 1
@@ -145,7 +145,7 @@ def encode_heartbeat_record(time: float, device_id: str, seq: int) -> bytes:
 
 
 def encode_json_record(rtype: RecordType, time: float, data: Mapping[str, Any]) -> bytes:
-    raw = json.dumps(data, separators=(",", ":"), allow_nan=False, default=str).encode()
+    raw = dumps_bytes(data)
     return encode_record(rtype, time, raw)
 
 
@@ -265,9 +265,7 @@ def decode_body(body: memoryview) -> Record:
                 time, bytes(p[1 : 1 + n]).decode("utf-8"), _U32.unpack_from(p, 1 + n)[0]
             )
         if rtype in (RecordType.ONLINE, RecordType.OFFLINE, RecordType.COMMAND, RecordType.META):
-            data = json.loads(bytes(p))
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
+            data = loads_object(p)
             return EventRecord(time, RecordType(rtype), data)
         if rtype == RecordType.DATAGRAM:
             n = p[0]

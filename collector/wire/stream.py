@@ -17,14 +17,18 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from collector.wire.jsonio import JsonError, dumps, loads_object
+
 PROTOCOL_VERSION = 1
 MAX_PATTERNS = 64
+MAX_PING_ID = 64
 
 #: close codes (1000-1011 are the RFC 6455 ones)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # the collector is shutting down
 CLOSE_UNSUPPORTED = 1003  # a binary message
 CLOSE_TOO_BIG = 1009  # a message over the size limit (sent by trio-websocket)
+CLOSE_INTERNAL_ERROR = 1011  # a bug in the collector while serving this dashboard
 CLOSE_STALLED = 4002
 CLOSE_PING_TIMEOUT = 4003
 
@@ -91,11 +95,9 @@ def parse_client_message(data: str | bytes, *, history_max: int) -> ClientMessag
     if isinstance(data, bytes):
         raise StreamError("bad_message", "binary messages are not supported: send JSON text")
     try:
-        d = json.loads(data)
-    except (ValueError, RecursionError):
-        raise StreamError("bad_json", "a message must be valid JSON") from None
-    if not isinstance(d, dict):
-        raise StreamError("bad_json", "a message must be a JSON object")
+        d = loads_object(data)
+    except JsonError as exc:
+        raise StreamError("bad_json", f"a message must be a JSON object: {exc.message}") from None
     mtype = d.get("type")
     if mtype == "subscribe":
         rate = d.get("max_rate")
@@ -118,7 +120,17 @@ def parse_client_message(data: str | bytes, *, history_max: int) -> ClientMessag
             )
         )
     if mtype == "ping":
-        return Ping(d.get("id"))
+        pid = d.get("id")
+        if not (
+            pid is None
+            or isinstance(pid, bool | int | float)
+            or (isinstance(pid, str) and len(pid) <= MAX_PING_ID)
+        ):
+            raise StreamError(
+                "bad_message",
+                f"'id' must be null, a number, or a string of at most {MAX_PING_ID} characters",
+            )
+        return Ping(pid)
     if isinstance(mtype, str):
         raise StreamError("unknown_type", f"unknown message type {mtype!r}")
     raise StreamError("bad_message", "a message needs a string 'type'")
@@ -167,7 +179,7 @@ def _compile(patterns: Sequence[str]) -> Any:
 
 
 def encode(message: Mapping[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    return dumps(message)
 
 
 def hello_message(
