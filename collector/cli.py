@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2  # pragma: no cover
 
 
-def _find(group: BaseExceptionGroup, types: tuple[type[BaseException], ...]) -> BaseException | None:
+def _find(
+    group: BaseExceptionGroup, types: tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The first exception of `types` in a (nested) exception group, if it holds only those
     (and cancellations)."""
     matched, rest = group.split(types)
