@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -12,7 +14,14 @@ from .helpers import SECRETS
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=100
 )
-settings.load_profile("default")
+# The long fuzzing run (docs/SECURITY.md): HYPOTHESIS_PROFILE=fuzz python3 run.py test tests/test_fuzz.py
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

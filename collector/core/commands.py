@@ -243,25 +243,24 @@ class CommandManager:
             self.boundary.report("command", exc, f"{cmd.id} {cmd.name} to {cmd.device_id}")
             if not cmd.final:
                 self._finish(cmd, "failed", error="internal error in the collector")
+        finally:
+            if not cmd.final:  # cancelled: the collector is stopping
+                self._finish(cmd, "expired", error="the collector stopped")
 
     async def _drive_unguarded(self, cmd: CommandRecord) -> None:
         session: Session | None = None
-        try:
-            with trio.move_on_at(cmd.expires_at):
-                session = await self.registry.wait_online(cmd.device_id)
-            if cmd.final:
-                return
-            if session is None or not session.active:
-                self._finish(cmd, "expired", error="the device did not come online in time")
-                return
-            cmd.transport = session.transport
-            if session.transport == "tcp":
-                await self._drive_tcp(cmd, session)
-            else:
-                await self._drive_udp(cmd, session)
-        finally:
-            if not cmd.final:
-                self._finish(cmd, "expired", error="the collector stopped")
+        with trio.move_on_at(cmd.expires_at):
+            session = await self.registry.wait_online(cmd.device_id)
+        if cmd.final:
+            return
+        if session is None or not session.active:
+            self._finish(cmd, "expired", error="the device did not come online in time")
+            return
+        cmd.transport = session.transport
+        if session.transport == "tcp":
+            await self._drive_tcp(cmd, session)
+        else:
+            await self._drive_udp(cmd, session)
 
     async def _drive_tcp(self, cmd: CommandRecord, session: Session) -> None:
         assert session.outbox is not None
