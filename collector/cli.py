@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from collector._version import __version__
 from collector.app import Addresses, Collector, ShutdownReport, statistics_to_json
 from collector.config import Config, ConfigError, load_config
 from collector.devices import DeviceRegistry, DevicesError, generate_secret
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="collector",
         description="Telemetry collector for IoT sensors: TCP registration, authenticated UDP "
         "datagrams, one session per device.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"trio-collector {__version__} (protocol 1)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -104,7 +104,7 @@ class Config:
     # [ratelimit]
     ratelimit_per_source: float = 500.0
     ratelimit_burst: float = 1000.0
-    ratelimit_total: float = 5000.0
+    ratelimit_total: float = 20000.0
     ratelimit_max_sources: int = 4096
     # [commands]
     command_timeout: float = 30.0

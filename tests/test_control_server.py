@@ -165,3 +165,20 @@ async def test_config_from_the_config_file_is_in_the_welcome(nursery, autojump_c
         welcome = await lines.register(device_id)
         assert welcome["config"] == {"rate": rate}
         json.dumps(welcome["config"])
+
+
+async def test_what_is_queued_when_a_device_says_goodbye_is_dropped_quietly(
+    nursery, autojump_clock
+):
+    """A config push queued for a device that says goodbye at that moment: found by the soak
+    test (an internal error in the connection's writer, before it checked the state)."""
+    collector, _ = await start_collector(nursery)
+    for _ in range(30):
+        lines = await Lines.connect(collector)
+        assert (await lines.register("dev-1"))["type"] == "welcome"
+        await lines.send({"type": "goodbye"})
+        collector.push_config("dev-1", {"rate": 1})
+        await trio.sleep(4)
+        await lines.stream.aclose()
+    assert not collector.boundary.counts
+    assert collector.control.errors["internal_error"] == 0

@@ -1,99 +1,12 @@
-"""Helpers shared by the tools (not a tool itself): ports, /proc figures, Prometheus scrapes,
-waiting for a server, and a throwaway Mosquitto broker for the reference runs."""
+"""The tools' shared helpers now live in the package (collector.tools.common)."""
 
-from __future__ import annotations
-
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_tcp(port: int, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def proc_stat(pid: int) -> tuple[float, float, int]:
-    """(wall time, CPU seconds so far, RSS bytes) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return time.time(), cpu, int(fields[21]) * PAGE_SIZE
-
-
-def rcvbuf_errors() -> int:
-    """The system-wide UDP receive-buffer drop counter (/proc/net/snmp RcvbufErrors)."""
-    lines = [
-        line.split()
-        for line in Path("/proc/net/snmp").read_text().splitlines()
-        if line.startswith("Udp:")
-    ]
-    return int(lines[1][lines[0].index("RcvbufErrors")])
-
-
-def scrape(port: int, *, sum_devices: bool = False) -> dict[str, float]:
-    """A collector's /metrics as {'name{label=value,...}': value}; with `sum_devices` the
-    per-device series are summed into one figure each (keyed by the bare name)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if sum_devices and s.name.startswith("collector_device_"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
-                continue
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
-
-
-def mosquitto_path() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-
-
-@contextlib.contextmanager
-def mosquitto() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A Mosquitto broker on a free 127.0.0.1 port, for the duration of the block."""
-    broker = mosquitto_path()
-    if broker is None:
-        raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    conf = Path(tempfile.mkdtemp(prefix="bench-mqtt-")) / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\n"
-    )
-    proc = subprocess.Popen(
-        [broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for_tcp(port)
-        yield proc, port
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(conf.parent, ignore_errors=True)
+from collector.tools.common import *  # noqa: F403
+from collector.tools.common import (  # noqa: F401
+    free_port,
+    mosquitto,
+    mosquitto_path,
+    proc_stat,
+    rcvbuf_errors,
+    scrape,
+    wait_for_tcp,
+)

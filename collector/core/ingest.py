@@ -114,7 +114,7 @@ class Ingest:
         self.sock: socket.socket | None = None
         self.rlog = RateLimitedLog(log, rate_limit)
         if limiter is None:
-            limiter = SourceLimiter(rate=500.0, burst=1000.0, total=5000.0, max_sources=4096)
+            limiter = SourceLimiter(rate=500.0, burst=1000.0, total=20000.0, max_sources=4096)
         self.limiter = limiter
         self.boundary = boundary or ErrorBoundary(trio.current_time)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)

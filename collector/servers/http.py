@@ -127,16 +127,21 @@ class _Timeout(Exception):
         self.started = started  # the client had sent part of a request
 
 
-LINGER = 1.0
+#: How long a closing connection keeps reading (and dropping) what the client still sends:
+#: after a request that was not read to its end (an error, a timeout) ...
+LINGER_INCOMPLETE = 1.0
+#: ... and otherwise (a refusal before reading, an answer to a complete request).
+LINGER = 0.1
 LINGER_BYTES = 256 * 1024
 
 
-async def _close(stream: trio.SocketStream) -> None:
+async def _close(stream: trio.SocketStream, linger: float = LINGER) -> None:
     """Close without losing what was sent. Closing a socket with unread input makes the kernel
     send a reset, which can discard an answer still in the client's buffers (a refusal, an
     error about a request it is still sending): so half-close first, and read and drop what
-    the client still sends, for a moment and a bounded number of bytes."""
-    with trio.move_on_after(LINGER):
+    the client still sends, for a moment and a bounded number of bytes (nginx's lingering
+    close does the same)."""
+    with trio.move_on_after(linger):
         try:
             await stream.send_eof()
             n = 0
@@ -272,6 +277,7 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         raw = bytearray()  # the bytes of the first request, in case it is a WebSocket upgrade
         first = True
+        linger = LINGER
         try:
             try:
                 while True:
@@ -297,6 +303,7 @@ class HttpServer:
                         return
                     conn.start_next_cycle()
             except h11.RemoteProtocolError as exc:
+                linger = LINGER_INCOMPLETE
                 status = exc.error_status_hint
                 self.requests[("bad_request", status)] += 1
                 self.rlog.warning(
@@ -308,6 +315,7 @@ class HttpServer:
                         stream, conn, error_response(status, code, str(exc)), "bad_request"
                     )
             except _Timeout as exc:
+                linger = LINGER_INCOMPLETE
                 self.timeouts[exc.kind] += 1
                 if (
                     exc.kind in ("header", "body")
@@ -330,7 +338,7 @@ class HttpServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
         finally:
-            await _close(stream)
+            await _close(stream, linger)
 
     async def _read_request(
         self, stream: trio.SocketStream, conn: h11.Connection, raw: bytearray | None, first: bool

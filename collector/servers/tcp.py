@@ -264,6 +264,11 @@ class ControlServer:
             try:
                 async with outbox:
                     async for msg in outbox:  # ends when the session ends (it closes the outbox)
+                        if conn.state is control.State.CLOSED:
+                            # The device said goodbye: what is still queued for it (a config
+                            # push, a command's answer) has no one to go to.
+                            self.errors["dropped_after_goodbye"] += 1
+                            continue
                         await self._send(stream, conn.send(msg))
                 if fatal is not None:
                     await self._send(stream, conn.send(control.Error(fatal.code, fatal.message)))
