@@ -35,7 +35,8 @@ from collector.servers.http import HttpServer
 from collector.servers.tcp import ControlServer
 from collector.servers.udp import serve_udp
 from collector.wire import control
-from collector.wire.datagram import DatagramType, encode_datagram, encode_goodbye_payload
+from collector.wire.crypto import COLLECTOR_TO_DEVICE
+from collector.wire.datagram import DatagramType, encode_goodbye_payload, seal_datagram
 from collector.wire.jsonio import dumps_bytes
 from collector.wire.stream import CLOSE_GOING_AWAY
 
@@ -193,6 +194,11 @@ class Collector:
                 max_sources=config.ratelimit_max_sources,
             ),
             boundary=self.boundary,
+            config_for=self.config_for,
+            registrations_per_device=config.flapping_max
+            * (1 + int(120.0 // config.flapping_window))
+            + 1,
+            goodbye_linger=config.goodbye_linger,
         )
         self.commands = CommandManager(
             self.registry,
@@ -449,13 +455,14 @@ class Collector:
     def _goodbye_udp(self, session: Session, reason: str) -> None:
         if session.transport != "udp" or session.address is None:
             return
-        data = encode_datagram(
-            session.key,
+        data = seal_datagram(
+            session.aead_out,
             DatagramType.GOODBYE,
             session.session_id,
             session.next_out_seq(),
             int(self.wall() * 1e6),
             encode_goodbye_payload(reason),
+            direction=COLLECTOR_TO_DEVICE,
         )
         self.ingest.send_datagram(data, session.address)
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "datagrams, one session per device.",
     )
     parser.add_argument(
-        "--version", action="version", version=f"trio-collector {__version__} (protocol 1)"
+        "--version", action="version", version=f"trio-collector {__version__} (protocol 2)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

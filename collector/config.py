@@ -88,6 +88,7 @@ class Config:
     heartbeat_interval: float = 5.0
     timeout: float = 15.0
     replay_window_blocks: int = 16
+    goodbye_linger: float = 2.0
     # [limits]
     max_tcp_connections: int = 1024
     max_line: int = 4096
@@ -158,7 +159,7 @@ class Config:
             "http_header_timeout", "http_body_timeout", "http_send_timeout", "http_idle_timeout",
             "stream_handshake_timeout", "send_timeout", "flapping_window", "flapping_ban",
             "ratelimit_per_source", "ratelimit_burst", "ratelimit_total",
-            "shutdown_goodbye_timeout", "shutdown_close_timeout",
+            "shutdown_goodbye_timeout", "shutdown_close_timeout", "goodbye_linger",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -190,7 +191,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "server": {
         k: k for k in ("host", "tcp_port", "udp_port", "http_port", "udp_rcvbuf", "udp_coalesce")
     },
-    "sessions": {k: k for k in ("heartbeat_interval", "timeout", "replay_window_blocks")},
+    "sessions": {
+        k: k for k in ("heartbeat_interval", "timeout", "replay_window_blocks", "goodbye_linger")
+    },
     "limits": {
         k: k
         for k in (

@@ -11,7 +11,7 @@ import trio
 from collector.app import Collector
 from collector.config import Config
 from collector.devices import DeviceRegistry
-from collector.wire import auth
+from collector.wire import crypto
 
 EPOCH = 1_767_225_600.0  # the wall clock that tests see at trio time 0
 
@@ -94,23 +94,24 @@ class Lines:
         return json.loads(line)
 
     async def register(self, device_id: str, secret: str | None = None) -> dict:
+        """Register by hand; a welcome gets the session's keys added: `key` (device to
+        collector, what a device seals with) and `key_in` (collector to device)."""
         challenge = await self.recv()
         assert challenge is not None and challenge["type"] == "challenge"
+        keys = crypto.DeviceKeys(secret or SECRETS[device_id])
         cnonce = secrets.token_hex(16)
-        proof = auth.registration_proof(
-            secret or SECRETS[device_id], device_id, challenge["nonce"], cnonce
-        )
+        proof = crypto.registration_proof(keys, device_id, challenge["nonce"], cnonce)
         await self.send(
             {"type": "register", "device_id": device_id, "cnonce": cnonce, "proof": proof}
         )
         welcome = await self.recv()
         assert welcome is not None
         if welcome["type"] == "welcome":
-            welcome["key"] = auth.session_key(
-                secret or SECRETS[device_id],
+            welcome["key"], welcome["key_in"] = crypto.session_keys(
+                keys.secret,
                 device_id,
-                challenge["nonce"],
-                cnonce,
+                bytes.fromhex(challenge["nonce"]),
+                bytes.fromhex(cnonce),
                 welcome["session_id"],
             )
         return welcome

@@ -124,7 +124,6 @@ async def test_udp_command_is_retransmitted_until_acked_and_runs_once(nursery, a
         "udp-1",
         SECRETS["udp-1"],
         udp_port=collector.udp_address[1],
-        hello_counter=1,
         on_command=count,
     ) as dev:
         # The first two COMMAND datagrams are lost on the way out of the collector.
@@ -164,7 +163,6 @@ async def test_udp_device_answers_a_duplicate_command_with_its_earlier_ack(nurse
         "udp-1",
         SECRETS["udp-1"],
         udp_port=collector.udp_address[1],
-        hello_counter=1,
         on_command=count,
     ) as dev:
         # Drop the device's first ACK on the way out: the collector retransmits the command,

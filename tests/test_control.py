@@ -30,7 +30,7 @@ def registered_pair() -> tuple[ControlConnection, ControlConnection]:
     assert device.next_event() == c.Challenge(NONCE)
     server.receive_data(device.send(c.Register("dev-1", CNONCE, PROOF)))
     assert server.next_event() == c.Register("dev-1", CNONCE, PROOF)
-    welcome = c.Welcome(42, "how", 8081, 5.0, 15.0, 1200, 16, {"rate": 2})
+    welcome = c.Welcome(42, 8081, 5.0, 15.0, 1200, "chacha20-poly1305", {"rate": 2})
     device.receive_data(server.send(welcome))
     assert device.next_event() == welcome
     assert server.registered and device.registered
@@ -44,7 +44,7 @@ def test_full_session_fed_one_byte_at_a_time():
     assert feed_bytewise(server, device.send(c.Register("dev-1", CNONCE, PROOF))) == [
         c.Register("dev-1", CNONCE, PROOF)
     ]
-    welcome = c.Welcome(42, "how", 8081, 5.0, 15.0, 1200, 16, {})
+    welcome = c.Welcome(42, 8081, 5.0, 15.0, 1200, "chacha20-poly1305", {})
     assert feed_bytewise(device, server.send(welcome)) == [welcome]
     cmd = c.Command("c1", "reboot", {"delay": 5})
     assert feed_bytewise(device, server.send(cmd) + server.send(c.Config({"rate": 3}))) == [
@@ -66,7 +66,7 @@ def test_wire_format_is_one_compact_json_object_per_line():
     assert json.loads(c.encode_message(c.Challenge(NONCE))) == {
         "type": "challenge",
         "nonce": NONCE,
-        "protocol": 1,
+        "protocol": 2,
     }
 
 
@@ -173,7 +173,7 @@ def test_local_protocol_errors():
     with pytest.raises(c.LocalProtocolError):
         server.send(c.Challenge(NONCE))
     with pytest.raises(c.LocalProtocolError):
-        server.send(c.Welcome(1, "", 1, 1.0, 2.0, 1200, 16))
+        server.send(c.Welcome(1, 1, 1.0, 2.0, 1200))
     device = ControlConnection(Role.DEVICE)
     with pytest.raises(c.LocalProtocolError):
         device.send(c.Register("d", CNONCE, PROOF))
@@ -193,7 +193,7 @@ def test_refused_registration_can_be_retried_on_the_same_connection():
 def test_device_rejects_a_newer_protocol():
     device = ControlConnection(Role.DEVICE)
     device.receive_data(
-        b'{"type": "challenge", "nonce": "' + NONCE.encode() + b'", "protocol": 2}\n'
+        b'{"type": "challenge", "nonce": "' + NONCE.encode() + b'", "protocol": 3}\n'
     )
     with pytest.raises(ControlError, match="unsupported_protocol"):
         device.next_event()

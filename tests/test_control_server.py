@@ -124,9 +124,8 @@ async def test_welcome_carries_everything_a_device_needs(nursery, autojump_clock
         welcome["heartbeat_interval"],
         welcome["timeout"],
         welcome["max_datagram"],
-        welcome["tag_len"],
-    ) == (2.0, 7.0, 1200, 16)
-    assert welcome["session_key"].startswith("HMAC-SHA256(secret, 'session|dev-1|")
+        welcome["cipher"],
+    ) == (2.0, 7.0, 1200, "chacha20-poly1305")
     assert 0 < welcome["session_id"] < 2**32
 
 
@@ -138,9 +137,7 @@ async def test_config_push_by_glob_reaches_tcp_and_udp_devices_and_later_ones(
     async with (
         open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=port) as d1,
         open_device("127.0.0.1", "dev-2", SECRETS["dev-2"], tcp_port=port) as d2,
-        open_udp_device(
-            "127.0.0.1", "udp-1", SECRETS["udp-1"], udp_port=uport, hello_counter=1
-        ) as u1,
+        open_udp_device("127.0.0.1", "udp-1", SECRETS["udp-1"], udp_port=uport) as u1,
     ):
         assert collector.push_config("dev-1", {"rate": 5}) == (["dev-1"], {})
         sent, failed = collector.push_config("*", {"unit": "C"})

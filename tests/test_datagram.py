@@ -7,9 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from collector.wire import datagram as dg
+from collector.wire.crypto import COLLECTOR_TO_DEVICE, DEVICE_TO_COLLECTOR, Aead
 from collector.wire.datagram import DatagramError, DatagramType, Flag, Reading
 
 KEY = bytes(range(32))
+AEAD = Aead(KEY)
 
 
 def make(
@@ -20,7 +22,7 @@ def make(
 
 def test_header_layout_is_20_bytes_big_endian():
     data = make(seq=0x01020304, sid=0x0A0B0C0D, flags=Flag.ACK_REQUESTED)
-    assert data[:20] == bytes.fromhex("010101000a0b0c0d01020304") + struct.pack(
+    assert data[:20] == bytes.fromhex("020101000a0b0c0d01020304") + struct.pack(
         ">Q", 1_700_000_000_000_000
     )
     assert len(data) == 20 + 4 + 16
@@ -33,15 +35,37 @@ def test_header_layout_is_20_bytes_big_endian():
     )
 
 
-def test_tag_covers_every_byte():
-    data = make()
-    assert dg.verify_tag(KEY, data)
+def test_the_payload_is_encrypted_and_every_byte_authenticated():
+    payload = dg.encode_readings({"temperature": 21.5})
+    data = make(DatagramType.TELEMETRY, payload)
+    assert payload not in data and len(data) == 20 + len(payload) + 16
+    assert dg.open_datagram_untrusted(AEAD, data) == payload
     for i in range(len(data)):
         for bit in (0x01, 0x80):
             mutated = bytearray(data)
             mutated[i] ^= bit
-            assert not dg.verify_tag(KEY, bytes(mutated)), f"flip at byte {i} not detected"
-    assert not dg.verify_tag(bytes(32), data)
+            with pytest.raises(DatagramError, match="bad_tag"):
+                dg.open_datagram_untrusted(AEAD, bytes(mutated))
+    with pytest.raises(DatagramError, match="bad_tag"):
+        dg.open_datagram_untrusted(Aead(bytes(32)), data)  # another key
+    with pytest.raises(DatagramError, match="bad_tag"):
+        dg.open_datagram_untrusted(AEAD, data, COLLECTOR_TO_DEVICE)  # the other direction's nonce
+
+
+def test_the_nonce_never_repeats_within_a_session():
+    # Same key, same payload: another sequence number or direction gives other bytes.
+    a = make(seq=1)
+    assert make(seq=2)[20:] != a[20:]
+    other = dg.encode_datagram(
+        KEY,
+        DatagramType.HEARTBEAT,
+        7,
+        1,
+        1_700_000_000_000_000,
+        b"\0\0\0\1",
+        direction=COLLECTOR_TO_DEVICE,
+    )
+    assert other[20:] != a[20:] and DEVICE_TO_COLLECTOR != COLLECTOR_TO_DEVICE
 
 
 @pytest.mark.parametrize(
@@ -50,8 +74,9 @@ def test_tag_covers_every_byte():
         (b"", "malformed"),
         (b"\x01" * 35, "malformed"),
         (b"\x01" * 1201, "too_large"),
-        (b"\x02" + make()[1:], "malformed"),  # version
+        (b"\x01" + make()[1:], "malformed"),  # version 1 is gone
         (make()[:1] + b"\x09" + make()[2:], "malformed"),  # type
+        (make()[:1] + b"\x00" + make()[2:], "malformed"),  # type 0
         (make()[:2] + b"\x80" + make()[3:], "malformed"),  # unknown flag
         (make()[:3] + b"\x01" + make()[4:], "malformed"),  # reserved byte
     ],
@@ -123,25 +148,44 @@ def test_encode_refuses_what_cannot_go_on_the_wire(readings):
         dg.encode_readings(readings)
 
 
-def test_hello_is_padded_to_the_size_of_a_welcome():
-    payload = dg.encode_hello_payload("a", bytes(16))
-    hello = dg.encode_datagram(KEY, DatagramType.HELLO, 0, 1, 0, payload)
-    welcome = dg.encode_datagram(
-        KEY,
-        DatagramType.WELCOME,
-        9,
-        1,
-        0,
-        dg.encode_welcome_payload(dg.Welcome(bytes(16), 5000, 15000, 1200)),
+def test_hello_cookie_welcome_round_trip_and_never_amplify():
+    keys_out, keys_in = Aead(bytes([1]) * 32), Aead(bytes([2]) * 32)
+    cnonce, cookie = bytes(range(16)), bytes(range(16, 32))
+    hello = dg.encode_hello(keys_out, "a", cnonce)
+    assert len(hello) == dg.MIN_HELLO_LEN == 82
+    parsed = dg.parse_hello_untrusted(hello)
+    assert parsed.device_id == "a" and dg.open_hello(keys_out, parsed) == (cnonce, dg.NO_COOKIE)
+    answer = dg.encode_cookie(keys_in, cookie, parsed.nonce)
+    assert len(answer) == dg.COOKIE_DATAGRAM_LEN == 76 < len(hello)  # never amplifies
+    assert dg.answered_hello_untrusted(answer) == parsed.nonce
+    assert dg.open_cookie_untrusted(keys_in, answer, parsed.nonce) == cookie
+    with pytest.raises(DatagramError):
+        dg.open_cookie_untrusted(keys_in, answer, bytes(12))  # not for this HELLO
+    second = dg.encode_hello(keys_out, "a", cnonce, cookie)
+    assert dg.open_hello(keys_out, dg.parse_hello_untrusted(second)) == (cnonce, cookie)
+    with pytest.raises(DatagramError, match="bad_tag"):
+        dg.open_hello(keys_in, dg.parse_hello_untrusted(second))
+    welcome = dg.Welcome(5000, 15000, 1200, {"rate": 2})
+    w = dg.encode_welcome(AEAD, 9, bytes(16), parsed.nonce, welcome)
+    assert dg.welcome_nonce_untrusted(w) == (9, bytes(16))
+    assert dg.open_welcome_untrusted(AEAD, w) == welcome
+    assert (
+        dg.open_welcome_untrusted(
+            AEAD, dg.encode_welcome(AEAD, 9, bytes(16), parsed.nonce, dg.Welcome(1, 2, 3))
+        ).config
+        == {}
     )
-    assert len(hello) == len(welcome) == dg.MIN_HELLO_LEN == 64
-    assert dg.decode_hello_untrusted(payload) == dg.Hello("a", bytes(16))
-    long_id = dg.encode_hello_payload("x" * 64, bytes(16))
-    assert len(long_id) == 1 + 64 + 16  # no padding needed
-    with pytest.raises(DatagramError):
-        dg.decode_hello_untrusted(payload[:-1])
-    with pytest.raises(DatagramError):
-        dg.decode_hello_untrusted(payload[:-1] + b"\x01")  # padding must be zero
+    long_id = dg.encode_hello(keys_out, "x" * 64, cnonce)
+    assert dg.parse_hello_untrusted(long_id).device_id == "x" * 64
+    for bad in (hello[:-1], hello + b"\0", hello[:20] + b"\x05" + hello[21:]):
+        with pytest.raises(DatagramError):
+            dg.open_hello(keys_out, dg.parse_hello_untrusted(bad))
+
+
+def test_duplicate_names_in_one_datagram_are_malformed():
+    payload = b"\x02" + (b"\x01t\x03\x01") * 2
+    with pytest.raises(DatagramError, match="twice"):
+        dg.decode_readings_untrusted(payload)
 
 
 def test_ack_and_command_payloads():
@@ -174,8 +218,12 @@ DECODERS = [
     dg.decode_header_untrusted,
     dg.decode_readings_untrusted,
     dg.decode_heartbeat_untrusted,
-    dg.decode_hello_untrusted,
-    dg.decode_welcome_untrusted,
+    dg.parse_hello_untrusted,
+    dg.welcome_nonce_untrusted,
+    dg.answered_hello_untrusted,
+    lambda data: dg.open_welcome_untrusted(AEAD, data),
+    lambda data: dg.open_cookie_untrusted(AEAD, data, bytes(12)),
+    lambda data: dg.open_datagram_untrusted(AEAD, data) if len(data) >= 36 else None,
     dg.decode_ack_untrusted,
     dg.decode_command_untrusted,
     dg.decode_goodbye_untrusted,
@@ -186,7 +234,7 @@ def _only_datagram_errors(decoder, data):
     try:
         decoder(data)
     except DatagramError as exc:
-        assert exc.reason in {"malformed", "too_large"}
+        assert exc.reason in {"malformed", "too_large", "bad_tag"}
 
 
 @given(st.binary(max_size=1400))
@@ -200,8 +248,9 @@ VALID = [
     make(DatagramType.TELEMETRY, dg.encode_readings({"t": 1.5, "n": 3, "b": True, "s": "hi"})),
     make(DatagramType.ACK, dg.encode_ack_payload(3, {"ok": True})),
     make(DatagramType.COMMAND, dg.encode_command_payload("c1", "x", {})),
-    make(DatagramType.HELLO, dg.encode_hello_payload("dev-1", bytes(16)), sid=0),
-    make(DatagramType.WELCOME, dg.encode_welcome_payload(dg.Welcome(bytes(16), 1, 2, 3))),
+    dg.encode_hello(AEAD, "dev-1", bytes(16)),
+    dg.encode_cookie(AEAD, bytes(16), bytes(12)),
+    dg.encode_welcome(AEAD, 5, bytes(16), bytes(12), dg.Welcome(1, 2, 3, {"a": [1]})),
 ]
 
 

@@ -27,6 +27,7 @@ from collector.devices import DeviceRegistry
 from collector.servers.http import HttpServer
 from collector.wire import datagram as dg
 from collector.wire import recording as rec
+from collector.wire.crypto import Aead, DeviceKeys
 from collector.wire.datagram import DatagramType, Flag
 from collector.wire.jsonio import JsonError, dumps, loads_untrusted
 from collector.wire.recording import ReadingsRecord
@@ -180,7 +181,9 @@ def test_the_datagram_path_only_counts_what_it_refuses(datagrams):
         async with trio.open_nursery() as nursery:
             await nursery.start(collector.serve)
             key = secrets.token_bytes(32)
-            session = collector.registry.open("dev-1", key, "udp", address=("127.0.0.1", 9))
+            session = collector.registry.open(
+                "dev-1", (key, secrets.token_bytes(32)), "udp", address=("127.0.0.1", 9)
+            )
             sid = session.session_id
             ingest = collector.ingest
             ingest.begin_batch(trio.current_time())
@@ -188,13 +191,15 @@ def test_the_datagram_path_only_counts_what_it_refuses(datagrams):
                 if kind == "random":
                     data = blob
                 elif kind == "hello":
-                    data = dg.encode_datagram(
-                        b"k",
-                        DatagramType.HELLO,
-                        0,
-                        seq,
-                        0,
-                        dg.encode_hello_payload("udp-1", bytes(16)),
+                    keys = DeviceKeys(SECRETS["udp-1"])
+                    cookie = collector.ingest.cookies.make(
+                        trio.current_time(), ("127.0.0.1", 9), bytes(16)
+                    )
+                    data = dg.encode_hello(
+                        Aead(keys.hello_d2c),
+                        "udp-1",
+                        bytes(16),
+                        cookie if seq % 2 else dg.NO_COOKIE,
                     )
                 else:
                     typ, payload = {
@@ -214,7 +219,10 @@ def test_the_datagram_path_only_counts_what_it_refuses(datagrams):
                     )
                 ingest.handle_datagram(_mutate(data, flips, cut), ("127.0.0.1", 9))
             ingest.end_batch()
-            assert ingest.received == ingest.accepted + sum(ingest.rejected.values())
+            assert (
+                ingest.received
+                == ingest.accepted + sum(ingest.rejected.values()) + ingest.cookies_sent
+            )
             assert not collector.boundary.counts
             nursery.cancel_scope.cancel()
 

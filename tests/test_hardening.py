@@ -391,25 +391,25 @@ async def test_an_unanswered_command_does_not_spoil_the_shutdown(nursery, autoju
 # -- 9. unauthenticated UDP ------------------------------------------------------------------------------
 
 
-async def test_a_hello_flood_is_rate_limited_before_any_hmac(nursery, autojump_clock, monkeypatch):
+async def test_a_hello_flood_is_rate_limited_before_any_key_is_used(
+    nursery, autojump_clock, monkeypatch
+):
     from collector.core import ingest as ingest_module
     from collector.wire import datagram as dg
-    from collector.wire.datagram import DatagramType
+    from collector.wire.crypto import Aead
 
     collector, _ = await start(nursery, ratelimit_per_source=10.0, ratelimit_burst=20.0)
-    verified = []
-    real = ingest_module.verify_tag
-    monkeypatch.setattr(ingest_module, "verify_tag", lambda k, d: verified.append(1) or real(k, d))
+    opened = []
+    real = ingest_module.open_hello
+    monkeypatch.setattr(ingest_module, "open_hello", lambda a, h: opened.append(1) or real(a, h))
     flood = await udp_socket()
-    hello = dg.encode_datagram(
-        b"wrong key", DatagramType.HELLO, 0, 1, 0, dg.encode_hello_payload("udp-1", bytes(16))
-    )
-    for _ in range(2000):
+    hello = dg.encode_hello(Aead(bytes(32)), "udp-1", bytes(16))  # not udp-1's key
+    for i in range(2000):
         await flood.sendto(hello, collector.udp_address)
-        if _ % 100 == 0:
+        if i % 100 == 0:
             await trio.lowlevel.checkpoint()
     await trio.sleep(0.1)
-    assert len(verified) <= 50  # the burst of one source; the rest never reached a key
+    assert len(opened) <= 50  # the burst of one source; the rest never reached a key
     assert collector.statistics().rejected["rate_limited"] >= 1950
     # A real device from another address gets through meanwhile.
     async with open_udp_device(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import secrets
 
 import attrs
+import pytest
 import trio
 
+from collector.config import DeviceConfigRule
 from collector.core.events import DeviceOffline
 from collector.device.client import open_device
-from collector.wire import auth
 from collector.wire import datagram as dg
+from collector.wire.crypto import COLLECTOR_TO_DEVICE, Aead, DeviceKeys, session_keys
 from collector.wire.datagram import DatagramType, Flag
 
 from .helpers import SECRETS, Lines, exchange, start_collector, udp_socket
@@ -40,6 +42,11 @@ def heartbeat(welcome, seq, *, flags=Flag.NONE):
         dg.encode_heartbeat_payload(1),
         flags=flags,
     )
+
+
+def opened(welcome, data):
+    """The payload of a datagram from the collector, opened with the session's other key."""
+    return dg.open_datagram_untrusted(Aead(welcome["key_in"]), data, COLLECTOR_TO_DEVICE)
 
 
 def device_state(collector, device_id="dev-1"):
@@ -74,12 +81,10 @@ async def test_ack_requested_is_acknowledged_and_duplicates_reacked_only_to_the_
     ack = await exchange(sock, collector, data)
     assert ack is not None and len(ack) <= len(data)
     h = dg.decode_header_untrusted(ack)
-    assert (h.type, h.session_id) == (DatagramType.ACK, w["session_id"]) and dg.verify_tag(
-        w["key"], ack
-    )
-    assert dg.decode_ack_untrusted(dg.payload_of(ack)).acked_seq == 1
+    assert (h.type, h.session_id) == (DatagramType.ACK, w["session_id"])
+    assert dg.decode_ack_untrusted(opened(w, ack)).acked_seq == 1
     again = await exchange(sock, collector, data)  # the device did not get the ACK: retransmits
-    assert again is not None and dg.decode_ack_untrusted(dg.payload_of(again)).acked_seq == 1
+    assert again is not None and dg.decode_ack_untrusted(opened(w, again)).acked_seq == 1
     assert dg.decode_header_untrusted(again).seq > h.seq
     assert (
         await exchange(other, collector, data) is None
@@ -121,7 +126,7 @@ async def test_bad_input_is_counted_and_touches_no_device(nursery, autojump_cloc
     good = telemetry(w, 2)
     cases = {
         "too_large": telemetry(w, 3, {f"m{i}": float(i) for i in range(100)}),
-        "malformed": [b"", b"hello world", b"\x02" + good[1:], good[:19]],
+        "malformed": [b"", b"hello world", b"\x01" + good[1:], good[:19]],
         "unknown_session": dg.encode_datagram(
             w["key"], DatagramType.HEARTBEAT, w["session_id"] ^ 1, 5, 0, b"\0\0\0\0"
         ),
@@ -190,68 +195,122 @@ async def test_rejections_are_logged_rate_limited(nursery, autojump_clock, caplo
     assert any("45 similar lines suppressed" in r.getMessage() for r in caplog.records)
 
 
-def hello(device_id, counter, *, secret=None, nonce=None, pad=b""):
-    key = auth.hello_key(secret or SECRETS[device_id])
-    nonce = nonce or secrets.token_bytes(16)
-    payload = dg.encode_hello_payload(device_id, nonce) + pad
-    return dg.encode_datagram(key, DatagramType.HELLO, 0, counter, 0, payload), nonce
+def hello(device_id, cnonce=None, cookie=dg.NO_COOKIE, *, secret=None):
+    """A HELLO datagram, its nonce, and the device's keys."""
+    keys = DeviceKeys(secret or SECRETS[device_id])
+    cnonce = cnonce or secrets.token_bytes(16)
+    data = dg.encode_hello(Aead(keys.hello_d2c), device_id, cnonce, cookie)
+    return data, dg.parse_hello_untrusted(data).nonce, cnonce, keys
 
 
-async def test_hello_opens_a_session_and_welcome_is_never_larger(nursery, autojump_clock):
-    collector, _ = await start_collector(nursery)
+async def register_by_hello(sock, collector, device_id):
+    """HELLO, COOKIE, HELLO, WELCOME by hand; returns what a test needs, and the datagrams."""
+    first, nonce, cnonce, keys = hello(device_id)
+    answer = await exchange(sock, collector, first)
+    assert answer is not None and dg.decode_header_untrusted(answer).type == DatagramType.COOKIE
+    cookie = dg.open_cookie_untrusted(Aead(keys.hello_c2d), answer, nonce)
+    second, _, _, _ = hello(device_id, cnonce, cookie)
+    reply = await exchange(sock, collector, second)
+    assert reply is not None and dg.decode_header_untrusted(reply).type == DatagramType.WELCOME
+    sid, snonce = dg.welcome_nonce_untrusted(reply)
+    d2c, c2d = session_keys(keys.secret, device_id, snonce, cnonce, sid)
+    welcome = dg.open_welcome_untrusted(Aead(c2d), reply)
+    return {
+        "key": d2c,
+        "key_in": c2d,
+        "session_id": sid,
+        "welcome": welcome,
+        "hellos": (first, second),
+        "reply": reply,
+        "cookie_answer": answer,
+    }
+
+
+async def test_hello_needs_a_cookie_then_opens_a_session_and_never_amplifies(
+    nursery, autojump_clock
+):
+    collector, _ = await start_collector(
+        nursery, device_config=(DeviceConfigRule("udp-*", {"rate": 2}),)
+    )
     sock = await udp_socket()
-    data, nonce = hello("udp-1", 7)
-    reply = await exchange(sock, collector, data)
-    assert reply is not None and len(reply) == len(data) == 64
-    h = dg.decode_header_untrusted(reply)
-    assert (h.type, h.seq) == (DatagramType.WELCOME, 7)
-    w = dg.decode_welcome_untrusted(dg.payload_of(reply))
+    r = await register_by_hello(sock, collector, "udp-1")
+    first, second = r["hellos"]
+    assert len(r["cookie_answer"]) == 76 < len(first) == len(second) == 86
+    w = r["welcome"]
     assert (w.heartbeat_ms, w.timeout_ms, w.max_datagram) == (5000, 15000, 1200)
-    key = auth.session_key(
-        SECRETS["udp-1"], "udp-1", w.server_nonce.hex(), nonce.hex(), h.session_id
-    )
-    assert dg.verify_tag(key, reply)
-    ack = await exchange(
-        sock,
-        collector,
-        telemetry({"key": key, "session_id": h.session_id}, 1, flags=Flag.ACK_REQUESTED),
-    )
-    assert ack is not None
+    assert w.config == {"rate": 2}  # the configuration that applies comes in the WELCOME
+    ack = await exchange(sock, collector, telemetry(r, 1, flags=Flag.ACK_REQUESTED))
+    assert ack is not None and dg.decode_ack_untrusted(opened(r, ack)).acked_seq == 1
     assert collector.statistics().devices["udp-1"].online
+    assert collector.ingest.cookies_sent == 1
 
 
-async def test_bad_hellos_get_no_answer_and_are_counted(nursery, autojump_clock):
+async def test_bad_hellos_get_no_welcome_and_are_counted(nursery, autojump_clock):
     collector, _ = await start_collector(nursery, max_devices=1)
-    sock = await udp_socket()
-    first, _ = hello("udp-1", 100)
-    assert await exchange(sock, collector, first) is not None
+    sock, other = await udp_socket(), await udp_socket()
+    r = await register_by_hello(sock, collector, "udp-1")
+    first, second = r["hellos"]
+    # The same HELLO again from the same address: the device did not get its WELCOME.
+    assert await exchange(sock, collector, second) == r["reply"]
+    # From another address, its cookie is worthless: a COOKIE for that address, no WELCOME.
+    answer = await exchange(other, collector, second)
+    assert dg.decode_header_untrusted(answer).type == DatagramType.COOKIE
     cases = [
-        ("replay", first),  # the same HELLO again
-        ("replay", hello("udp-1", 99)[0]),  # an older counter
-        ("bad_tag", hello("udp-1", 200, secret="wrong")[0]),
-        ("bad_tag", hello("nobody", 1, secret="x")[0]),  # unknown device
-        ("malformed", hello("udp-1", 201)[0][:40]),
-        ("over_limit", hello("udp-2", 1)[0]),  # max_devices=1 and udp-1 is online
+        ("bad_tag", hello("udp-1", secret="wrong")[0]),
+        ("bad_tag", hello("nobody", secret="x")[0]),  # unknown device
+        ("malformed", first[:60]),
+        ("malformed", first[:20] + b"\x07" + first[21:]),  # its id length does not fit
     ]
     for reason, data in cases:
         before = dict(collector.statistics().rejected)
         assert await exchange(sock, collector, data, wait=0.2) is None, reason
-        after = collector.statistics().rejected
-        assert after[reason] == before[reason] + 1, reason
-    # a session id in a HELLO is malformed
-    key = auth.hello_key(SECRETS["udp-1"])
-    bad = dg.encode_datagram(
-        key, DatagramType.HELLO, 5, 300, 0, dg.encode_hello_payload("udp-1", bytes(16))
-    )
+        assert collector.statistics().rejected[reason] == before[reason] + 1, reason
+    # udp-2 with a good cookie, but max_devices=1 and udp-1 is online
+    with pytest.raises(AssertionError):
+        await register_by_hello(sock, collector, "udp-2")
+    assert collector.statistics().rejected["over_limit"] == 1
+    # a session id or a sequence number in a HELLO is malformed
+    bad = first[:4] + b"\0\0\0\5" + first[8:]
     assert await exchange(sock, collector, bad, wait=0.2) is None
-    assert collector.statistics().rejected["malformed"] == 2
+    assert collector.statistics().rejected["malformed"] == 3
+
+
+async def test_a_captured_hello_replayed_after_restarts_never_gets_a_welcome(
+    nursery, autojump_clock
+):
+    """Someone on the path captures a device's HELLOs (both of them), and replays them to the
+    collector after each of several restarts, while the device has a session there."""
+    captured: list[bytes] = []
+    attacker = await udp_socket()
+    for run in range(4):
+        async with trio.open_nursery() as inner:
+            collector, log = await start_collector(inner)
+            sock = await udp_socket()
+            r = await register_by_hello(sock, collector, "udp-1")
+            if not captured:
+                captured = list(r["hellos"])
+            sid = r["session_id"]
+            for data in captured:
+                for source in (attacker, sock):  # from the attacker, or spoofing the device
+                    answer = await exchange(source, collector, data, wait=0.2)
+                    if run == 0 and source is sock and data is captured[1]:
+                        assert answer == r["reply"]  # this run's own retransmission
+                        continue
+                    assert (
+                        answer is None
+                        or dg.decode_header_untrusted(answer).type == DatagramType.COOKIE
+                    )
+            assert collector.registry.online["udp-1"].session_id == sid  # never superseded
+            assert not log.of(DeviceOffline)
+            assert collector.statistics().devices["udp-1"].sessions == 1
+            inner.cancel_scope.cancel()
 
 
 async def test_hello_again_supersedes(nursery, autojump_clock):
     collector, log = await start_collector(nursery)
     sock = await udp_socket()
-    assert await exchange(sock, collector, hello("udp-1", 1)[0]) is not None
-    assert await exchange(sock, collector, hello("udp-1", 2)[0]) is not None
+    await register_by_hello(sock, collector, "udp-1")
+    await register_by_hello(sock, collector, "udp-1")
     assert [e.reason for e in log.of(DeviceOffline)] == ["superseded"]
     assert collector.statistics().devices["udp-1"].sessions == 2
 

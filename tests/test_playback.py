@@ -43,8 +43,10 @@ async def record_a_run(nursery, tmp_path):
         seed=11,
     )
     secrets = {d: f"s-{d}" for d in cfg.device_ids()}
+    # No UDP coalescing: a HELLO's round trips then take no virtual time, in the original run
+    # and in the replay alike (with it, each costs up to a millisecond of waiting).
     collector, log = await start_collector(
-        nursery, devices=secrets, record_dir=str(tmp_path / "rec")
+        nursery, devices=secrets, record_dir=str(tmp_path / "rec"), udp_coalesce=0.0
     )
     sim = Simulator(
         cfg,
@@ -82,7 +84,7 @@ async def test_replay_into_a_collector_on_a_virtual_clock_gives_the_same_session
         for e in original
     ]
 
-    replay, replay_log = await start_collector(nursery, devices=secrets)
+    replay, replay_log = await start_collector(nursery, devices=secrets, udp_coalesce=0.0)
     summary = await replay_into(
         select(records),
         secrets,

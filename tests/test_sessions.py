@@ -119,7 +119,7 @@ async def test_kick_ends_a_session_with_its_reason(nursery, autojump_clock):
 async def test_udp_only_device_lives_and_dies_by_datagrams(nursery, autojump_clock):
     collector, log = await start_collector(nursery)
     async with open_udp_device(
-        "127.0.0.1", "udp-1", SECRETS["udp-1"], udp_port=collector.udp_address[1], hello_counter=10
+        "127.0.0.1", "udp-1", SECRETS["udp-1"], udp_port=collector.udp_address[1]
     ) as dev:
         await dev.send_readings({"battery": 3.7})
         await trio.sleep(60)
@@ -131,7 +131,6 @@ async def test_udp_only_device_lives_and_dies_by_datagrams(nursery, autojump_clo
         "udp-1",
         SECRETS["udp-1"],
         udp_port=collector.udp_address[1],
-        hello_counter=20,
         heartbeat=False,
     ) as dev:
         await trio.sleep(20)  # silent: the collector times it out
@@ -160,7 +159,6 @@ async def test_shutdown_says_goodbye_and_reports(nursery, autojump_clock):
             "udp-1",
             SECRETS["udp-1"],
             udp_port=collector.udp_address[1],
-            hello_counter=5,
         ) as b,
     ):
         await a.send_readings({"x": 1.0})

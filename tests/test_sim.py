@@ -23,7 +23,7 @@ async def run_sim(collector, cfg: SimConfig, duration: float) -> Simulator:
         wall=wall,
     )
     await sim.run(duration)
-    await trio.sleep(0.5)
+    await trio.sleep(3.0)  # past the linger after the last goodbyes
     return sim
 
 

@@ -14,7 +14,7 @@ figure never hides drops. Sections:
 
   ceiling      trio, wait for readability once, then read up to 256 datagrams without
                blocking; parse the header and look the session up in a dict (no crypto)
-  full         the collector: authentication (HMAC), anti-replay window, accounting, readings
+  full         the collector: decryption (ChaCha20-Poly1305), anti-replay window, accounting, readings
                to the stream hub; variants: recording on, and 1 or 10 dashboards subscribed to
                everything (WebSocket clients in another process); the drain ends when every
                dashboard has been sent every reading
@@ -69,7 +69,7 @@ def make_datagrams(n: int, sessions: list[tuple[int, bytes]]) -> list[bytes]:
         payload = encode_readings(
             {"temperature": 21.5 + i % 7, "humidity": 40.25 + i % 5, "battery": 97.125}
         )
-        out.append(encode_datagram(key, DatagramType.TELEMETRY, sid, seqs[k], ts, payload))
+        out.append(encode_datagram(key[0], DatagramType.TELEMETRY, sid, seqs[k], ts, payload))
     return out
 
 
@@ -87,7 +87,7 @@ def prefill(data: list[bytes], addr: tuple[str, int]) -> socket.socket:
 async def run_ceiling(n: int, devices: int) -> dict[str, Any]:
     from collector.wire.datagram import HEADER
 
-    sessions = [(i + 1, secrets.token_bytes(32)) for i in range(devices)]
+    sessions = [(i + 1, (secrets.token_bytes(32), secrets.token_bytes(32))) for i in range(devices)]
     table = {sid: [0] for sid, _ in sessions}
     data = make_datagrams(n, sessions)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -148,7 +148,7 @@ async def run_full(
         sender.bind(("127.0.0.1", 0))
         sessions = []
         for device_id in ids:  # sessions opened directly: this measures datagrams, not handshakes
-            key = secrets.token_bytes(32)
+            key = (secrets.token_bytes(32), secrets.token_bytes(32))
             s = collector.registry.open(device_id, key, "udp", address=sender.getsockname())
             sessions.append((s.session_id, key))
         if dashboards:

@@ -66,8 +66,7 @@ def quantile(hist: list[int], q: float) -> float:
 
 
 def step_datagrams(
-    sessions: list[tuple[int, bytes]],
-    seqs: list[int],
+    sessions: list[Any],
     n: int,
     start: float,
     rate: float,
@@ -76,13 +75,11 @@ def step_datagrams(
     heartbeats: bool,
     one_reading: bool,
 ) -> Any:
-    """(scheduled time, signed datagram) for one step, round-robin over the sessions."""
+    """(scheduled time, sealed datagram) for one step, round-robin over the sessions."""
     from collector.wire import datagram as dg
 
     for i in range(n):
-        k = i % len(sessions)
-        sid, key = sessions[k]
-        seqs[k] += 1
+        s = sessions[i % len(sessions)]
         when = start + i / rate
         flags = dg.Flag.ACK_REQUESTED if ack_every and i % ack_every == 0 else dg.Flag.NONE
         if heartbeats:
@@ -92,14 +89,11 @@ def step_datagrams(
         else:
             payload = dg.encode_readings({"sent_at": when, "value": float(i % 1000)})
             typ = dg.DatagramType.TELEMETRY
-        yield (
-            when,
-            dg.encode_datagram(key, typ, sid, seqs[k], int(when * 1e6), payload, flags=flags),
-        )
+        yield when, s.seal(typ, payload, when_us=int(when * 1e6), flags=flags)
 
 
 def sender_main(args: argparse.Namespace) -> None:
-    from collector.wire import auth
+    from collector.device.bulk import register_udp
     from collector.wire import datagram as dg
 
     plan = json.loads(Path(args.plan).read_text())
@@ -107,73 +101,30 @@ def sender_main(args: argparse.Namespace) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2.0)
-    sessions: list[tuple[int, bytes]] = []
-    seqs: list[int] = []
-    counter = int(time.time() * 1000) & 0x7FFF_FFFF
+    sessions: list[Any] = []
+    last_keepalive = [time.time()]
 
-    # Register with HELLO, a few at a time (the WELCOME comes back to this socket). While the
-    # rest register, the registered ones heartbeat once a second, so no session times out.
-    def keepalive() -> None:
-        for k, (sid, key) in enumerate(sessions):
-            seqs[k] += 1
+    # While the rest register, the registered ones heartbeat once a second, so no session
+    # times out.
+    def keepalive(force: bool = True) -> None:
+        if not force and time.time() - last_keepalive[0] < 1.0:
+            return
+        last_keepalive[0] = time.time()
+        for s in sessions:
             try:
                 sock.sendto(
-                    dg.encode_datagram(
-                        key,
-                        dg.DatagramType.HEARTBEAT,
-                        sid,
-                        seqs[k],
-                        0,
-                        dg.encode_heartbeat_payload(0),
-                    ),
-                    target,
+                    s.seal(dg.DatagramType.HEARTBEAT, dg.encode_heartbeat_payload(0)), target
                 )
             except BlockingIOError:
                 pass
 
-    pending = dict(plan["devices"])
-    last_keepalive = time.time()
-    while pending:
-        if time.time() - last_keepalive >= 1.0:
-            last_keepalive = time.time()
-            keepalive()
-        batch = list(pending.items())[:200]
-        nonces = {}
-        for device_id, secret in batch:
-            counter += 1
-            nonce = secrets.token_bytes(16)
-            nonces[counter] = (device_id, secret, nonce)
-            sock.sendto(
-                dg.encode_datagram(
-                    auth.hello_key(secret),
-                    dg.DatagramType.HELLO,
-                    0,
-                    counter,
-                    0,
-                    dg.encode_hello_payload(device_id, nonce),
-                ),
-                target,
-            )
-        got = 0
-        while got < len(batch):
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                break
-            h = dg.decode_header_untrusted(data, max_size=65536)
-            if h.type != dg.DatagramType.WELCOME or h.seq not in nonces:
-                continue
-            device_id, secret, nonce = nonces[h.seq]
-            w = dg.decode_welcome_untrusted(dg.payload_of(data))
-            key = auth.session_key(
-                secret, device_id, w.server_nonce.hex(), nonce.hex(), h.session_id
-            )
-            if dg.verify_tag(key, data) and device_id in pending:
-                sessions.append((h.session_id, key))
-                seqs.append(0)
-                del pending[device_id]
-                got += 1
+    devices = dict(plan["devices"])
+    ids = list(devices)
+    for i in range(0, len(ids), 1000):
+        chunk = {d: devices[d] for d in ids[i : i + 1000]}
+        sessions.extend(
+            register_udp(sock, target, chunk, between=lambda: keepalive(False)).values()
+        )
     sock.setblocking(False)
     print(json.dumps({"ready": len(sessions)}), flush=True)
     hb_only = plan.get("heartbeats_only", False)
@@ -202,7 +153,7 @@ def sender_main(args: argparse.Namespace) -> None:
         # Load steps: sign everything now, before the start time, so that sending is only
         # sendto calls. Heartbeats only (a long, slow run): sign each one as it falls due.
         gen = step_datagrams(
-            sessions, seqs, n, start, rate, ack_every, heartbeats=hb_only, one_reading=one_reading
+            sessions, n, start, rate, ack_every, heartbeats=hb_only, one_reading=one_reading
         )
         items = gen if hb_only else iter(list(gen))
         signed = time.time()

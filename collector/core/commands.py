@@ -24,12 +24,13 @@ import trio
 from collector.core.boundary import ErrorBoundary
 from collector.core.events import CommandUpdate, Event
 from collector.wire import control
+from collector.wire.crypto import COLLECTOR_TO_DEVICE
 from collector.wire.datagram import (
     MAX_DATAGRAM,
     DatagramType,
     Flag,
     encode_command_payload,
-    encode_datagram,
+    seal_datagram,
 )
 from collector.wire.jsonio import dumps_bytes
 
@@ -275,14 +276,15 @@ class CommandManager:
 
     async def _drive_udp(self, cmd: CommandRecord, session: Session) -> None:
         seq = session.next_out_seq()
-        data = encode_datagram(
-            session.key,
+        data = seal_datagram(
+            session.aead_out,
             DatagramType.COMMAND,
             session.session_id,
             seq,
             int(self.wall() * 1e6),
             encode_command_payload(cmd.id, cmd.name, cmd.args),
             flags=Flag.ACK_REQUESTED,
+            direction=COLLECTOR_TO_DEVICE,
         )
         if len(data) > self.max_datagram:
             self._finish(

@@ -1,20 +1,20 @@
-"""The datagram path: authenticate, de-duplicate, account, and hand telemetry on.
+"""The datagram path: authenticate and decrypt, de-duplicate, account, and hand telemetry on.
 
 `Ingest` is synchronous. The UDP server calls `begin_batch()`, then `handle_datagram()` for
 every datagram it drained from the socket, then `end_batch()`, which hands the batch's
-telemetry to the listeners in one call. Replies (ACK, WELCOME) go out with a non-blocking
-`sendto`; a reply that cannot be sent is counted, never waited for.
+telemetry to the listeners in one call. Replies (ACK, COOKIE, WELCOME) go out with a
+non-blocking `sendto`; a reply that cannot be sent is counted, never waited for.
 
-Order of checks for a datagram, cheapest first, and nothing touches a device before the tag
-verified: size -> header -> session lookup -> tag -> payload -> anti-replay window.
+Order of checks for a datagram, cheapest first, and nothing touches a device before its AEAD
+tag verified: size -> header -> session lookup (or rate limit) -> decrypt -> payload -> window.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
+import os
 import socket
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +23,19 @@ import trio
 from collector.core.boundary import ErrorBoundary
 from collector.core.events import Listener, Telemetry, format_address
 from collector.core.ratelimit import SourceLimiter
+from collector.core.registration import CookieJar, RecentRegistrations, Registration
 from collector.logs import RateLimitedLog
-from collector.wire import auth
+from collector.wire.crypto import (
+    COLLECTOR_TO_DEVICE,
+    Aead,
+    DeviceKeys,
+    InvalidTag,
+    session_keys,
+)
 from collector.wire.datagram import (
     HEADER,
     HEADER_LEN,
     MIN_DATAGRAM,
-    TAG_LEN,
     U32,
     VERSION,
     DatagramError,
@@ -39,11 +45,12 @@ from collector.wire.datagram import (
     decode_ack_untrusted,
     decode_goodbye_untrusted,
     decode_heartbeat_untrusted,
-    decode_hello_untrusted,
     decode_readings_untrusted,
-    encode_datagram,
-    encode_welcome_payload,
-    verify_tag,
+    encode_cookie,
+    encode_welcome,
+    open_hello,
+    parse_hello_untrusted,
+    seal_datagram,
 )
 from collector.wire.replay_window import LATE, TOO_OLD
 
@@ -75,8 +82,7 @@ def source_key(addr: Any) -> str:
 
 
 _unpack_header = HEADER.unpack_from
-_digest = hmac.digest
-_compare = hmac.compare_digest
+_nonce = struct.Struct(">IB3xI").pack  # crypto.session_nonce, inlined on the hot path
 _HEARTBEAT = int(DatagramType.HEARTBEAT)
 _TELEMETRY = int(DatagramType.TELEMETRY)
 _ACK = int(DatagramType.ACK)
@@ -84,6 +90,20 @@ _HELLO = int(DatagramType.HELLO)
 _GOODBYE = int(DatagramType.GOODBYE)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
 _KNOWN_TYPES = frozenset(int(t) for t in DatagramType)
+#: ACK_REQUESTED is for a device's HEARTBEAT and TELEMETRY (and the collector's COMMAND)
+_MAY_REQUEST_ACK = frozenset({_HEARTBEAT, _TELEMETRY})
+
+
+class _HelloKeys:
+    """A device's keys for registration, with the AEAD objects built once."""
+
+    __slots__ = ("hello_in", "hello_out", "keys", "secret")
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.keys = DeviceKeys(secret)
+        self.hello_in = Aead(self.keys.hello_d2c)
+        self.hello_out = Aead(self.keys.hello_c2d)
 
 
 class Ingest:
@@ -100,6 +120,10 @@ class Ingest:
         rate_limit: float = 10.0,
         limiter: SourceLimiter | None = None,
         boundary: ErrorBoundary | None = None,
+        config_for: Callable[[str], Mapping[str, Any]] = lambda device_id: {},
+        cookie_rotate: float = 60.0,
+        registrations_per_device: int = 64,
+        goodbye_linger: float = 2.0,
     ) -> None:
         self.registry = registry
         self.secrets = secrets_by_device
@@ -108,6 +132,8 @@ class Ingest:
         self.max_datagram = max_datagram
         self.wall = wall
         self.listeners = listeners
+        self.config_for = config_for
+        self.goodbye_linger = goodbye_linger
         self.commands: CommandManager | None = None
         #: called with (datagram, address, wall time) for every accepted datagram (raw recording)
         self.raw_sink: Callable[[bytes, Any, float], None] | None = None
@@ -117,18 +143,20 @@ class Ingest:
             limiter = SourceLimiter(rate=500.0, burst=1000.0, total=20000.0, max_sources=4096)
         self.limiter = limiter
         self.boundary = boundary or ErrorBoundary(trio.current_time)
+        self.cookies = CookieJar(cookie_rotate)
+        self.recent = RecentRegistrations(self.cookies.lifetime, registrations_per_device)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.received = 0
         self.accepted = 0
         self.readings = 0
+        self.cookies_sent = 0  # HELLOs answered with a COOKIE (neither accepted nor rejected)
         self.replies_sent = 0
         self.send_errors = 0
         self.address_changes = 0
         self.accepting_hellos = True
         self.heartbeats_to_listeners = False  # only a recorder wants them
         self.batches = 0
-        self._hello_counters: dict[str, int] = {}
-        self._hello_keys: dict[str, bytes] = {}
+        self._hello_keys: dict[str, _HelloKeys] = {}
         self._pending: list[Telemetry] = []
         self._sessions = registry.by_id  # the same dict, looked up once per datagram
         self.now = 0.0
@@ -167,20 +195,22 @@ class Ingest:
         return True
 
     def _reply(self, data: bytes, addr: Any, request_len: int) -> None:
-        # The collector never answers with more bytes than it was sent (no amplification).
+        # The collector never answers an address it has not verified with more bytes than it
+        # was sent (no amplification): ACK and COOKIE are never larger than what they answer.
         if len(data) <= request_len:
             self.send_datagram(data, addr)
         else:  # pragma: no cover - ruled out by the sizes in docs/PROTOCOL.md
             log.error("refusing a %d-byte reply to a %d-byte datagram", len(data), request_len)
 
     def _send_ack(self, session: Session, seq: int, request_len: int, addr: Any) -> None:
-        ack = encode_datagram(
-            session.key,
+        ack = seal_datagram(
+            session.aead_out,
             DatagramType.ACK,
             session.session_id,
             session.next_out_seq(),
             int(self.wall_now * 1e6),
             U32.pack(seq),
+            direction=COLLECTOR_TO_DEVICE,
         )
         self._reply(ack, addr, request_len)
 
@@ -219,15 +249,20 @@ class Ingest:
             and not self.limiter.allow(source_key(addr), self.now)
         ):
             # Not where the session's datagrams come from: a NAT rebinding, or someone who
-            # learned the session id. Either way no MAC is spent beyond the source's budget.
+            # learned the session id. Either way no AEAD is spent beyond the source's budget.
             return self._rate_limited(addr, f"session {sid} from a new address")
-        if not _compare(_digest(session.key, data[:-TAG_LEN], "sha256")[:TAG_LEN], data[-TAG_LEN:]):
+        try:
+            payload = session.aead_in.decrypt(
+                _nonce(sid, 0, seq), data[HEADER_LEN:], data[:HEADER_LEN]
+            )
+        except InvalidTag:
             return self.reject("bad_tag", addr, f"session {sid} seq {seq}")
 
         # Authenticated: from here on the datagram is the device's own.
         device = session.device
-        payload = data[HEADER_LEN:-TAG_LEN]
         try:
+            if flags and typ not in _MAY_REQUEST_ACK:
+                raise DatagramError("malformed", f"ACK_REQUESTED on a {DatagramType(typ).name}")
             if typ == _TELEMETRY:
                 readings = decode_readings_untrusted(payload)
             elif typ == _HEARTBEAT:
@@ -261,7 +296,7 @@ class Ingest:
                 )
                 # A retransmission whose ACK was lost: answer again, but only to the address
                 # the device last proved, so a captured datagram cannot be reflected elsewhere.
-                if flags & _ACK_REQUESTED and typ != _ACK and addr == session.address:
+                if flags and addr == session.address:
                     self._send_ack(session, seq, n, addr)
                 return None
         elif gap:
@@ -275,7 +310,7 @@ class Ingest:
         now = self.now
         if now + session.timeout > session.deadline:
             self.registry.touch(session, now)
-        if flags & _ACK_REQUESTED and typ != _ACK and typ != _GOODBYE:
+        if flags:
             self._send_ack(session, seq, n, addr)
         if self.raw_sink is not None:
             self.raw_sink(data, addr, self.wall_now)
@@ -296,7 +331,10 @@ class Ingest:
                     "ACK for no open command: device %s seq %d", device.device_id, ack.acked_seq
                 )
         elif typ == _GOODBYE:
-            self.registry.end(session, "closed")
+            # Everything the device sent before it is numbered below this GOODBYE.
+            self.registry.goodbye(session, seq - 1, self.goodbye_linger)
+        if session.goodbye_seq is not None and session.window.complete_up_to(session.goodbye_seq):
+            self.registry.end(session, "closed")  # the last datagram the goodbye spoke of came
         return None
 
     def _rate_limited(self, addr: Any, what: str) -> None:
@@ -324,58 +362,91 @@ class Ingest:
                 shown,
             )
 
-    def _hello(self, data: bytes, addr: Any, sid: int, counter: int) -> None:
+    # -- UDP-only registration: HELLO, COOKIE, WELCOME (docs/PROTOCOL.md 3.5) ----------------
+
+    def hello_keys(self, device_id: str) -> _HelloKeys | None:
+        secret = self.secrets.get(device_id)
+        if secret is None:
+            return None
+        keys = self._hello_keys.get(device_id)
+        if keys is None or keys.secret != secret:  # new, or its secret was rotated
+            keys = self._hello_keys[device_id] = _HelloKeys(secret)
+        return keys
+
+    def _hello(self, data: bytes, addr: Any, sid: int, seq: int) -> None:
         n = len(data)
-        if sid != 0:
-            return self.reject("malformed", addr, "HELLO with a session id")
+        if sid != 0 or seq != 0:
+            return self.reject("malformed", addr, "HELLO with a session id or a sequence number")
         try:
-            hello = decode_hello_untrusted(data[HEADER_LEN:-TAG_LEN])
+            hello = parse_hello_untrusted(data)
         except DatagramError as exc:
             return self.reject("malformed", addr, exc.detail)
         device_id = hello.device_id
-        secret = self.secrets.get(device_id)
-        if secret is None:
+        keys = self.hello_keys(device_id)
+        if keys is None:
             return self.reject("bad_tag", addr, f"HELLO from unknown device {device_id!r}")
-        key = self._hello_keys.get(device_id)
-        if key is None:
-            key = self._hello_keys[device_id] = auth.hello_key(secret)
-        if not verify_tag(key, data):
-            return self.reject("bad_tag", addr, f"HELLO from {device_id} with a bad tag")
-        last = self._hello_counters.get(device_id, 0)
-        if counter <= last:
-            self.registry.device(device_id).duplicates += 1
-            return self.reject(
-                "replay", addr, f"HELLO counter {counter} of {device_id} is not above {last}"
-            )
+        try:
+            client_nonce, cookie = open_hello(keys.hello_in, hello)
+        except DatagramError as exc:
+            return self.reject("bad_tag", addr, exc.detail)
         if not self.accepting_hellos:
             return self.reject("over_limit", addr, f"HELLO from {device_id} while shutting down")
+        now = self.now
+        if not self.cookies.check(now, addr, client_nonce, cookie):
+            # No cookie, or one from another address, an earlier run, or too long ago: answer
+            # with a fresh one. Only a device that receives at this address can use it.
+            fresh = self.cookies.make(now, addr, client_nonce)
+            answer = encode_cookie(keys.hello_out, fresh, hello.nonce, int(self.wall_now * 1e6))
+            self.cookies_sent += 1
+            self._reply(answer, addr, n)
+            return None
+        earlier = self.recent.find(now, device_id, client_nonce)
+        if earlier is not None:
+            self.registry.device(device_id).duplicates += 1
+            current = self._sessions.get(earlier.session_id)
+            if current is not None and addr == earlier.address:
+                # The device did not get its WELCOME and sends the same HELLO again.
+                self.rejected["replay"] += 1
+                self.send_datagram(earlier.welcome, addr)
+                return None
+            return self.reject(
+                "replay", addr, f"HELLO of {device_id} with a client nonce already used"
+            )
         if not self.registry.can_open(device_id):
             return self.reject("over_limit", addr, f"HELLO from {device_id}: too many devices")
-        banned = self.registry.flapping.check(device_id, self.now)
+        banned = self.registry.flapping.check(device_id, now)
         if banned:
             return self.reject(
                 "banned",
                 addr,
                 f"HELLO from {device_id}: registers too often, banned for {banned:.0f}s",
             )
-        self._hello_counters[device_id] = counter
-        server_nonce = secrets.token_bytes(16)
+        server_nonce = os.urandom(16)
         session_id = self.registry.new_session_id()
-        skey = auth.session_key(
-            secret, device_id, server_nonce.hex(), hello.client_nonce.hex(), session_id
+        session_k = session_keys(
+            keys.keys.secret, device_id, server_nonce, client_nonce, session_id
         )
-        session = self.registry.open(device_id, skey, "udp", address=addr, session_id=session_id)
+        session = self.registry.open(
+            device_id, session_k, "udp", address=addr, session_id=session_id
+        )
         self.accepted += 1
         session.device.datagrams += 1
-        welcome = encode_datagram(
-            skey,
-            DatagramType.WELCOME,
+        welcome = encode_welcome(
+            session.aead_out,
             session_id,
-            counter,
-            int(self.wall_now * 1e6),
-            encode_welcome_payload(
-                Welcome(server_nonce, self.heartbeat_ms, self.timeout_ms, self.max_datagram)
+            server_nonce,
+            hello.nonce,
+            Welcome(
+                self.heartbeat_ms, self.timeout_ms, self.max_datagram, self.config_for(device_id)
             ),
+            int(self.wall_now * 1e6),
         )
-        self._reply(welcome, addr, n)
+        self.recent.add(
+            now,
+            device_id,
+            Registration(client_nonce, now + self.cookies.lifetime, session_id, addr, welcome),
+        )
+        # The cookie proved the address: a WELCOME may be larger than the HELLO (it carries
+        # the configuration), but never larger than a datagram may be.
+        self.send_datagram(welcome, addr)
         return None

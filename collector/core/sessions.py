@@ -21,6 +21,7 @@ import trio
 
 from collector.core.events import DeviceOffline, DeviceOnline, Event, format_address
 from collector.core.ratelimit import FlappingDetector
+from collector.wire.crypto import Aead
 from collector.wire.replay_window import ReplayWindow
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ class DeviceState:
 class Session:
     session_id: int
     device: DeviceState
-    key: bytes
+    aead_in: Any  # ChaCha20-Poly1305 under the device-to-collector key (None: a replayed session)
+    aead_out: Any  # ... under the collector-to-device key
     transport: str  # "tcp" (registered on the control channel) or "udp" (HELLO)
     timeout: float
     scope: trio.CancelScope
@@ -98,6 +100,9 @@ class Session:
     end_reason: str | None = None
     ended: trio.Event = attrs.field(factory=trio.Event)
     outbox: trio.MemorySendChannel[Message] | None = None  # TCP control messages
+    #: the device said goodbye and that its last datagram had this sequence number: the
+    #: session stays open for the datagrams up to it for a short linger (see goodbye())
+    goodbye_seq: int | None = None
     udp_commands: dict[int, CommandRecord] = attrs.field(factory=dict)  # by datagram seq
 
     @property
@@ -159,7 +164,7 @@ class SessionRegistry:
     def open(
         self,
         device_id: str,
-        key: bytes,
+        keys: tuple[bytes, bytes] | None,
         transport: str,
         *,
         address: Any = None,
@@ -170,7 +175,11 @@ class SessionRegistry:
         assert self._nursery is not None, "SessionRegistry.serve() is not running"
         old = self.online.get(device_id)
         if old is not None:
-            self.end(old, "superseded")
+            if old.goodbye_seq is not None:  # it said goodbye and was lingering: closed
+                self._count_missing(old)
+                self.end(old, "closed")
+            else:
+                self.end(old, "superseded")
         now = trio.current_time()
         wall = self.wall()
         sid = session_id if session_id is not None else self.new_session_id()
@@ -180,7 +189,8 @@ class SessionRegistry:
         session = Session(
             session_id=sid,
             device=device,
-            key=key,
+            aead_in=Aead(keys[0]) if keys else None,
+            aead_out=Aead(keys[1]) if keys else None,
             transport=transport,
             timeout=self.timeout,
             scope=trio.CancelScope(deadline=deadline),
@@ -220,6 +230,8 @@ class SessionRegistry:
 
     def touch(self, session: Session, now: float) -> None:
         """Push the session's deadline: the device just proved it is alive."""
+        if session.goodbye_seq is not None:
+            return  # lingering after a goodbye: the linger's deadline stands
         deadline = now + session.timeout
         if deadline > session.deadline:
             session.deadline = deadline + session.slack
@@ -231,6 +243,37 @@ class SessionRegistry:
         session.end_reason = reason
         session.scope.cancel(reason)
         self._finish(session)
+
+    def goodbye(self, session: Session, last_seq: int | None, linger: float) -> None:
+        """The device ends its session; its last datagram had sequence number `last_seq`.
+
+        A goodbye can overtake the datagrams sent before it (TCP and UDP take different paths,
+        and a datagram can be reordered behind a GOODBYE datagram). So unless every number up
+        to `last_seq` has arrived, the session stays open for those datagrams for `linger`
+        seconds, then ends `closed`, and what never arrived is counted as lost."""
+        if session.end_reason is not None:
+            return
+        if last_seq is None or session.window.complete_up_to(last_seq):
+            self.end(session, "closed")
+            return
+        session.goodbye_seq = last_seq
+        session.deadline = trio.current_time() + linger
+        session.scope.deadline = session.deadline
+        log.debug(
+            "session %d: goodbye after seq %d, lingering %.1fs for what is still on its way",
+            session.session_id,
+            last_seq,
+            linger,
+        )
+
+    @staticmethod
+    def _count_missing(session: Session) -> None:
+        """After a goodbye: the datagrams up to its last sequence number that never came are
+        lost (those below the highest that arrived are counted already, as gaps)."""
+        assert session.goodbye_seq is not None
+        missing = session.goodbye_seq - session.window.top
+        if missing > 0:
+            session.device.lost += missing
 
     def end_all(self, reason: str) -> int:
         sessions = list(self.online.values())
@@ -262,7 +305,12 @@ class SessionRegistry:
                 await trio.sleep_forever()
         finally:
             if session.end_reason is None:
-                session.end_reason = "timeout" if session.scope.cancelled_caught else "shutdown"
+                if session.goodbye_seq is not None and session.scope.cancelled_caught:
+                    # The linger after a goodbye ran out: what never came is lost.
+                    self._count_missing(session)
+                    session.end_reason = "closed"
+                else:
+                    session.end_reason = "timeout" if session.scope.cancelled_caught else "shutdown"
             self._finish(session)
 
     def _finish(self, session: Session) -> None:

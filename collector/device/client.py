@@ -25,26 +25,39 @@ from typing import Any
 
 import trio
 
-from collector.wire import auth, control
+from collector.wire import control
+from collector.wire.crypto import (
+    CIPHER,
+    COLLECTOR_TO_DEVICE,
+    Aead,
+    DeviceKeys,
+    registration_proof,
+    session_keys,
+)
 from collector.wire.datagram import (
     MAX_SEQ,
+    NO_COOKIE,
     DatagramError,
     DatagramType,
     Flag,
     ReadingPair,
     Value,
+    Welcome,
+    answered_hello_untrusted,
     decode_ack_untrusted,
     decode_command_untrusted,
     decode_goodbye_untrusted,
     decode_header_untrusted,
-    decode_welcome_untrusted,
     encode_ack_payload,
-    encode_datagram,
     encode_heartbeat_payload,
-    encode_hello_payload,
+    encode_hello,
     encode_readings,
-    payload_of,
-    verify_tag,
+    open_cookie_untrusted,
+    open_datagram_untrusted,
+    open_welcome_untrusted,
+    parse_hello_untrusted,
+    seal_datagram,
+    welcome_nonce_untrusted,
 )
 from collector.wire.replay_window import DUPLICATE, TOO_OLD, ReplayWindow
 
@@ -79,7 +92,7 @@ class DeviceClient:
         device_id: str,
         *,
         session_id: int,
-        key: bytes,
+        keys: tuple[bytes, bytes],
         heartbeat_interval: float,
         timeout: float,
         max_datagram: int,
@@ -92,7 +105,9 @@ class DeviceClient:
     ) -> None:
         self.device_id = device_id
         self.session_id = session_id
-        self.key = key
+        #: the device seals with the device-to-collector key and opens with the other
+        self.aead_send = Aead(keys[0])
+        self.aead_recv = Aead(keys[1])
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
         self.max_datagram = max_datagram
@@ -146,8 +161,8 @@ class DeviceClient:
         self, type: DatagramType, payload: bytes, flags: Flag = Flag.NONE
     ) -> tuple[int, bytes]:
         seq = self.next_seq()
-        data = encode_datagram(
-            self.key, type, self.session_id, seq, time.time_ns() // 1000, payload, flags=flags
+        data = seal_datagram(
+            self.aead_send, type, self.session_id, seq, time.time_ns() // 1000, payload, flags=flags
         )
         return seq, data
 
@@ -213,7 +228,7 @@ class DeviceClient:
             return
         if self._tcp_stream is not None:
             try:
-                await self._send_control(control.Goodbye(reason))
+                await self._send_control(control.Goodbye(reason, last_seq=self.seq))
             except (trio.BrokenResourceError, trio.ClosedResourceError, control.LocalProtocolError):
                 pass
         else:
@@ -265,10 +280,13 @@ class DeviceClient:
                 header = decode_header_untrusted(data, max_size=65536)
             except DatagramError:
                 continue
-            if header.session_id != self.session_id or not verify_tag(self.key, data):
+            if header.session_id != self.session_id:
+                continue
+            try:
+                payload = open_datagram_untrusted(self.aead_recv, data, COLLECTOR_TO_DEVICE)
+            except DatagramError:
                 continue
             verdict = self._server_window.update(header.seq)
-            payload = payload_of(data)
             if verdict in (DUPLICATE, TOO_OLD):
                 answer = self._answers.get(header.seq)
                 if answer is not None:  # our ACK of a command was lost: send it again
@@ -441,20 +459,29 @@ async def open_device(
         if not isinstance(event, control.Challenge):
             raise RegistrationError("protocol", f"expected a challenge, got {event!r}")
         cnonce = secrets.token_hex(16)
-        proof = auth.registration_proof(secret, device_id, event.nonce, cnonce)
+        keys = DeviceKeys(secret)
+        proof = registration_proof(keys, device_id, event.nonce, cnonce)
         await stream.send_all(conn.send(control.Register(device_id, cnonce, proof)))
         welcome = await _receive_event(stream, conn)
         if isinstance(welcome, control.Error):
             raise RegistrationError(welcome.code, welcome.message)
         if not isinstance(welcome, control.Welcome):
             raise RegistrationError("protocol", f"expected a welcome, got {welcome!r}")
-        key = auth.session_key(secret, device_id, event.nonce, cnonce, welcome.session_id)
+        if welcome.cipher != CIPHER:
+            raise RegistrationError("protocol", f"the collector uses cipher {welcome.cipher!r}")
+        session_k = session_keys(
+            keys.secret,
+            device_id,
+            bytes.fromhex(event.nonce),
+            bytes.fromhex(cnonce),
+            welcome.session_id,
+        )
         udp = await _open_udp(host, udp_port or welcome.udp_port, local_host)
         with udp:
             client = DeviceClient(
                 device_id,
                 session_id=welcome.session_id,
-                key=key,
+                keys=session_k,
                 heartbeat_interval=welcome.heartbeat_interval,
                 timeout=welcome.timeout,
                 max_datagram=welcome.max_datagram,
@@ -475,7 +502,6 @@ async def open_udp_device(
     secret: str,
     *,
     udp_port: int = 8081,
-    hello_counter: int | None = None,
     on_command: CommandHandler | None = None,
     heartbeat: bool = True,
     say_goodbye: bool = True,
@@ -483,59 +509,68 @@ async def open_udp_device(
     hello_timeout: float = 1.0,
     local_host: str | None = None,
 ) -> AsyncIterator[DeviceClient]:
-    """Register with a HELLO datagram (no TCP) and run the device until the block exits.
+    """Register with HELLO datagrams (no TCP) and run the device until the block exits.
 
-    The HELLO counter must grow over the device's lifetime; by default it is the wall clock in
-    milliseconds, which does as long as the device's clock is roughly right.
+    The first HELLO is answered with a COOKIE, which the device sends back in a second HELLO;
+    only that gets a WELCOME (docs/PROTOCOL.md 3.5). A HELLO that gets no answer is sent again,
+    `hello_attempts` times in all, waiting `hello_timeout` seconds, doubling.
     """
-    counter = hello_counter if hello_counter is not None else int(time.time() * 1000) & MAX_SEQ
-    hello_k = auth.hello_key(secret)
+    keys = DeviceKeys(secret)
+    hello_out, hello_in = Aead(keys.hello_d2c), Aead(keys.hello_c2d)
     udp = await _open_udp(host, udp_port, local_host)
     with udp:
-        welcome = None
-        for attempt in range(hello_attempts):
-            cnonce = secrets.token_bytes(16)
-            hello = encode_datagram(
-                hello_k,
-                DatagramType.HELLO,
-                0,
-                (counter + attempt) & MAX_SEQ,
-                time.time_ns() // 1000,
-                encode_hello_payload(device_id, cnonce),
-            )
+        client_nonce = secrets.token_bytes(16)
+        cookie = NO_COOKIE
+        registered: tuple[int, tuple[bytes, bytes], Welcome] | None = None
+        hello = encode_hello(hello_out, device_id, client_nonce, cookie, time.time_ns() // 1000)
+        wait = hello_timeout
+        attempts = 0
+        while registered is None:
+            if attempts >= hello_attempts:
+                raise RegistrationError("no_welcome", f"no WELCOME after {attempts} HELLOs")
+            attempts += 1
             await udp.send(hello)
-            with trio.move_on_after(hello_timeout * (2**attempt)):
+            hello_nonce = parse_hello_untrusted(hello).nonce
+            with trio.move_on_after(wait):
                 while True:
                     data = await udp.recv(65536)
                     try:
                         header = decode_header_untrusted(data, max_size=65536)
+                        if header.type == DatagramType.COOKIE:
+                            cookie = open_cookie_untrusted(hello_in, data, hello_nonce)
+                            # The second HELLO: the same client nonce, with the cookie.
+                            hello = encode_hello(
+                                hello_out, device_id, client_nonce, cookie, time.time_ns() // 1000
+                            )
+                            attempts, wait = 0, hello_timeout
+                            break
+                        if (
+                            header.type == DatagramType.WELCOME
+                            and cookie != NO_COOKIE
+                            and answered_hello_untrusted(data) == hello_nonce
+                        ):
+                            sid, server_nonce = welcome_nonce_untrusted(data)
+                            session_k = session_keys(
+                                keys.secret, device_id, server_nonce, client_nonce, sid
+                            )
+                            w = open_welcome_untrusted(Aead(session_k[1]), data)
+                            registered = (sid, session_k, w)
+                            break
                     except DatagramError:
                         continue
-                    if (
-                        header.type != DatagramType.WELCOME
-                        or header.seq != (counter + attempt) & MAX_SEQ
-                    ):
-                        continue
-                    w = decode_welcome_untrusted(payload_of(data))
-                    key = auth.session_key(
-                        secret, device_id, w.server_nonce.hex(), cnonce.hex(), header.session_id
-                    )
-                    if verify_tag(key, data):
-                        welcome = (header.session_id, key, w)
-                        break
-            if welcome is not None:
-                break
-        if welcome is None:
-            raise RegistrationError("no_welcome", f"no WELCOME after {hello_attempts} HELLOs")
-        session_id, key, w = welcome
+            if cookie != NO_COOKIE and attempts == 0:
+                continue  # got the cookie: send the second HELLO at once
+            wait *= 2
+        session_id, session_k, w = registered
         client = DeviceClient(
             device_id,
             session_id=session_id,
-            key=key,
+            keys=session_k,
             heartbeat_interval=w.heartbeat_ms / 1000,
             timeout=w.timeout_ms / 1000,
             max_datagram=w.max_datagram,
             udp=udp,
+            config=w.config,
             on_command=on_command,
         )
         async with _running(client, heartbeat=heartbeat, say_goodbye=say_goodbye):

@@ -192,7 +192,6 @@ class Simulator:
         self.reports = {d: SensorReport(d, self.transports[d]) for d in ids}
         self.started = 0.0
         self._stop = trio.Event()
-        self._hello_counter = int(time.time() * 1000) & 0x7FFF_FFFF
 
     def stop(self) -> None:
         self._stop.set()
@@ -213,13 +212,11 @@ class Simulator:
     def _open(self, device_id: str) -> AbstractAsyncContextManager[DeviceClient]:
         secret = self.secrets[device_id]
         if self.transports[device_id] == "udp":
-            self._hello_counter += 1
             return open_udp_device(
                 self.host,
                 device_id,
                 secret,
                 udp_port=self.udp_port,
-                hello_counter=self._hello_counter,
                 on_command=self._command_handler(device_id),
             )
         return open_device(

@@ -52,6 +52,11 @@ class CollectorMetrics(PromCollector):
             rejected.add_metric([reason], s.rejected.get(reason, 0))
         yield rejected
         yield counter("readings", "Readings accepted.", s.readings)
+        yield counter(
+            "hello_cookies_sent",
+            "HELLOs answered with a COOKIE (no valid cookie yet): neither accepted nor rejected.",
+            app.ingest.cookies_sent,
+        )
         yield counter("replies_sent", "ACK/WELCOME/COMMAND/GOODBYE datagrams sent.", s.replies_sent)
         yield counter("send_errors", "Datagrams that could not be sent.", s.send_errors)
         sock = app.ingest.sock

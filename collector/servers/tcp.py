@@ -18,9 +18,8 @@ import trio
 from collector.core.events import format_address
 from collector.logs import RateLimitedLog
 from collector.servers.serving import Acceptor
-from collector.wire import auth, control
+from collector.wire import control, crypto
 from collector.wire.control import encode_message
-from collector.wire.datagram import TAG_LEN
 
 if TYPE_CHECKING:
     from collector.app import Collector
@@ -179,9 +178,9 @@ class ControlServer:
         nonce = secrets.token_hex(16)
         await self._send(stream, conn.send(control.Challenge(nonce)))
         event = await self._await_register(stream, conn)
-        secret = app.devices.get(event.device_id)
-        if secret is None or not auth.check_registration_proof(
-            secret, event.device_id, nonce, event.cnonce, event.proof
+        keys = app.ingest.hello_keys(event.device_id)
+        if keys is None or not crypto.check_registration_proof(
+            keys.keys, event.device_id, nonce, event.cnonce, event.proof
         ):
             # One answer for unknown devices and wrong proofs: no device enumeration.
             raise _Refused("auth_failed", "unknown device or wrong proof")
@@ -200,15 +199,20 @@ class ControlServer:
             )
         registry = app.registry
         sid = registry.new_session_id()
-        key = auth.session_key(secret, event.device_id, nonce, event.cnonce, sid)
+        session_k = crypto.session_keys(
+            keys.keys.secret,
+            event.device_id,
+            bytes.fromhex(nonce),
+            bytes.fromhex(event.cnonce),
+            sid,
+        )
         welcome = control.Welcome(
             session_id=sid,
-            session_key=f"HMAC-SHA256(secret, 'session|{event.device_id}|{nonce}|{event.cnonce}|{sid}')",
             udp_port=app.udp_address[1] if app.udp_address else self.config.udp_port,
             heartbeat_interval=self.config.heartbeat_interval,
             timeout=self.config.timeout,
             max_datagram=self.config.max_datagram,
-            tag_len=TAG_LEN,
+            cipher=crypto.CIPHER,
             config=app.config_for(event.device_id),
         )
         data = conn.send(welcome)
@@ -223,7 +227,7 @@ class ControlServer:
                 self.config.max_line,
             )
             data = encode_message(attrs.evolve(welcome, config={}))
-        session = registry.open(event.device_id, key, "tcp", tcp_peer=peer, session_id=sid)
+        session = registry.open(event.device_id, session_k, "tcp", tcp_peer=peer, session_id=sid)
         send, receive = trio.open_memory_channel[control.Message](self.config.command_queue + 16)
         session.outbox = send
         await self._send(stream, data)
@@ -249,7 +253,8 @@ class ControlServer:
                 fatal, outcome = exc, exc.code
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 outcome = "broken"
-            registry.end(session, "closed")  # no-op if the session already ended
+            if session.goodbye_seq is None:  # not lingering for datagrams after a goodbye
+                registry.end(session, "closed")  # no-op if the session already ended
 
         async def bounded_drain() -> None:
             # Once the session is over, the writer gets a short while to finish: a device that
@@ -313,13 +318,14 @@ class ControlServer:
                 self._queue(session, control.Error(exc.code, exc.message))
                 continue
             if isinstance(event, control.ConnectionClosed):
-                app.registry.end(session, "closed")
+                if session.goodbye_seq is None:
+                    app.registry.end(session, "closed")
                 return "eof" if event.clean else "eof mid-line"
             if not session.active:
                 return session.end_reason or "closed"
             if isinstance(event, control.Goodbye):
                 app.registry.touch(session, trio.current_time())
-                app.registry.end(session, "closed")
+                app.registry.goodbye(session, event.last_seq, self.config.goodbye_linger)
                 return "goodbye"
             try:
                 self._handle_message(session, event)

@@ -76,11 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _flood(port: int, device_id: str, many: bool, seconds: float, counter: Any) -> None:
     sys.path.insert(0, str(ROOT))
     from collector.wire import datagram as dg
-    from collector.wire.datagram import DatagramType
+    from collector.wire.crypto import Aead
 
-    hello = dg.encode_datagram(
-        b"not the key", DatagramType.HELLO, 0, 1, 0, dg.encode_hello_payload(device_id, bytes(16))
-    )
+    hello = dg.encode_hello(Aead(bytes(32)), device_id, bytes(16))  # a key that is not the device's
     socks = []
     for i in range(1024 if many else 1):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

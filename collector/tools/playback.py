@@ -17,7 +17,6 @@ import collections
 import fnmatch
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -144,7 +143,6 @@ async def replay_into(
     speed: float = 1.0,
     ack: bool = False,
     on_sent: Callable[[int], None] | None = None,
-    hello_counter: int | None = None,
 ) -> ReplaySummary:
     """Resend `records` as their devices, keeping the recorded timing divided by `speed`
     (math.inf: as fast as possible). Returns what was sent."""
@@ -164,9 +162,6 @@ async def replay_into(
         raise ValueError(f"no credentials for {len(missing)} recorded devices, e.g. {missing[0]!r}")
     summary.devices = len(per_device)
     start = trio.current_time()
-    counter = [
-        hello_counter if hello_counter is not None else int(time.time() * 1000) & 0x7FFF_FFFF
-    ]
 
     def due(r: Record) -> float:
         return start + (r.time - t0) / speed if math.isfinite(speed) else start
@@ -203,7 +198,6 @@ async def replay_into(
                             host,
                             tcp_port,
                             udp_port,
-                            counter,
                         )
                     )
                     summary.sessions += 1
@@ -285,16 +279,13 @@ def _open(
     host: str,
     tcp_port: int,
     udp_port: int,
-    counter: list[int],
 ) -> Any:
     if transport == "udp":
-        counter[0] += 1
         return open_udp_device(
             host,
             device_id,
             secret,
             udp_port=udp_port,
-            hello_counter=counter[0],
             heartbeat=False,
             say_goodbye=False,
         )
@@ -449,7 +440,8 @@ class Playback:
             session = Session(
                 session_id=int(r.data.get("session_id") or 0),
                 device=state,
-                key=b"",
+                aead_in=None,
+                aead_out=None,
                 transport=str(r.data.get("transport") or "tcp"),
                 timeout=math.inf,
                 scope=trio.CancelScope(),

@@ -21,7 +21,7 @@ import attrs
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
 DEFAULT_MAX_LINE = 4096
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Role(enum.Enum):
@@ -74,12 +74,11 @@ class Register:
 class Welcome:
     TYPE: ClassVar[str] = "welcome"
     session_id: int
-    session_key: str  # how the key is derived, spelled out for the reader of a capture
     udp_port: int
     heartbeat_interval: float
     timeout: float
     max_datagram: int
-    tag_len: int
+    cipher: str = "chacha20-poly1305"
     config: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -120,8 +119,13 @@ class Pong:
 
 @attrs.frozen
 class Goodbye:
+    """Ends the session. From a device, `last_seq` is the sequence number of the last datagram
+    it sent (None: it does not say), so that the collector can wait for datagrams still on
+    their way; the collector sends only the reason."""
+
     TYPE: ClassVar[str] = "goodbye"
     reason: str = "closed"
+    last_seq: int | None = None
 
 
 @attrs.frozen
@@ -214,13 +218,24 @@ def _from_wire(cls: type, d: dict[str, Any]) -> Message:
         err = d.get("error")
         if err is not None and not isinstance(err, str):
             raise ControlError("bad_message", "field 'error' must be a string", fatal=False)
+        if not ok and not err:
+            raise ControlError(
+                "bad_message", "an ack with ok=false needs a non-empty 'error'", fatal=False
+            )
         return Ack(_str(d, "id", max_len=128), ok, d.get("result"), err)
     if cls is Ping:
         return Ping()
     if cls is Pong:
         return Pong()
     if cls is Goodbye:
-        return Goodbye(_str(d, "reason", default="closed"))
+        last = d.get("last_seq")
+        if last is not None and (
+            isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= 0xFFFF_FFFF
+        ):
+            raise ControlError(
+                "bad_message", "field 'last_seq' must be an integer from 0 to 2^32-1", fatal=False
+            )
+        return Goodbye(_str(d, "reason", default="closed"), last)
     if cls is Error:
         return Error(_str(d, "code"), _str(d, "message", max_len=1024, default="?"))
     if cls is Challenge:
@@ -228,12 +243,11 @@ def _from_wire(cls: type, d: dict[str, Any]) -> Message:
     if cls is Welcome:
         return Welcome(
             _int(d, "session_id"),
-            _str(d, "session_key", max_len=1024),
             _int(d, "udp_port"),
             _num(d, "heartbeat_interval"),
             _num(d, "timeout"),
             _int(d, "max_datagram"),
-            _int(d, "tag_len"),
+            _str(d, "cipher"),
             _obj(d, "config"),
         )
     if cls is Config:
@@ -253,6 +267,8 @@ def _to_wire(msg: Message) -> dict[str, Any]:
             d.pop("result")
     if isinstance(msg, Welcome | Config):
         d["config"] = dict(d["config"])
+    if isinstance(msg, Goodbye) and msg.last_seq is None:
+        d.pop("last_seq")
     if isinstance(msg, Command):
         d["args"] = dict(d["args"])
     return d

@@ -1,13 +1,16 @@
-"""The UDP datagram codec (sans-IO): bytes in, values out, and back.
+"""The UDP datagram codec of protocol version 2 (sans-IO): bytes in, values out, and back.
 
-Wire layout (all integers big-endian), specified in docs/PROTOCOL.md::
+Wire layout (all integers big-endian), specified in docs/PROTOCOL.md section 3::
 
     0      1      2      3      4          8          12                  20
-    +------+------+------+------+----------+----------+-------------------+---------+-----+
-    | ver  | type | flags| rsvd | session  | sequence | device time (us)  | payload | tag |
-    +------+------+------+------+----------+----------+-------------------+---------+-----+
+    +------+------+------+------+----------+----------+-------------------+------------+-----+
+    | ver  | type | flags| rsvd | session  | sequence | device time (us)  | ciphertext | tag |
+    +------+------+------+------+----------+----------+-------------------+------------+-----+
 
-The tag is HMAC-SHA256 over header and payload, truncated to TAG_LEN bytes.
+The header travels in the clear (the collector routes on the session id before it decrypts)
+and is the AEAD's associated data; the payload is encrypted with ChaCha20-Poly1305 under the
+session key of its direction (`collector.wire.crypto`). HELLO, COOKIE and WELCOME, which set a
+session up, have their own layouts (section 3.5).
 
 Nothing here does I/O or keeps state between datagrams; the anti-replay window lives in
 `collector.wire.replay_window` and the per-session logic in `collector.core.ingest`.
@@ -16,9 +19,9 @@ Nothing here does I/O or keeps state between datagrams; the anti-replay window l
 from __future__ import annotations
 
 import enum
-import hmac
 import math
 import operator
+import os
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,23 +29,33 @@ from typing import Any, NamedTuple, TypeAlias
 
 import attrs
 
+from collector.wire.crypto import (
+    COLLECTOR_TO_DEVICE,
+    COOKIE_LEN,
+    DEVICE_TO_COLLECTOR,
+    NONCE_LEN,
+    TAG_LEN,
+    Aead,
+    InvalidTag,
+    session_nonce,
+)
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_object
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">BBBBIIQ")
 HEADER_LEN = HEADER.size  # 20
-TAG_LEN = 16
-MIN_DATAGRAM = HEADER_LEN + TAG_LEN
+MIN_DATAGRAM = HEADER_LEN + TAG_LEN  # 36: a header and the tag of an empty payload
 #: Largest datagram the collector accepts by default: fits a 1280-byte IPv6 minimum MTU with
 #: room for IP and UDP headers, so nothing is ever fragmented.
 MAX_DATAGRAM = 1200
 MAX_SEQ = 0xFFFF_FFFF
-NONCE_LEN = 16
-#: HELLO must be at least this long, which is exactly the size of a WELCOME, so the collector
-#: never answers with more bytes than it received.
-WELCOME_PAYLOAD = struct.Struct(">16sIIHH")
-WELCOME_LEN = HEADER_LEN + WELCOME_PAYLOAD.size + TAG_LEN  # 64
-MIN_HELLO_LEN = WELCOME_LEN
+CLIENT_NONCE_LEN = 16  # the device's and the collector's registration nonces
+WELCOME_FIELDS = struct.Struct(">IIHH")  # heartbeat ms, timeout ms, max datagram, flags (0)
+#: The smallest HELLO (a one-character device id): 82 bytes. A COOKIE, the only answer to a
+#: HELLO that has not proved its address, is 76: the collector never amplifies.
+MIN_HELLO_LEN = HEADER_LEN + 1 + 1 + NONCE_LEN + CLIENT_NONCE_LEN + COOKIE_LEN + TAG_LEN
+COOKIE_DATAGRAM_LEN = HEADER_LEN + 2 * NONCE_LEN + COOKIE_LEN + TAG_LEN  # 76
+NO_COOKIE = bytes(COOKIE_LEN)
 U32 = struct.Struct(">I")
 F64 = struct.Struct(">d")
 I64 = struct.Struct(">q")
@@ -61,6 +74,28 @@ class DatagramType(enum.IntEnum):
     HELLO = 5
     WELCOME = 6
     GOODBYE = 7
+    COOKIE = 8
+
+
+#: Who may send each type (a datagram of the wrong direction is `malformed`).
+DEVICE_SENDS = frozenset(
+    {
+        DatagramType.HEARTBEAT,
+        DatagramType.TELEMETRY,
+        DatagramType.ACK,
+        DatagramType.HELLO,
+        DatagramType.GOODBYE,
+    }
+)
+COLLECTOR_SENDS = frozenset(
+    {
+        DatagramType.ACK,
+        DatagramType.COMMAND,
+        DatagramType.WELCOME,
+        DatagramType.GOODBYE,
+        DatagramType.COOKIE,
+    }
+)
 
 
 class Flag(enum.IntFlag):
@@ -120,16 +155,20 @@ class Reading(NamedTuple):
 
 @attrs.frozen
 class Hello:
+    """A HELLO as it arrives: the clear part (who, and the AEAD nonce) and what it seals."""
+
     device_id: str
-    client_nonce: bytes
+    nonce: bytes  # the AEAD nonce, 12 random bytes
+    associated: bytes  # header, id length, id and nonce: authenticated, not encrypted
+    sealed: bytes  # ciphertext and tag
 
 
 @attrs.frozen
 class Welcome:
-    server_nonce: bytes
     heartbeat_ms: int
     timeout_ms: int
     max_datagram: int
+    config: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -139,22 +178,27 @@ class AckPayload:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tags
+# Sealing and opening: the datagrams of a session
 
 
-def compute_tag(key: bytes, signed: bytes | memoryview) -> bytes:
-    return hmac.digest(key, signed, "sha256")[:TAG_LEN]
-
-
-def verify_tag(key: bytes, data: bytes) -> bool:
-    """Constant-time check of the tag at the end of `data` (a whole datagram)."""
-    return hmac.compare_digest(
-        hmac.digest(key, data[:-TAG_LEN], "sha256")[:TAG_LEN], data[-TAG_LEN:]
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding
+def seal_datagram(
+    aead: Aead,
+    type: DatagramType,
+    session_id: int,
+    seq: int,
+    timestamp_us: int,
+    payload: bytes = b"",
+    *,
+    flags: Flag = Flag.NONE,
+    direction: int = DEVICE_TO_COLLECTOR,
+) -> bytes:
+    """One datagram of a session: the header in the clear, the payload sealed under `aead`
+    (the session key of `direction`) with the nonce made of the session id, the direction and
+    the sequence number."""
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"sequence number out of range: {seq}")
+    header = HEADER.pack(VERSION, type, flags, 0, session_id, seq, timestamp_us)
+    return header + aead.encrypt(session_nonce(session_id, direction, seq), payload, header)
 
 
 def encode_datagram(
@@ -166,12 +210,171 @@ def encode_datagram(
     payload: bytes = b"",
     *,
     flags: Flag = Flag.NONE,
+    direction: int = DEVICE_TO_COLLECTOR,
 ) -> bytes:
-    if not 0 <= seq <= MAX_SEQ:
-        raise ValueError(f"sequence number out of range: {seq}")
-    header = HEADER.pack(VERSION, type, flags, 0, session_id, seq, timestamp_us)
-    signed = header + payload
-    return signed + compute_tag(key, signed)
+    """`seal_datagram` with a key rather than an AEAD object (for tools and tests; a session
+    keeps its AEAD objects)."""
+    return seal_datagram(
+        Aead(key), type, session_id, seq, timestamp_us, payload, flags=flags, direction=direction
+    )
+
+
+def open_datagram_untrusted(aead: Aead, data: bytes, direction: int = DEVICE_TO_COLLECTOR) -> bytes:
+    """The payload of a session's datagram whose header was already checked; raises
+    DatagramError("bad_tag") if it does not authenticate under `aead`."""
+    session_id, seq = _SID_SEQ.unpack_from(data, 4)
+    try:
+        return aead.decrypt(
+            session_nonce(session_id, direction, seq), data[HEADER_LEN:], data[:HEADER_LEN]
+        )
+    except InvalidTag:
+        raise DatagramError("bad_tag", "does not authenticate") from None
+
+
+_SID_SEQ = struct.Struct(">II")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration datagrams: HELLO, COOKIE, WELCOME
+
+
+def encode_hello(
+    aead: Aead,
+    device_id: str,
+    client_nonce: bytes,
+    cookie: bytes = NO_COOKIE,
+    timestamp_us: int = 0,
+    nonce: bytes | None = None,
+) -> bytes:
+    """A HELLO: `aead` is the device's device-to-collector hello key; `cookie` the one a COOKIE
+    gave (zeros in the first HELLO); `nonce` a fresh random 12 bytes unless given (vectors)."""
+    if not DEVICE_ID_RE.match(device_id):
+        raise ValueError(f"bad device id {device_id!r}")
+    if len(client_nonce) != CLIENT_NONCE_LEN or len(cookie) != COOKIE_LEN:
+        raise ValueError("the client nonce and the cookie are 16 bytes each")
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
+    head = HEADER.pack(VERSION, DatagramType.HELLO, 0, 0, 0, 0, timestamp_us)
+    associated = head + bytes([len(device_id)]) + device_id.encode("ascii") + nonce
+    return associated + aead.encrypt(nonce, client_nonce + cookie, associated)
+
+
+def parse_hello_untrusted(data: bytes) -> Hello:
+    """The clear part of a HELLO whose header was checked (no key needed yet)."""
+    n = len(data)
+    if n < MIN_HELLO_LEN:
+        raise DatagramError("malformed", f"HELLO of {n} bytes is shorter than {MIN_HELLO_LEN}")
+    idlen = data[HEADER_LEN]
+    end = HEADER_LEN + 1 + idlen
+    raw = data[HEADER_LEN + 1 : end]
+    try:
+        device_id = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise DatagramError("malformed", "HELLO device id is not ASCII") from None
+    if not DEVICE_ID_RE.match(device_id):
+        raise DatagramError("malformed", f"HELLO has a bad device id {device_id[:70]!r}")
+    sealed = data[end + NONCE_LEN :]
+    if len(sealed) != CLIENT_NONCE_LEN + COOKIE_LEN + TAG_LEN:
+        raise DatagramError("malformed", "HELLO has the wrong length for its device id")
+    return Hello(device_id, data[end : end + NONCE_LEN], data[: end + NONCE_LEN], sealed)
+
+
+def open_hello(aead: Aead, hello: Hello) -> tuple[bytes, bytes]:
+    """(client nonce, cookie) of a HELLO; DatagramError("bad_tag") if it does not authenticate
+    under the device's device-to-collector hello key."""
+    try:
+        plain = aead.decrypt(hello.nonce, hello.sealed, hello.associated)
+    except InvalidTag:
+        raise DatagramError(
+            "bad_tag", f"HELLO from {hello.device_id} does not authenticate"
+        ) from None
+    return plain[:CLIENT_NONCE_LEN], plain[CLIENT_NONCE_LEN:]
+
+
+def encode_cookie(
+    aead: Aead, cookie: bytes, hello_nonce: bytes, timestamp_us: int = 0, nonce: bytes | None = None
+) -> bytes:
+    """A COOKIE answering the HELLO whose nonce was `hello_nonce` (echoed in the clear, so a
+    device, or a tool registering many, knows which HELLO it answers): the cookie sealed under
+    the device's collector-to-device hello key with a fresh random nonce."""
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
+    head = HEADER.pack(VERSION, DatagramType.COOKIE, 0, 0, 0, 0, timestamp_us) + hello_nonce + nonce
+    return head + aead.encrypt(nonce, cookie, head)
+
+
+def answered_hello_untrusted(data: bytes) -> bytes:
+    """The HELLO nonce a COOKIE or a WELCOME echoes (which HELLO it answers)."""
+    if len(data) < HEADER_LEN + NONCE_LEN + TAG_LEN:
+        raise DatagramError("malformed", "too short for a COOKIE or a WELCOME")
+    return data[HEADER_LEN : HEADER_LEN + NONCE_LEN]
+
+
+def open_cookie_untrusted(aead: Aead, data: bytes, hello_nonce: bytes) -> bytes:
+    if len(data) != COOKIE_DATAGRAM_LEN:
+        raise DatagramError("malformed", f"COOKIE of {len(data)} bytes, not {COOKIE_DATAGRAM_LEN}")
+    if data[HEADER_LEN : HEADER_LEN + NONCE_LEN] != hello_nonce:
+        raise DatagramError("malformed", "COOKIE for another HELLO")
+    head = data[: HEADER_LEN + 2 * NONCE_LEN]
+    try:
+        return aead.decrypt(data[HEADER_LEN + NONCE_LEN : len(head)], data[len(head) :], head)
+    except InvalidTag:
+        raise DatagramError("bad_tag", "COOKIE does not authenticate") from None
+
+
+def encode_welcome(
+    aead: Aead,
+    session_id: int,
+    server_nonce: bytes,
+    hello_nonce: bytes,
+    welcome: Welcome,
+    timestamp_us: int = 0,
+) -> bytes:
+    """A WELCOME answering the HELLO whose nonce was `hello_nonce` (echoed in the clear, like
+    the collector's nonce, which the device needs to derive the session keys), sealed under
+    the new session's collector-to-device key with sequence number 0, which no other datagram
+    of the session uses."""
+    if len(server_nonce) != CLIENT_NONCE_LEN:
+        raise ValueError("the server nonce is 16 bytes")
+    head = (
+        HEADER.pack(VERSION, DatagramType.WELCOME, 0, 0, session_id, 0, timestamp_us)
+        + hello_nonce
+        + server_nonce
+    )
+    plain = WELCOME_FIELDS.pack(welcome.heartbeat_ms, welcome.timeout_ms, welcome.max_datagram, 0)
+    if welcome.config:
+        plain += dumps_bytes(dict(welcome.config))
+    return head + aead.encrypt(session_nonce(session_id, COLLECTOR_TO_DEVICE, 0), plain, head)
+
+
+_WELCOME_HEAD = HEADER_LEN + NONCE_LEN + CLIENT_NONCE_LEN
+
+
+def welcome_nonce_untrusted(data: bytes) -> tuple[int, bytes]:
+    """(session id, server nonce) of a WELCOME, to derive the keys that open it."""
+    if len(data) < _WELCOME_HEAD + WELCOME_FIELDS.size + TAG_LEN:
+        raise DatagramError("malformed", "WELCOME too short")
+    return _SID_SEQ.unpack_from(data, 4)[0], data[HEADER_LEN + NONCE_LEN : _WELCOME_HEAD]
+
+
+def open_welcome_untrusted(aead: Aead, data: bytes) -> Welcome:
+    session_id, _ = welcome_nonce_untrusted(data)
+    head = data[:_WELCOME_HEAD]
+    try:
+        plain = aead.decrypt(
+            session_nonce(session_id, COLLECTOR_TO_DEVICE, 0), data[_WELCOME_HEAD:], head
+        )
+    except InvalidTag:
+        raise DatagramError("bad_tag", "WELCOME does not authenticate") from None
+    hb, to, maxd, _flags = WELCOME_FIELDS.unpack_from(plain)
+    config = (
+        _json_object(plain[WELCOME_FIELDS.size :], "WELCOME config")
+        if len(plain) > WELCOME_FIELDS.size
+        else {}
+    )
+    return Welcome(hb, to, maxd, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads
 
 
 def encode_heartbeat_payload(uptime_s: int) -> bytes:
@@ -214,20 +417,6 @@ def encode_readings(readings: Mapping[str, Value] | Iterable[ReadingPair]) -> by
     return bytes(out)
 
 
-def encode_hello_payload(device_id: str, client_nonce: bytes) -> bytes:
-    if not DEVICE_ID_RE.match(device_id):
-        raise ValueError(f"bad device id {device_id!r}")
-    if len(client_nonce) != NONCE_LEN:
-        raise ValueError("client nonce must be 16 bytes")
-    payload = bytes([len(device_id)]) + device_id.encode("ascii") + client_nonce
-    minimum = MIN_HELLO_LEN - HEADER_LEN - TAG_LEN
-    return payload + bytes(max(0, minimum - len(payload)))
-
-
-def encode_welcome_payload(w: Welcome) -> bytes:
-    return WELCOME_PAYLOAD.pack(w.server_nonce, w.heartbeat_ms, w.timeout_ms, w.max_datagram, 0)
-
-
 def encode_ack_payload(acked_seq: int, result: Mapping[str, Any] | None = None) -> bytes:
     out = U32.pack(acked_seq)
     if result is not None:
@@ -263,10 +452,6 @@ def decode_header_untrusted(data: bytes, max_size: int = MAX_DATAGRAM) -> Header
     if flags & ~_KNOWN_FLAGS or reserved:
         raise DatagramError("malformed", f"unknown flags {flags:#04x}/{reserved:#04x}")
     return Header(version, DatagramType(typ), Flag(flags), session_id, seq, ts)
-
-
-def payload_of(data: bytes) -> bytes:
-    return data[HEADER_LEN:-TAG_LEN]
 
 
 def decode_heartbeat_untrusted(payload: bytes) -> int:
@@ -403,6 +588,7 @@ def _decode_readings(p: bytes) -> list[ReadingPair]:
     pos = 1
     out: list[ReadingPair] = []
     names = _NAMES
+    seen: set[str] = set()
     for _ in range(count):
         nlen = p[pos]
         raw = p[pos + 1 : pos + 1 + nlen]
@@ -413,6 +599,9 @@ def _decode_readings(p: bytes) -> list[ReadingPair]:
                 raise DatagramError("malformed", f"bad metric name {name!r}")
             if len(names) < _NAMES_MAX:
                 names[raw] = name
+        if name in seen:
+            raise DatagramError("malformed", f"metric {name!r} twice in one datagram")
+        seen.add(name)
         pos += 1 + nlen
         vtype = p[pos]
         pos += 1
@@ -445,31 +634,6 @@ def _decode_readings(p: bytes) -> list[ReadingPair]:
         raise DatagramError("malformed", f"{len(p) - pos} trailing bytes after readings")
     _learn_layout(p, out)
     return out
-
-
-def decode_hello_untrusted(payload: bytes) -> Hello:
-    if len(payload) < MIN_HELLO_LEN - HEADER_LEN - TAG_LEN:
-        raise DatagramError("malformed", "HELLO shorter than a WELCOME")
-    n = payload[0]
-    try:
-        device_id = payload[1 : 1 + n].decode("ascii")
-    except UnicodeDecodeError:
-        raise DatagramError("malformed", "HELLO device id is not ASCII") from None
-    if len(device_id) != n or not DEVICE_ID_RE.match(device_id):
-        raise DatagramError("malformed", f"HELLO has a bad device id {device_id!r}")
-    nonce = payload[1 + n : 1 + n + NONCE_LEN]
-    if len(nonce) != NONCE_LEN:
-        raise DatagramError("malformed", "HELLO nonce truncated")
-    if any(payload[1 + n + NONCE_LEN :]):
-        raise DatagramError("malformed", "HELLO padding is not zero")
-    return Hello(device_id, nonce)
-
-
-def decode_welcome_untrusted(payload: bytes) -> Welcome:
-    if len(payload) != WELCOME_PAYLOAD.size:
-        raise DatagramError("malformed", f"WELCOME payload is {len(payload)} bytes")
-    nonce, hb, to, maxd, _ = WELCOME_PAYLOAD.unpack(payload)
-    return Welcome(nonce, hb, to, maxd)
 
 
 def decode_ack_untrusted(payload: bytes) -> AckPayload:

@@ -82,3 +82,15 @@ class ReplayWindow:
             return DUPLICATE
         blocks[i] |= bit
         return LATE
+
+    def complete_up_to(self, n: int) -> bool:
+        """Every sequence number from 1 to `n` was accepted (as far as the window remembers:
+        the `size` numbers below the highest)."""
+        top = self.top
+        if top < n:
+            return False
+        blocks, mask = self._blocks, self._mask
+        for seq in range(max(1, top - self.size + 1), n + 1):
+            if not blocks[(seq >> _BLOCK_SHIFT) & mask] & (1 << (seq & _BIT_MASK)):
+                return False
+        return True
