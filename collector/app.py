@@ -33,6 +33,7 @@ from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRecord, SessionRegistry
 from collector.servers.http import HttpServer
 from collector.servers.tcp import ControlServer
+from collector.servers.tls import TlsContexts
 from collector.servers.udp import serve_udp
 from collector.wire import control
 from collector.wire.crypto import COLLECTOR_TO_DEVICE
@@ -48,6 +49,7 @@ class Addresses:
     tcp: tuple[Any, ...] | None
     udp: tuple[Any, ...] | None
     http: tuple[Any, ...] | None = None
+    tls: bool = False
 
     @property
     def dashboard_url(self) -> str | None:
@@ -56,7 +58,8 @@ class Addresses:
         host = self.http[0]
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.http[1]}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{self.http[1]}/"
 
 
 @attrs.frozen
@@ -164,6 +167,12 @@ class Collector:
         self.wall = wall
         self.listeners: list[Listener] = list(listeners)
         self.device_config: list[DeviceConfigRule] = list(config.device_config)
+        #: TLS on the control channel and the HTTP port, when the config has a certificate
+        self.tls = (
+            TlsContexts(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert
+            else None
+        )
         #: where a bug in handling one input stops (collector_internal_errors_total)
         self.boundary = ErrorBoundary(trio.current_time)
         self.registry = SessionRegistry(
@@ -287,7 +296,11 @@ class Collector:
             await nursery.start(self.hub.serve)
             if self.http is not None:
                 self.http_address = await nursery.start(self.http.serve, cfg.host, cfg.http_port)
-            task_status.started(Addresses(self.tcp_address, self.udp_address, self.http_address))
+            task_status.started(
+                Addresses(
+                    self.tcp_address, self.udp_address, self.http_address, self.tls is not None
+                )
+            )
             await self._stop.wait()
             nursery.cancel_scope.cancel()
 
@@ -359,6 +372,13 @@ class Collector:
         self.stopped_at = trio.current_time()
         self._stop.set()
         return self._shutdown_report
+
+    def reload(self) -> list[str]:
+        """What SIGHUP does: load again what can change while running. Returns what changed."""
+        changed = []
+        if self.tls is not None and self.tls.reload():
+            changed.append("TLS certificate")
+        return changed
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:

@@ -213,7 +213,7 @@ async def run_until_signalled(
 ) -> ShutdownReport:
     """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal exits at once."""
     report: ShutdownReport | None = None
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(collector.serve)
             log.info(
@@ -234,8 +234,15 @@ async def run_until_signalled(
             async def watch_signals() -> None:
                 count = 0
                 async for signum in signals:
-                    count += 1
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        changed = collector.reload()
+                        log.info(
+                            "SIGHUP: reloaded %s",
+                            ", ".join(changed) if changed else "nothing that changed",
+                        )
+                        continue
+                    count += 1
                     if count == 1:
                         log.info("%s: shutting down gracefully (again to exit at once)", name)
                         nursery.start_soon(shut_down)

@@ -60,6 +60,12 @@ class Config:
     http_port: int | None = 8082  # None: no HTTP server (dashboards, API, metrics)
     udp_rcvbuf: int = 8 * 1024 * 1024
     udp_coalesce: float = 0.001
+    # [tls]
+    tls_cert: str = ""  # "" = no TLS: plain text on the TCP and HTTP ports
+    tls_key: str = ""
+    tls_client_ca: str = ""  # "" = no client certificates asked for
+    tls_plaintext_tcp_port: int = -1  # -1 = none; with TLS, an extra plain-text control port
+    tls_plaintext_http_port: int = -1
     # [http]
     read_tokens: tuple[str, ...] = ()
     command_tokens: tuple[str, ...] = ()
@@ -175,6 +181,14 @@ class Config:
             self.replay_window_blocks - 1
         ):
             problems.append("replay_window_blocks must be a power of two >= 2")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("[tls] needs both cert and key")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("[tls] client_ca needs cert and key")
+        if not self.tls_cert and (
+            self.tls_plaintext_tcp_port >= 0 or self.tls_plaintext_http_port >= 0
+        ):
+            problems.append("[tls] plaintext ports only make sense with a certificate")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.timeout < 2.5 * self.heartbeat_interval:
@@ -222,6 +236,13 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "expiry": "command_expiry",
         "retransmit_initial": "command_retransmit_initial",
         "retransmit_max": "command_retransmit_max",
+    },
+    "tls": {
+        "cert": "tls_cert",
+        "key": "tls_key",
+        "client_ca": "tls_client_ca",
+        "plaintext_tcp_port": "tls_plaintext_tcp_port",
+        "plaintext_http_port": "tls_plaintext_http_port",
     },
     "http": {
         "read_tokens": "read_tokens",

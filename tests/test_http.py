@@ -99,7 +99,8 @@ async def test_device_api_and_commands_end_to_end(nursery, autojump_clock):
         await dev.ended.wait()
     status, detail = await api(collector, "GET", "/api/devices/dev-1")
     assert detail["online"] is False and detail["reason"] == "kicked"
-    assert [s["reason"] for s in detail["sessions"]] == ["kicked"]
+    assert [s["reason"] for s in detail["session_history"]] == ["kicked"]
+    assert detail["sessions"] == 1  # a count, as in every device object
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ def parse(text):
 def test_subscribe_defaults_and_limits():
     assert parse('{"type": "subscribe"}') == Subscribe(Subscription(("*",), ("*",), None, 300))
     msg = parse(
-        '{"type": "subscribe", "devices": "temp-*", "metrics": ["a", "b*"], "max_rate": 2, "history": 5000}'
+        '{"type": "subscribe", "devices": ["temp-*"], "metrics": ["a", "b*"], "max_rate": 2, "history": 5000}'
     )
     assert msg == Subscribe(Subscription(("temp-*",), ("a", "b*"), 2.0, 300))
     assert parse('{"type": "ping", "id": 7}') == stream.Ping(7)
@@ -37,6 +37,7 @@ def test_subscribe_defaults_and_limits():
         ('{"type": "dance"}', "unknown_type"),
         ('{"type": "subscribe", "devices": []}', "bad_message"),
         ('{"type": "subscribe", "devices": [1]}', "bad_message"),
+        ('{"type": "subscribe", "devices": "fast-001"}', "bad_message"),  # a list, not a string
         ('{"type": "subscribe", "max_rate": 0}', "bad_message"),
         ('{"type": "subscribe", "max_rate": true}', "bad_message"),
         ('{"type": "subscribe", "history": -1}', "bad_message"),

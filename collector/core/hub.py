@@ -478,9 +478,16 @@ class StreamHub:
         state = self.app.registry.devices.get(device_id)
         view = self.views.get(device_id)
         out: dict[str, Any] = {"id": device_id}
-        if state is None:
+        if state is None:  # in the credentials file, never connected: the same fields, empty
             out.update(
-                online=False, reason=None, transport=None, address=None, since=None, last_seen=None
+                online=False,
+                reason=None,
+                transport=None,
+                address=None,
+                since=None,
+                last_seen=None,
+                session_id=None,
+                sessions=0,
             )
             out["stats"] = _stats_of(None, 0.0)
         else:
@@ -497,8 +504,10 @@ class StreamHub:
             )
             out["stats"] = _stats_of(state, self._rates.get(device_id, 0.0))
         out["values"] = {k: [row[2], row[3]] for k, row in (view.values.items() if view else ())}
-        if history and view is not None:
-            out["history"] = {k: list(ring.last(history)) for k, ring in view.history.items()}
+        if history:  # asked for: always there, empty for a device with no numeric series yet
+            out["history"] = (
+                {k: list(ring.last(history)) for k, ring in view.history.items()} if view else {}
+            )
         cmds = [c for c in self.app.commands.commands.values() if c.device_id == device_id]
         out["commands"] = [command_json(c) for c in cmds[-RECENT_COMMANDS:]]
         return out
@@ -613,6 +622,8 @@ class StreamHub:
             heartbeat["replay"] = self.app.playback.status()
         shared = StatsText(stream.encode(changed)) if changed else None
         for sub in self.subscribers:
+            if sub.matcher is None:
+                continue  # nothing but hello (and answers) before the first subscribe
             if changed:
                 sub.offer_stats(changed, shared)
             sub.offer_heartbeat(heartbeat)
@@ -875,6 +886,7 @@ def _stats_of(state: DeviceState | None, rate: float) -> dict[str, Any]:
             "datagrams": 0,
             "lost": 0,
             "duplicates": 0,
+            "out_of_order": 0,
             "readings": 0,
             "metrics_refused": 0,
         }

@@ -18,6 +18,7 @@ import inspect
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -446,13 +447,19 @@ async def open_device(
     heartbeat: bool = True,
     say_goodbye: bool = True,
     local_host: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[DeviceClient]:
     """Register over TCP and run the device until the block exits (then say goodbye).
 
     `udp_port` overrides the port from the welcome (for tests behind port mapping);
-    `local_host` is the address datagrams are sent from (default: what the route picks).
+    `local_host` is the address datagrams are sent from (default: what the route picks);
+    `ssl_context` makes the control channel TLS (`collector.servers.tls.client_context(ca)`).
     """
-    stream = await trio.open_tcp_stream(host, tcp_port)
+    stream: trio.abc.Stream
+    if ssl_context is not None:
+        stream = await trio.open_ssl_over_tcp_stream(host, tcp_port, ssl_context=ssl_context)
+    else:
+        stream = await trio.open_tcp_stream(host, tcp_port)
     async with stream:
         conn = control.ControlConnection(control.Role.DEVICE)
         event = await _receive_event(stream, conn)

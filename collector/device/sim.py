@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -174,9 +175,11 @@ class Simulator:
         tcp_port: int = 8080,
         udp_port: int = 8081,
         wall: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.wall = wall
+        self.ssl_context = ssl_context  # TLS on the control channel
         self.secrets = secrets
         self.host = host
         self.tcp_port = tcp_port
@@ -225,6 +228,7 @@ class Simulator:
             secret,
             tcp_port=self.tcp_port,
             on_command=self._command_handler(device_id),
+            ssl_context=self.ssl_context,
         )
 
     def _command_handler(self, device_id: str) -> Callable[[str, dict[str, Any]], Any]:

@@ -50,6 +50,7 @@ from collector.core.events import format_address
 from collector.logs import RateLimitedLog
 from collector.servers import metrics
 from collector.servers.serving import Acceptor
+from collector.servers.tls import accept_tls
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
 if TYPE_CHECKING:
@@ -135,15 +136,26 @@ LINGER = 0.1
 LINGER_BYTES = 256 * 1024
 
 
-async def _close(stream: trio.SocketStream, linger: float = LINGER) -> None:
+async def _close(stream: trio.abc.Stream, linger: float = LINGER) -> None:
     """Close without losing what was sent. Closing a socket with unread input makes the kernel
     send a reset, which can discard an answer still in the client's buffers (a refusal, an
     error about a request it is still sending): so half-close first, and read and drop what
     the client still sends, for a moment and a bounded number of bytes (nginx's lingering
-    close does the same)."""
+    close does the same). A TLS stream instead ends with its close_notify (a cancelled read
+    would break it), so the client can tell the end from a cut."""
+    if isinstance(stream, trio.SSLStream):
+        with trio.move_on_after(linger + 1.0):
+            try:
+                await stream.aclose()
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
+        return
     with trio.move_on_after(linger):
         try:
-            await stream.send_eof()
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
             n = 0
             while n < LINGER_BYTES:
                 data = await stream.receive_some(65536)
@@ -187,6 +199,8 @@ class HttpServer:
         self.registry = metrics.make_registry(app)
         self.acceptor = Acceptor()
         self.address: tuple[Any, ...] | None = None
+        self.tls_port: int | None = None
+        self.plaintext_address: tuple[Any, ...] | None = None
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -195,6 +209,26 @@ class HttpServer:
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.address = listeners[0].socket.getsockname()
+        tls = self.app.tls
+        if tls is not None:
+            self.tls_port = self.address[1]
+            log.info("HTTPS on %s:%d (dashboard, API, metrics, WSS stream)", *self.address[:2])
+            extra = self.config.tls_plaintext_http_port
+            if extra >= 0:
+                plain = await trio.open_tcp_listeners(extra, host=host)
+                listeners += plain
+                self.plaintext_address = plain[0].socket.getsockname()
+                log.warning(
+                    "PLAIN TEXT: the HTTP port is also on %s:%d without TLS ([tls] "
+                    "plaintext_http_port): tokens and readings travel in the clear there",
+                    *self.plaintext_address[:2],
+                )
+        else:
+            log.warning(
+                "PLAIN TEXT: HTTP on %s:%d without TLS: bearer tokens and readings travel in the "
+                "clear (set [tls] cert and key)",
+                *self.address[:2],
+            )
         if not self.access_control:
             log.warning(
                 "HTTP access control is OFF: anyone who can reach port %d can watch the stream "
@@ -266,6 +300,18 @@ class HttpServer:
         self.active += 1
         self.per_client[client] += 1
         try:
+            tls = self.app.tls
+            if (
+                tls is not None
+                and self.tls_port is not None
+                and stream.socket.getsockname()[1] == self.tls_port
+            ):
+                try:
+                    stream = await accept_tls(stream, tls.http, cfg.http_header_timeout)  # type: ignore[assignment]
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    self.timeouts["tls_handshake"] += 1
+                    await trio.aclose_forcefully(stream)
+                    return
             await self._serve_connection(stream, peer)
         finally:
             self.active -= 1
@@ -522,6 +568,10 @@ class HttpServer:
             if method not in ("GET", "HEAD"):
                 return "healthz", _method_not_allowed("GET, HEAD")
             return "healthz", self._healthz(method)
+        if path == "/api/openapi.json":  # open: what the API is, not what it holds
+            if method not in ("GET", "HEAD"):
+                return "api/openapi.json", _method_not_allowed("GET, HEAD")
+            return "api/openapi.json", Response(200, (WEB / "openapi.json").read_bytes())
         access = self._access(headers, query)
         need = COMMAND if method == "POST" else READ
         if access < need:
@@ -596,7 +646,7 @@ class HttpServer:
             history = _int_param(query, "history", 0, self.hub.config.history)
             out = self.hub.device_summary(device_id, history=history)
             state = app.registry.devices.get(device_id)
-            out["sessions"] = [attrs.asdict(h) for h in state.history] if state else []
+            out["session_history"] = [attrs.asdict(h) for h in state.history] if state else []
             out["commands"] = [command_json(c) for c in app.commands.for_device(device_id)]
             return json_response(200, out)
         if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "commands":
@@ -665,9 +715,9 @@ class HttpServer:
             elif action == "resume":
                 playback.resume()
             elif action == "speed":
-                playback.set_speed(float(req.get("speed", 0)))
+                playback.set_speed(_number(req, "speed"))
             elif action == "seek":
-                playback.seek(float(req["position"]))
+                playback.seek(_number(req, "position"))
             else:
                 raise _ApiError(400, "bad_action", "action is pause, resume, speed or seek")
         except (KeyError, TypeError, ValueError) as exc:
@@ -726,6 +776,7 @@ def path_route(path: str) -> str:
         "api/commands/{id}",
         "api/config",
         "api/replay",
+        "api/openapi.json",
     }
     route = "/".join(parts)
     return route if route in known else "other"
@@ -757,6 +808,13 @@ def _json_body(body: bytes) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise _ApiError(400, "bad_json", "the body must be a JSON object")
     return req
+
+
+def _number(req: dict[str, Any], key: str) -> float:
+    v = req.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{key!r} must be a number")
+    return float(v)
 
 
 def _opt_number(req: dict[str, Any], key: str) -> float | None:

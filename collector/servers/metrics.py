@@ -250,7 +250,7 @@ class CollectorMetrics(PromCollector):
                 "HTTP connections closed by a deadline, by which ([http] *_timeout, [stream] handshake_timeout).",
                 labels=["kind"],
             )
-            for kind in ("header", "body", "send", "idle", "handshake"):
+            for kind in ("header", "body", "send", "idle", "handshake", "tls_handshake"):
                 timeouts.add_metric([kind], app.http.timeouts.get(kind, 0))
             yield timeouts
 

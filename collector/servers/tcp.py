@@ -18,6 +18,7 @@ import trio
 from collector.core.events import format_address
 from collector.logs import RateLimitedLog
 from collector.servers.serving import Acceptor
+from collector.servers.tls import accept_tls
 from collector.wire import control, crypto
 from collector.wire.control import encode_message
 
@@ -50,6 +51,8 @@ class ControlServer:
         self.rlog = RateLimitedLog(log, self.config.log_rate_limit)
         self.acceptor = Acceptor()
         self.handlers_done = trio.Event()
+        self.tls_port: int | None = None
+        self.plaintext_address: tuple[Any, ...] | None = None
         self._registering: set[trio.CancelScope] = set()
 
     async def serve(
@@ -58,7 +61,26 @@ class ControlServer:
         """Accept connections until `stop_accepting()`, then wait for the open ones to end."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         address = listeners[0].socket.getsockname()
-        log.info("TCP control channel on %s:%d", address[0], address[1])
+        self.tls_port = address[1] if self.app.tls is not None else None
+        if self.app.tls is not None:
+            log.info("TCP control channel on %s:%d (TLS)", address[0], address[1])
+            extra = self.config.tls_plaintext_tcp_port
+            if extra >= 0:
+                plain = await trio.open_tcp_listeners(extra, host=host)
+                listeners += plain
+                self.plaintext_address = plain[0].socket.getsockname()
+                log.warning(
+                    "PLAIN TEXT: the control channel is also on %s:%d without TLS ([tls] "
+                    "plaintext_tcp_port): anyone on the path can read it",
+                    *self.plaintext_address[:2],
+                )
+        else:
+            log.warning(
+                "PLAIN TEXT: TCP control channel on %s:%d without TLS: anyone on the path can "
+                "read registrations, configuration and commands (set [tls] cert and key)",
+                address[0],
+                address[1],
+            )
         try:
             await self.acceptor.serve(self.handle, listeners, task_status, address)
         finally:
@@ -73,11 +95,37 @@ class ControlServer:
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
             peer = format_address(stream.socket.getpeername())
+            local_port = stream.socket.getsockname()[1]
         except OSError:  # already reset by the peer
-            peer = None
+            await trio.aclose_forcefully(stream)
+            return
         started = trio.current_time()
         self.accepted += 1
         self.active += 1
+        try:
+            tls = self.app.tls
+            if tls is not None and local_port == self.tls_port:
+                if self.active > self.config.max_tcp_connections:
+                    # No handshake for a connection over the limit: closed at once.
+                    self.errors["too_many_connections"] += 1
+                    await trio.aclose_forcefully(stream)
+                    return
+                try:
+                    # The handshake counts toward the registration timeout.
+                    stream = await accept_tls(stream, tls.control, self.config.registration_timeout)
+                except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    self.errors["tls_handshake"] += 1
+                    self.rlog.warning(
+                        "tls_handshake", trio.current_time(), "TLS handshake with %s failed: %s",
+                        peer, exc.__cause__ or exc or type(exc).__name__,
+                    )  # fmt: skip
+                    await trio.aclose_forcefully(stream)
+                    return
+            await self._serve(stream, peer, started)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, stream: trio.abc.Stream, peer: str | None, started: float) -> None:
         conn = control.ControlConnection(control.Role.SERVER, max_line=self.config.max_line)
         session: Session | None = None
         outcome = "closed"
@@ -117,7 +165,6 @@ class ControlServer:
             self.errors["internal_error"] += 1
             self.app.boundary.report("control_message", exc, f"serving {peer}")
         finally:
-            self.active -= 1
             if session is not None and session.active:
                 self.app.registry.end(session, "closed")
             log.info(
@@ -129,7 +176,7 @@ class ControlServer:
             )
 
     async def _send_final_error(
-        self, stream: trio.SocketStream, conn: control.ControlConnection, code: str, message: str
+        self, stream: trio.abc.Stream, conn: control.ControlConnection, code: str, message: str
     ) -> None:
         with trio.move_on_after(GOODBYE_TIMEOUT) as cs:
             cs.shield = True
@@ -139,7 +186,7 @@ class ControlServer:
                 pass
 
     async def _receive_event(
-        self, stream: trio.SocketStream, conn: control.ControlConnection
+        self, stream: trio.abc.Stream, conn: control.ControlConnection
     ) -> control.Event:
         while True:
             event = conn.next_event()
@@ -148,7 +195,7 @@ class ControlServer:
             conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
 
     async def _await_register(
-        self, stream: trio.SocketStream, conn: control.ControlConnection
+        self, stream: trio.abc.Stream, conn: control.ControlConnection
     ) -> control.Register:
         """The device's `register` line, within the registration timeout; a shutdown ends the
         wait at once (connections that are not devices yet are not worth a grace period)."""
@@ -172,7 +219,7 @@ class ControlServer:
         )
 
     async def _register(
-        self, stream: trio.SocketStream, conn: control.ControlConnection, peer: str | None
+        self, stream: trio.abc.Stream, conn: control.ControlConnection, peer: str | None
     ) -> tuple[Session, trio.MemoryReceiveChannel[control.Message]]:
         app = self.app
         nonce = secrets.token_hex(16)
@@ -235,7 +282,7 @@ class ControlServer:
 
     async def _run_registered(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         conn: control.ControlConnection,
         session: Session,
         outbox: trio.MemoryReceiveChannel[control.Message],
@@ -292,13 +339,13 @@ class ControlServer:
         reason = session.end_reason or "closed"
         return outcome if outcome not in ("closed", "eof") or reason == "closed" else reason
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+    async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         """Send within `[limits] send_timeout`: a device that stops reading is dropped."""
         with trio.fail_after(self.config.send_timeout):
             await stream.send_all(data)
 
     async def _read_loop(
-        self, stream: trio.SocketStream, conn: control.ControlConnection, session: Session
+        self, stream: trio.abc.Stream, conn: control.ControlConnection, session: Session
     ) -> str:
         app = self.app
         while True:

@@ -17,6 +17,7 @@ import collections
 import fnmatch
 import logging
 import math
+import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,7 @@ async def replay_into(
     speed: float = 1.0,
     ack: bool = False,
     on_sent: Callable[[int], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ReplaySummary:
     """Resend `records` as their devices, keeping the recorded timing divided by `speed`
     (math.inf: as fast as possible). Returns what was sent."""
@@ -198,6 +200,7 @@ async def replay_into(
                             host,
                             tcp_port,
                             udp_port,
+                            ssl_context,
                         )
                     )
                     summary.sessions += 1
@@ -279,6 +282,7 @@ def _open(
     host: str,
     tcp_port: int,
     udp_port: int,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Any:
     if transport == "udp":
         return open_udp_device(
@@ -297,6 +301,7 @@ def _open(
         udp_port=udp_port,
         heartbeat=False,
         say_goodbye=False,
+        ssl_context=ssl_context,
     )
 
 

@@ -349,7 +349,7 @@ class ControlConnection:
             d = loads_untrusted(line)
         except JsonError as exc:
             raise ControlError(
-                "bad_json", f"a line is not valid JSON: {exc.message}", fatal=fatal
+                "bad_json", f"a line must be one JSON object: {exc.message}", fatal=fatal
             ) from None
         if not isinstance(d, dict):
             raise ControlError("bad_json", "a line must hold a JSON object", fatal=fatal)

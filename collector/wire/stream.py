@@ -76,8 +76,6 @@ ClientMessage: TypeAlias = Subscribe | Ping
 
 def _patterns(d: Mapping[str, Any], key: str) -> tuple[str, ...]:
     v = d.get(key, ["*"])
-    if isinstance(v, str):
-        v = [v]
     if (
         not isinstance(v, list)
         or not v
