@@ -17,12 +17,19 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
-from collector.config import MAX_CONFIG_BYTES, Config, ConfigPushError, DeviceConfigRule
+from collector.config import (
+    LIVE_SETTINGS,
+    MAX_CONFIG_BYTES,
+    Config,
+    ConfigPushError,
+    DeviceConfigRule,
+)
 from collector.core.boundary import ErrorBoundary
 from collector.core.commands import CommandError, CommandManager, CommandRecord
 from collector.core.events import Event, Listener
@@ -31,6 +38,7 @@ from collector.core.ingest import Ingest
 from collector.core.ratelimit import FlappingDetector, SourceLimiter
 from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRecord, SessionRegistry
+from collector.devices import DeviceRegistry, DevicesError
 from collector.servers.http import HttpServer
 from collector.servers.tcp import ControlServer
 from collector.servers.tls import TlsContexts
@@ -159,8 +167,14 @@ class Collector:
         wall: Callable[[], float] = time.time,
         listeners: Sequence[Listener] = (),
         ingest: bool = True,
+        devices_file: str | Path | None = None,
     ) -> None:
         self.config = config
+        #: where `devices` came from: device changes through the API are saved there, and a
+        #: reload (SIGHUP) reads it again
+        self.devices_file = Path(devices_file) if devices_file is not None else None
+        #: how to read the configuration again on a reload (set by `collector serve`)
+        self.config_loader: Callable[[], Config] | None = None
         self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
         self.playback: Any = None  # a collector.tools.playback.Playback driving the hub instead
         self.devices = devices
@@ -373,12 +387,138 @@ class Collector:
         self._stop.set()
         return self._shutdown_report
 
-    def reload(self) -> list[str]:
-        """What SIGHUP does: load again what can change while running. Returns what changed."""
-        changed = []
+    def reload(self, config: Config | None = None) -> list[str]:
+        """What SIGHUP does: read again what can change while running (the devices file, the
+        parts of the configuration listed in LIVE_SETTINGS, the TLS certificate) and apply it.
+        Sessions of devices that are still allowed with the same secret are never dropped;
+        those of removed devices, and of devices with a new secret, end with reason `revoked`.
+        Returns one line per thing that changed."""
+        changed: list[str] = []
+        if self.devices_file is not None and isinstance(self.devices, DeviceRegistry):
+            try:
+                diff = self.devices.reload(self.devices_file)
+            except DevicesError as exc:
+                log.error("reload: keeping the devices as they were: %s", exc)
+            else:
+                if diff:
+                    changed.append(f"devices: {diff.describe()}")
+                    for device_id in (*diff.removed, *diff.rotated):
+                        self.revoke(device_id)
+        if config is not None:
+            changed += self._apply_config(config)
         if self.tls is not None and self.tls.reload():
             changed.append("TLS certificate")
         return changed
+
+    def _apply_config(self, new: Config) -> list[str]:
+        old = self.config
+        changed, restart = [], []
+        for field in attrs.fields(Config):
+            a, b = getattr(old, field.name), getattr(new, field.name)
+            if a == b:
+                continue
+            if field.name in LIVE_SETTINGS:
+                changed.append(field.name)
+            else:
+                restart.append(field.name)
+        if restart:
+            log.warning(
+                "reload: %s changed in the config file but take effect only after a restart",
+                ", ".join(restart),
+            )
+        if not changed:
+            return []
+        live = {name: getattr(new, name) for name in changed}
+        self.config = attrs.evolve(old, **live)
+        cfg = self.config
+        # Rules from the file are replaced; rules pushed through the API stay.
+        file_matches = {r.match for r in old.device_config}
+        pushed = [r for r in self.device_config if r.match not in file_matches]
+        self.device_config = [*cfg.device_config, *pushed]
+        self.control.config = cfg
+        if self.http is not None:
+            self.http.config = cfg
+            self.http.set_tokens(cfg.read_tokens, cfg.command_tokens)
+        self.commands.timeout, self.commands.expiry = cfg.command_timeout, cfg.command_expiry
+        flapping = self.registry.flapping
+        flapping.max_count, flapping.window, flapping.ban = (
+            cfg.flapping_max, cfg.flapping_window, cfg.flapping_ban,
+        )  # fmt: skip
+        limiter = self.ingest.limiter
+        limiter.rate, limiter.burst, limiter.total, limiter.max_sources = (
+            cfg.ratelimit_per_source, cfg.ratelimit_burst, cfg.ratelimit_total, cfg.ratelimit_max_sources,
+        )  # fmt: skip
+        self.hub.config = attrs.evolve(
+            self.hub.config,
+            max_subscribers=cfg.stream_max_subscribers,
+            max_metrics=cfg.max_metrics_per_device,
+        )
+        if "log_level" in changed:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+        return [f"config: {', '.join(changed)}"]
+
+    def revoke(self, device_id: str) -> bool:
+        """End the device's session with reason `revoked`: it was removed, or got a new secret."""
+        session = self.registry.online.get(device_id)
+        if session is None:
+            return False
+        self._goodbye_udp(session, "revoked")
+        self.registry.end(session, "revoked")
+        return True
+
+    # -- devices, changed while running (the HTTP API, `collector devices --url`) -------------
+
+    def _devices_registry(self) -> DeviceRegistry:
+        if not isinstance(self.devices, DeviceRegistry):
+            raise DevicesError(
+                "this collector's devices cannot be changed while it runs (a replay stand-in)",
+                "read_only",
+            )
+        return self.devices
+
+    def _save_devices(self) -> None:
+        if self.devices_file is not None:
+            self._devices_registry().save(self.devices_file)
+
+    def add_device(self, device_id: str) -> str:
+        """A new device with a generated secret (saved to the devices file); returns the secret."""
+        registry = self._devices_registry()
+        secret = registry.add(device_id)
+        try:
+            self._save_devices()
+        except OSError:
+            registry.remove(device_id)
+            raise
+        log.info("device %s added", device_id)
+        return secret
+
+    def remove_device(self, device_id: str) -> bool:
+        """Remove a device (from the devices file too); its session ends `revoked`."""
+        registry = self._devices_registry()
+        secret = registry[device_id] if device_id in registry else None
+        registry.remove(device_id)
+        try:
+            self._save_devices()
+        except OSError:
+            registry.add(device_id, secret)
+            raise
+        log.info("device %s removed", device_id)
+        return self.revoke(device_id)
+
+    def rotate_device(self, device_id: str) -> str:
+        """A new secret for a device (saved); its session, on the old one, ends `revoked`."""
+        registry = self._devices_registry()
+        old = registry[device_id] if device_id in registry else None
+        secret = registry.rotate(device_id)
+        try:
+            self._save_devices()
+        except OSError:
+            registry.remove(device_id)
+            registry.add(device_id, old)
+            raise
+        log.info("device %s has a new secret", device_id)
+        self.revoke(device_id)
+        return secret
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:

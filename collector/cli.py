@@ -1,13 +1,24 @@
-"""The `collector` command: serve, manage devices, run the demo."""
+"""The `collector` command: the collector itself, its devices and configuration, and every
+tool (simulated sensors, replay, inspection, dashboards in a terminal, load tests,
+benchmarks), each a subcommand with `--help`.
+
+Exit statuses (the same for every subcommand; collector/tools/options.py): 0 it did what was
+asked, 1 it ran but did not, 2 bad usage or input, 3 the environment (a port in use, a
+permission, a collector that does not answer, no terminal), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,31 +27,96 @@ import trio
 
 from collector._version import __version__
 from collector.app import Addresses, Collector, ShutdownReport, statistics_to_json
-from collector.config import Config, ConfigError, load_config
+from collector.config import Config, ConfigError, load_config, render_markdown, render_toml
 from collector.devices import DeviceRegistry, DevicesError, generate_secret
 from collector.logs import setup_logging
+from collector.tools import options
 from collector.wire.recording import RecordingError
 
 log = logging.getLogger("collector")
 
+#: subcommand -> (module with main(argv, prog), one line of help, the extra it needs)
+TOOLS: dict[str, tuple[str, str, str | None]] = {
+    "simulate": ("collector.tools.simulate", "run simulated sensors against a collector", None),
+    "replay": ("collector.tools.replay", "replay a recording into a collector, or serve it to dashboards", "tools"),
+    "inspect": ("collector.tools.inspect_recording", "summarise a recording, export its readings", None),
+    "record-stream": ("collector.tools.record_stream", "record a running collector's live stream", None),
+    "watch": ("collector.tools.watch", "a dashboard in the terminal", "tools"),
+    "stress": ("collector.tools.stress", "step the load up until it breaks; plot the knee (with the bench extra)", None),
+    "soak": ("collector.tools.soak", "run a real collector for a long time; check memory and descriptors", None),
+    "acceptance": ("collector.tools.acceptance", "the end-to-end check of the core", None),
+    "protocol-vectors": ("collector.tools.protocol_vectors", "print the test vectors of docs/PROTOCOL.md", None),
+}  # fmt: skip
+BENCH: dict[str, tuple[str, str, str | None]] = {
+    "ingest": ("collector.tools.bench_ingest", "the datagram path against the raw ceiling, fan-out, Mosquitto", None),
+    "stream": ("collector.tools.bench_stream", "sensor-to-dashboard latency, with a dashboard that never reads", None),
+    "recording": ("collector.tools.bench_recording", "recording read speed and replay timing", None),
+    "flood": ("collector.tools.bench_flood", "real devices during a HELLO flood; refused handshakes", None),
+}  # fmt: skip
+#: which module an extra's tools need, to say so before a traceback does
+_EXTRA_MODULES = {"tools": ("textual", "websockets", "rich"), "bench": ("matplotlib",)}
 
-def _add_server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
-    p.add_argument("--host", help="address to bind (default 0.0.0.0; demo: 127.0.0.1)")
+
+def _watch_hint(url: str) -> str:
+    """How to run the terminal dashboard from here: the `collector` script of this environment."""
+    script = Path(sys.executable).parent / "collector"
+    try:
+        command = str(script.relative_to(Path.cwd())) if script.exists() else "collector"
+    except ValueError:
+        command = str(script)
+    hint = f"{command} watch {url}"
+    if importlib.util.find_spec("textual") is None:
+        hint += ", after: python3 run.py shell (the tools extra)"
+    return hint
+
+
+def _run_tool(spec: tuple[str, str, str | None], argv: list[str], prog: str) -> int:
+    module_name, _, extra = spec
+    if extra is not None and "-h" not in argv and "--help" not in argv:
+        for name in _EXTRA_MODULES[extra]:
+            if importlib.util.find_spec(name) is None:
+                print(
+                    f"{prog}: needs the '{extra}' extra ({name} is not installed): "
+                    f"pip install 'trio-collector[{extra}]'",
+                    file=sys.stderr,
+                )
+                return options.EXIT_USAGE
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        print(
+            f"{prog}: needs {exc.name}, which is not installed: pip install 'trio-collector[{extra or 'tools'}]'",
+            file=sys.stderr,
+        )
+        return options.EXIT_USAGE
+    return int(module.main(argv, prog=prog) or 0)
+
+
+def _server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    p.add_argument("--host", help="address to bind (default 0.0.0.0; the demo: 127.0.0.1)")
     p.add_argument(
-        "--tcp-port", type=int, help="TCP control channel port (default 8080; 0 = any free)"
+        "--tcp-port",
+        type=options.port,
+        help="TCP control channel port (default 8080; 0 = any free)",
     )
-    p.add_argument("--udp-port", type=int, help="UDP datagram port (default 8081; 0 = any free)")
     p.add_argument(
-        "--http-port", type=int, help="dashboards, API and metrics (default 8082; 0 = any free)"
+        "--udp-port", type=options.port, help="UDP datagram port (default 8081; 0 = any free)"
+    )
+    p.add_argument(
+        "--http-port",
+        type=options.port,
+        help="dashboard, API and metrics port (default 8082; 0 = any free)",
     )
     p.add_argument(
         "--config",
         metavar="FILE.toml",
-        help="configuration file (every key: examples/collector.toml)",
+        help="configuration file (docs/CONFIGURATION.md; `collector config example` writes one)",
     )
-    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
     p.add_argument(
-        "--log-format", choices=["text", "json"], help="log lines as text (default) or JSON"
+        "--log-level", type=options.log_level, help="DEBUG, INFO (default), WARNING or ERROR"
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects"
     )
     p.add_argument(
         "--stats-json", metavar="FILE", help="write the final statistics to FILE on exit"
@@ -48,25 +124,28 @@ def _add_server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument(
         "--record",
         metavar="DIR",
-        help="record readings and session events to DIR (see docs/RECORDING.md)"
+        help="record readings and session events to DIR (docs/RECORDING.md)"
         + ("; the demo records to ./recordings unless --no-record" if demo else ""),
     )
     if demo:
         p.add_argument("--no-record", action="store_true", help="do not record")
-    if not demo:
+    else:
         p.add_argument(
             "--devices",
             metavar="FILE",
             required=True,
-            help="device credentials (collector devices add)",
+            help="device credentials (collector devices add); read again on SIGHUP",
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collector",
-        description="Telemetry collector for IoT sensors: TCP registration, authenticated UDP "
-        "datagrams, one session per device.",
+        description="A telemetry collector for IoT sensors: encrypted UDP datagrams, TCP or UDP "
+        "registration, one session per device; dashboards, recordings and the tools around them.",
+        epilog="Every command has --help. Exit status: 0 done, 1 ran but did not do what was "
+        "asked, 2 bad usage or input, 3 the environment (port in use, permission, unreachable), "
+        "130 interrupted.",
     )
     parser.add_argument(
         "--version", action="version", version=f"trio-collector {__version__} (protocol 2)"
@@ -74,108 +153,259 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
-        "serve", help="run the collector", description="Run the collector until SIGINT/SIGTERM."
+        "serve",
+        help="run the collector",
+        description="Run the collector until SIGINT/SIGTERM (SIGHUP reloads the devices file, the live parts of the config and the TLS certificate).",
     )
-    _add_server_args(serve, demo=False)
-
-    devices = sub.add_parser("devices", help="manage device credentials")
-    dsub = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
-    add = dsub.add_parser(
-        "add", help="create a device with a generated secret (printed once)",
-        description="Create a device with a generated secret, store it in FILE and print the secret once.",
-    )  # fmt: skip
-    add.add_argument("device_id", metavar="ID")
-    add.add_argument("--devices", metavar="FILE", required=True)
-    lst = dsub.add_parser("list", help="list device ids (never the secrets)")
-    lst.add_argument("--devices", metavar="FILE", required=True)
+    _server_args(serve, demo=False)
 
     demo = sub.add_parser(
         "demo",
         help="run the collector with simulated sensors",
         description="Run a collector and N simulated sensors (generated credentials) in one "
-        "process, printing a status line until Ctrl-C.",
+        "process, printing where to watch them and a status line until Ctrl-C.",
     )
-    _add_server_args(demo, demo=True)
-    demo.add_argument("--sensors", type=int, default=20, help="simulated sensors (default 20)")
+    _server_args(demo, demo=True)
     demo.add_argument(
-        "--rate", type=float, default=1.0, help="readings datagrams/s per sensor (default 1)"
+        "--sensors", type=options.count, default=20, help="simulated sensors (default 20)"
     )
-    demo.add_argument("--loss", type=float, default=0.02, help="injected loss (default 0.02)")
+    demo.add_argument(
+        "--rate",
+        type=options.positive,
+        default=1.0,
+        help="readings datagrams/s per sensor (default 1)",
+    )
+    demo.add_argument(
+        "--loss",
+        type=options.share,
+        default=0.02,
+        help="share of datagrams dropped on purpose (default 0.02)",
+    )
     demo.add_argument(
         "--udp-only",
-        type=float,
+        type=options.share,
         default=0.1,
-        help="share of HELLO-registered sensors (default 0.1)",
+        help="share of sensors registering with HELLO datagrams (default 0.1)",
     )
     demo.add_argument(
-        "--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)"
+        "--duration",
+        type=options.positive,
+        help="stop after this many seconds (default: run until Ctrl-C)",
     )
     demo.add_argument(
-        "--status-interval", type=float, default=5.0, help="seconds between status lines"
+        "--status-interval",
+        type=options.positive,
+        default=5.0,
+        help="seconds between status lines (default 5)",
     )
     demo.add_argument(
-        "--data-dir", default="demo-data", help="where the demo writes its devices file"
+        "--data-dir",
+        default="demo-data",
+        help="where the demo writes its devices file (default demo-data)",
     )
+
+    devices = sub.add_parser(
+        "devices",
+        help="add, remove, rotate and list device credentials",
+        description="Manage the devices file. With --url, change a running collector through its "
+        "API (it saves its devices file itself); without, edit the file (a running collector "
+        "takes it on SIGHUP: systemctl reload, or kill -HUP). Comments in the file are kept.",
+    )
+    dsub = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
+
+    def target(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--devices", metavar="FILE", help="the devices file to edit")
+        q.add_argument(
+            "--url",
+            metavar="URL",
+            help="a running collector's HTTP address (http://HOST:8082/) to change instead",
+        )
+        q.add_argument(
+            "--token",
+            default=os.environ.get("COLLECTOR_TOKEN"),
+            help="a command token for --url (default $COLLECTOR_TOKEN)",
+        )
+        q.add_argument("--ca", metavar="FILE", help="verify an https:// --url with this CA bundle")
+
+    for name, text in (
+        ("add", "create a device with a generated secret (printed once)"),
+        ("remove", "remove a device; a running collector ends its session (revoked)"),
+        (
+            "rotate",
+            "give a device a new secret (printed once); its session on the old one ends (revoked)",
+        ),
+    ):
+        q = dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        q.add_argument(
+            "device_id", metavar="ID", help="the device id (1-64 of A-Z a-z 0-9 _ . : -)"
+        )
+        target(q)
+    q = dsub.add_parser(
+        "list",
+        help="list device ids (never the secrets)",
+        description="List the device ids (never the secrets).",
+    )
+    target(q)
+
+    config = sub.add_parser("config", help="check a config file, or print the example and the docs")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = csub.add_parser(
+        "check",
+        help="validate FILE and print the configuration it gives",
+        description="Validate a config file and print the effective configuration (every key, defaults included) as TOML.",
+    )
+    check.add_argument("file", metavar="FILE", help="a config file")
+    csub.add_parser("example", help="print an example config file with every key and its default")
+    csub.add_parser("docs", help="print docs/CONFIGURATION.md")
+
+    for name, (_, text, _extra) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: " + ", ".join(BENCH),
+        description="Benchmarks; each prints figures paired against a reference measured in the same run.",
+    )
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for name, (_, text, _extra) in BENCH.items():
+        bsub.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(TOOLS[argv[0]], argv[1:], f"collector {argv[0]}")
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH:
+        return _run_tool(BENCH[argv[1]], argv[2:], f"collector bench {argv[1]}")
     args = build_parser().parse_args(argv)
+    prog = f"collector {args.command}"
+    handlers = {"devices": _devices, "serve": _serve, "demo": _demo, "config": _config}
+    return options.run_main(prog, lambda: _with_user_errors(handlers[args.command], args))
+
+
+def _with_user_errors(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
     try:
-        if args.command == "devices":
-            return _devices(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "demo":
-            return _demo(args)
+        return handler(args)
     except (ConfigError, DevicesError, RecordingError) as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return 2
-    except BaseExceptionGroup as group:
-        # Errors a person caused (a bad recording directory, say) surface from inside the
-        # collector's task tree, wrapped in exception groups: one line for those too.
-        found = _find(group, (ConfigError, DevicesError, RecordingError))
-        if found is None:
-            raise
-        print(f"collector: {found}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 2  # pragma: no cover
+        raise options.UserError(str(exc)) from None
 
 
-def _find(
-    group: BaseExceptionGroup, types: tuple[type[BaseException], ...]
-) -> BaseException | None:
-    """The first exception of `types` in a (nested) exception group, if it holds only those
-    (and cancellations)."""
-    matched, rest = group.split(types)
-    if matched is None:
-        return None
-    if rest is not None and rest.subgroup(lambda e: not isinstance(e, trio.Cancelled)) is not None:
-        return None
-    todo: list[BaseException] = [matched]
-    while todo:
-        e = todo.pop()
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(reversed(e.exceptions))
-        else:
-            return e
-    return None
+# -- devices ---------------------------------------------------------------------------------
 
 
 def _devices(args: argparse.Namespace) -> int:
-    registry = DeviceRegistry.load_or_empty(args.devices)
-    if args.devices_command == "list":
-        for device_id in registry:
+    action = args.devices_command
+    if args.url:
+        return _devices_api(args, action)
+    if not args.devices:
+        raise options.UserError(
+            "say which devices: --devices FILE, or --url URL of a running collector"
+        )
+    if action == "list":
+        for device_id in DeviceRegistry.load(args.devices):
             print(device_id)
         return 0
-    secret = registry.add(args.device_id)
+    registry = (
+        DeviceRegistry.load_or_empty(args.devices)
+        if action == "add"
+        else DeviceRegistry.load(args.devices)
+    )
+    if action == "add":
+        secret = registry.add(args.device_id)
+    elif action == "rotate":
+        secret = registry.rotate(args.device_id)
+    else:
+        registry.remove(args.device_id)
+        secret = None
     registry.save(args.devices)
-    print(f"added device {args.device_id} to {args.devices}")
-    print(f"secret: {secret}")
-    print("(shown once; the device proves it knows it, it never sends it)")
+    verb = {"add": "added device", "remove": "removed device", "rotate": "new secret for device"}[
+        action
+    ]
+    print(f"{verb} {args.device_id} in {args.devices}")
+    if secret is not None:
+        print(f"secret: {secret}")
+        print("(shown once; the device proves it knows it, it never sends it)")
+    print(
+        "a running collector takes the change on SIGHUP (systemctl reload trio-collector, or kill -HUP PID)"
+    )
     return 0
+
+
+def _devices_api(args: argparse.Namespace, action: str) -> int:
+    base = args.url.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    method, path, body = {
+        "list": ("GET", "/api/devices", None),
+        "add": ("POST", "/api/devices", {"id": getattr(args, "device_id", None)}),
+        "remove": ("DELETE", f"/api/devices/{getattr(args, 'device_id', '')}", None),
+        "rotate": ("POST", f"/api/devices/{getattr(args, 'device_id', '')}/rotate", None),
+    }[action]
+    req = urllib.request.Request(
+        base + path, method=method, data=None if body is None else json.dumps(body).encode()
+    )
+    req.add_header("content-type", "application/json")
+    if args.token:
+        req.add_header("authorization", f"Bearer {args.token}")
+    context = None
+    if args.ca or base.startswith("https"):
+        from collector.servers.tls import client_context
+
+        context = client_context(args.ca)
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+            message = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise options.UserError(f"{base}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise options.UserError(
+            f"cannot reach {base}: {reason}", options.EXIT_ENVIRONMENT
+        ) from None
+    if action == "list":
+        for d in answer["devices"]:
+            print(d["id"])
+        return 0
+    device = answer["id"]
+    print(
+        {"add": "added device", "remove": "removed device", "rotate": "new secret for device"}[
+            action
+        ],
+        device,
+        "on",
+        base,
+    )
+    if "secret" in answer:
+        print(f"secret: {answer['secret']}")
+        print("(shown once; the device proves it knows it, it never sends it)")
+    if answer.get("session_ended"):
+        print("its session ended (revoked)")
+    return 0
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "example":
+        sys.stdout.write(render_toml())
+    elif args.config_command == "docs":
+        sys.stdout.write(render_markdown())
+    else:
+        config = load_config(args.file)
+        sys.stdout.write(render_toml(config, example=False))
+        print(f"# {args.file}: valid", file=sys.stderr)
+    return 0
+
+
+# -- serve and demo ------------------------------------------------------------------------------
 
 
 def _config_from_args(args: argparse.Namespace, **defaults: Any) -> Config:
@@ -200,7 +430,8 @@ def _serve(args: argparse.Namespace) -> int:
     devices = DeviceRegistry.load(args.devices)
     if not devices:
         log.warning("%s lists no devices: nobody can register", args.devices)
-    collector = Collector(config, devices)
+    collector = Collector(config, devices, devices_file=args.devices)
+    collector.config_loader = lambda: _config_from_args(args)
     report = trio.run(run_until_signalled, collector)
     _write_stats(collector, args.stats_json)
     print(report.summary(), flush=True)
@@ -217,11 +448,12 @@ async def run_until_signalled(
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(collector.serve)
             log.info(
-                "collector ready: TCP %s, UDP %s, HTTP %s (%d devices known)",
+                "collector ready: TCP %s, UDP %s, HTTP %s (%d known device%s)",
                 _fmt(addresses.tcp),
                 _fmt(addresses.udp),
                 _fmt(addresses.http),
                 len(collector.devices),
+                "" if len(collector.devices) == 1 else "s",
             )
             if addresses.dashboard_url:
                 print(f"dashboard: {addresses.dashboard_url}", flush=True)
@@ -236,7 +468,17 @@ async def run_until_signalled(
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum == signal.SIGHUP:
-                        changed = collector.reload()
+                        new_config = None
+                        loader = getattr(collector, "config_loader", None)
+                        if loader is not None:
+                            try:
+                                new_config = loader()
+                            except ConfigError as exc:
+                                log.error(
+                                    "SIGHUP: the config file is not valid, keeping the current one: %s",
+                                    exc,
+                                )
+                        changed = collector.reload(new_config)
                         log.info(
                             "SIGHUP: reloaded %s",
                             ", ".join(changed) if changed else "nothing that changed",
@@ -297,7 +539,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"demo: collector on TCP {_fmt(addresses.tcp)} and UDP {_fmt(addresses.udp)}, "
             f"{sim_cfg.devices} simulated sensors (credentials in {devices_file})\n"
             f"demo: open {addresses.dashboard_url} to watch them live "
-            f"(or: .venv/bin/python tools/watch.py {addresses.dashboard_url}); Ctrl-C stops",
+            f"(or in a terminal: {_watch_hint(addresses.dashboard_url)}); Ctrl-C stops",
             flush=True,
         )
         async with trio.open_nursery() as inner:
@@ -305,13 +547,7 @@ def _demo(args: argparse.Namespace) -> int:
             await sim.run(args.duration)
             inner.cancel_scope.cancel()
 
-    try:
-        report = trio.run(run_until_signalled, collector, run_demo)
-    except OSError as exc:
-        print(
-            f"collector demo: {exc} (use --tcp-port 0 --udp-port 0 for free ports)", file=sys.stderr
-        )
-        return 1
+    report = trio.run(run_until_signalled, collector, run_demo)
     _write_stats(collector, args.stats_json)
     sim = holder.get("sim")
     if sim is not None:

@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     pass
 
 
+#: What a reload (SIGHUP) applies while running; everything else needs a restart.
+LIVE_SETTINGS = frozenset(
+    {
+        "read_tokens", "command_tokens", "log_level", "device_config", "command_timeout",
+        "command_expiry", "flapping_max", "flapping_window", "flapping_ban",
+        "ratelimit_per_source", "ratelimit_burst", "ratelimit_total", "ratelimit_max_sources",
+        "max_metrics_per_device", "stream_max_subscribers", "http_max_connections",
+        "http_max_per_client", "http_header_timeout", "http_body_timeout", "http_send_timeout",
+        "http_idle_timeout", "max_config_rules", "max_tcp_connections", "registration_timeout",
+        "send_timeout",
+    }
+)  # fmt: skip
+
+
 #: Largest configuration one push may carry, as JSON: it has to fit a control-channel line and
 #: a COMMAND datagram to a UDP-only device.
 MAX_CONFIG_BYTES = 1024
@@ -181,6 +195,17 @@ class Config:
             self.replay_window_blocks - 1
         ):
             problems.append("replay_window_blocks must be a power of two >= 2")
+        for name in ("tcp_port", "udp_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                problems.append(f"{name} must be a port from 0 to 65535, not {value}")
+        for name in ("tls_plaintext_tcp_port", "tls_plaintext_http_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be -1 (none) or a port from 0 to 65535")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(
+                f"log level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("[tls] needs both cert and key")
         if self.tls_client_ca and not self.tls_cert:
@@ -200,95 +225,338 @@ class Config:
             )
 
 
-# section -> {toml key: Config field}
-_SECTIONS: dict[str, dict[str, str]] = {
-    "server": {
-        k: k for k in ("host", "tcp_port", "udp_port", "http_port", "udp_rcvbuf", "udp_coalesce")
-    },
-    "sessions": {
-        k: k for k in ("heartbeat_interval", "timeout", "replay_window_blocks", "goodbye_linger")
-    },
-    "limits": {
-        k: k
-        for k in (
-            "max_tcp_connections",
-            "max_line",
-            "registration_timeout",
-            "max_datagram",
-            "max_devices",
-            "command_queue",
-            "max_metrics_per_device",
-            "max_config_rules",
-            "send_timeout",
-            "flapping_max",
-            "flapping_window",
-            "flapping_ban",
-        )
-    },
-    "ratelimit": {
-        "per_source": "ratelimit_per_source",
-        "burst": "ratelimit_burst",
-        "total": "ratelimit_total",
-        "max_sources": "ratelimit_max_sources",
-    },
-    "commands": {
-        "timeout": "command_timeout",
-        "expiry": "command_expiry",
-        "retransmit_initial": "command_retransmit_initial",
-        "retransmit_max": "command_retransmit_max",
-    },
-    "tls": {
-        "cert": "tls_cert",
-        "key": "tls_key",
-        "client_ca": "tls_client_ca",
-        "plaintext_tcp_port": "tls_plaintext_tcp_port",
-        "plaintext_http_port": "tls_plaintext_http_port",
-    },
-    "http": {
-        "read_tokens": "read_tokens",
-        "command_tokens": "command_tokens",
-        "max_connections": "http_max_connections",
-        "max_connections_per_client": "http_max_per_client",
-        "header_timeout": "http_header_timeout",
-        "body_timeout": "http_body_timeout",
-        "send_timeout": "http_send_timeout",
-        "idle_timeout": "http_idle_timeout",
-        "max_body": "http_max_body",
-    },
-    "stream": {
-        "history": "stream_history",
-        "queue_limit": "stream_queue",
-        "batch_limit": "stream_batch",
-        "stall_limit": "stream_stall_limit",
-        "ping_interval": "stream_ping_interval",
-        "ping_timeout": "stream_ping_timeout",
-        "heartbeat_interval": "stream_heartbeat",
-        "min_interval": "stream_min_interval",
-        "max_subscribers": "stream_max_subscribers",
-        "max_message": "stream_max_message",
-        "max_replies": "stream_max_replies",
-        "handshake_timeout": "stream_handshake_timeout",
-        "max_handshakes": "stream_max_handshakes",
-    },
-    "recording": {
-        "dir": "record_dir",
-        "flush_interval": "record_flush_interval",
-        "buffer_mb": "record_buffer_mb",
-        "segment_mb": "record_segment_mb",
-        "segment_minutes": "record_segment_minutes",
-        "retain_days": "record_retain_days",
-        "retain_gb": "record_retain_gb",
-        "compress": "record_compress",
-        "raw": "record_raw",
-        "fsync": "record_fsync",
-    },
-    "shutdown": {
-        "grace": "shutdown_grace",
-        "goodbye_timeout": "shutdown_goodbye_timeout",
-        "close_timeout": "shutdown_close_timeout",
-    },
-    "logging": {"level": "log_level", "format": "log_format", "rate_limit": "log_rate_limit"},
+@attrs.frozen
+class Setting:
+    """One key of the config file: where it lives, which Config field it sets, what it does."""
+
+    section: str
+    key: str
+    field: str
+    doc: str
+
+
+#: Every key of the config file, in the order of examples/collector.toml: the one source of the
+#: example file, docs/CONFIGURATION.md and the parser (`collector config example`, `docs`).
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "server",
+        "host",
+        "host",
+        "address to bind; 0.0.0.0 is every IPv4 address, :: every IPv6 one",
+    ),
+    Setting("server", "tcp_port", "tcp_port", "TCP control channel"),
+    Setting("server", "udp_port", "udp_port", "UDP datagrams"),
+    Setting("server", "http_port", "http_port", "dashboards and API (see docs/STREAM.md)"),
+    Setting(
+        "server",
+        "udp_rcvbuf",
+        "udp_rcvbuf",
+        "bytes asked for the UDP receive buffer; the granted size is logged",
+    ),
+    Setting(
+        "server",
+        "udp_coalesce",
+        "udp_coalesce",
+        "seconds to wait after a small batch of datagrams: fewer wake-ups under load",
+    ),
+    Setting(
+        "sessions",
+        "heartbeat_interval",
+        "heartbeat_interval",
+        "seconds; devices heartbeat when otherwise idle",
+    ),
+    Setting(
+        "sessions",
+        "timeout",
+        "timeout",
+        'seconds of silence before a device is offline (reason "timeout"); defaults to 3 heartbeat intervals when only the interval is set',
+    ),
+    Setting(
+        "sessions",
+        "replay_window_blocks",
+        "replay_window_blocks",
+        "anti-replay window: (blocks - 1) * 64 sequence numbers",
+    ),
+    Setting(
+        "sessions",
+        "goodbye_linger",
+        "goodbye_linger",
+        "seconds a session stays open after a goodbye for datagrams still on their way",
+    ),
+    Setting(
+        "limits",
+        "max_tcp_connections",
+        "max_tcp_connections",
+        "open control connections at once (then `too_many_connections`)",
+    ),
+    Setting("limits", "max_line", "max_line", "bytes per control-channel line, newline included"),
+    Setting(
+        "limits",
+        "registration_timeout",
+        "registration_timeout",
+        "seconds a new control connection has to register (then `registration_timeout`)",
+    ),
+    Setting(
+        "limits",
+        "max_datagram",
+        "max_datagram",
+        "bytes; larger datagrams are rejected as too_large",
+    ),
+    Setting("limits", "max_devices", "max_devices", "devices online at once"),
+    Setting("limits", "command_queue", "command_queue", "open commands per device"),
+    Setting(
+        "limits",
+        "max_metrics_per_device",
+        "max_metrics_per_device",
+        "metric names kept per device; readings of more names are refused and counted",
+    ),
+    Setting(
+        "limits",
+        "max_config_rules",
+        "max_config_rules",
+        "configuration rules (one per glob: a push to the same glob replaces it)",
+    ),
+    Setting(
+        "limits",
+        "send_timeout",
+        "send_timeout",
+        "seconds a send to a device's control connection may make no progress",
+    ),
+    Setting(
+        "limits",
+        "flapping_max",
+        "flapping_max",
+        "a device that registers more than this many times ...",
+    ),
+    Setting("limits", "flapping_window", "flapping_window", "... within this many seconds ..."),
+    Setting(
+        "limits", "flapping_ban", "flapping_ban", '... is refused ("banned") for this many seconds'
+    ),
+    Setting(
+        "ratelimit",
+        "per_source",
+        "ratelimit_per_source",
+        "datagrams per second per source address (IPv6: per /64) ...",
+    ),
+    Setting("ratelimit", "burst", "ratelimit_burst", "... with bursts up to this many"),
+    Setting(
+        "ratelimit", "total", "ratelimit_total", "datagrams per second from all sources together"
+    ),
+    Setting(
+        "ratelimit",
+        "max_sources",
+        "ratelimit_max_sources",
+        "source addresses tracked at once (then the idle, then the oldest, are forgotten)",
+    ),
+    Setting(
+        "commands", "timeout", "command_timeout", "seconds from sending to the device's answer"
+    ),
+    Setting(
+        "commands", "expiry", "command_expiry", "seconds a command may wait for an offline device"
+    ),
+    Setting(
+        "commands",
+        "retransmit_initial",
+        "command_retransmit_initial",
+        "UDP command retransmission: first wait, doubling ...",
+    ),
+    Setting("commands", "retransmit_max", "command_retransmit_max", "... up to this"),
+    Setting("tls", "cert", "tls_cert", "PEM certificate chain (may also hold the key)"),
+    Setting("tls", "key", "tls_key", "PEM private key"),
+    Setting(
+        "tls",
+        "client_ca",
+        "tls_client_ca",
+        "PEM CA bundle: devices must present a client certificate it signed (mutual TLS)",
+    ),
+    Setting(
+        "tls",
+        "plaintext_tcp_port",
+        "tls_plaintext_tcp_port",
+        "with TLS, also listen for plain-text control connections here (-1 = no)",
+    ),
+    Setting(
+        "tls",
+        "plaintext_http_port",
+        "tls_plaintext_http_port",
+        "with TLS, also serve plain HTTP here (-1 = no)",
+    ),
+    Setting(
+        "http", "read_tokens", "read_tokens", "may watch the stream, read the API and /metrics"
+    ),
+    Setting(
+        "http",
+        "command_tokens",
+        "command_tokens",
+        "may also send commands, kick devices, push configuration",
+    ),
+    Setting(
+        "http", "max_connections", "http_max_connections", "open HTTP connections in all (then 503)"
+    ),
+    Setting(
+        "http", "max_connections_per_client", "http_max_per_client", "... and per client address"
+    ),
+    Setting(
+        "http",
+        "header_timeout",
+        "http_header_timeout",
+        "seconds to send a request's head (then 408, closed)",
+    ),
+    Setting("http", "body_timeout", "http_body_timeout", "seconds to send its body after the head"),
+    Setting(
+        "http",
+        "send_timeout",
+        "http_send_timeout",
+        "seconds an answer may make no progress (a client that does not read is dropped)",
+    ),
+    Setting(
+        "http",
+        "idle_timeout",
+        "http_idle_timeout",
+        "seconds a keep-alive connection may wait for its next request",
+    ),
+    Setting("http", "max_body", "http_max_body", "bytes in a request body (then 413)"),
+    Setting("stream", "history", "stream_history", "points per series in a dashboard's snapshot"),
+    Setting(
+        "stream",
+        "queue_limit",
+        "stream_queue",
+        "readings queued per dashboard before it coalesces (latest per series)",
+    ),
+    Setting("stream", "batch_limit", "stream_batch", "readings per `readings` message"),
+    Setting(
+        "stream",
+        "stall_limit",
+        "stream_stall_limit",
+        "seconds a send may make no progress before the dashboard is closed (4002)",
+    ),
+    Setting("stream", "ping_interval", "stream_ping_interval", "seconds between WebSocket pings"),
+    Setting(
+        "stream",
+        "ping_timeout",
+        "stream_ping_timeout",
+        "seconds to answer one (else closed with 4003)",
+    ),
+    Setting(
+        "stream",
+        "heartbeat_interval",
+        "stream_heartbeat",
+        "seconds between stream heartbeats (and per-device statistics)",
+    ),
+    Setting(
+        "stream",
+        "min_interval",
+        "stream_min_interval",
+        "seconds between two rounds of messages to one dashboard: batches readings under load",
+    ),
+    Setting(
+        "stream",
+        "max_subscribers",
+        "stream_max_subscribers",
+        "dashboards connected at once (then 503)",
+    ),
+    Setting(
+        "stream",
+        "max_message",
+        "stream_max_message",
+        "bytes a dashboard may send in one message (else closed with 1009)",
+    ),
+    Setting(
+        "stream",
+        "max_replies",
+        "stream_max_replies",
+        "pongs and errors queued for a dashboard that does not read; more are dropped",
+    ),
+    Setting(
+        "stream",
+        "handshake_timeout",
+        "stream_handshake_timeout",
+        "seconds for a WebSocket handshake",
+    ),
+    Setting(
+        "stream",
+        "max_handshakes",
+        "stream_max_handshakes",
+        "WebSocket handshakes in progress at once (then 503)",
+    ),
+    Setting(
+        "recording",
+        "dir",
+        "record_dir",
+        'where to record (docs/RECORDING.md); "" = off; --record DIR sets it',
+    ),
+    Setting(
+        "recording",
+        "flush_interval",
+        "record_flush_interval",
+        "seconds: bounds what a crash (kill -9) can lose",
+    ),
+    Setting(
+        "recording",
+        "buffer_mb",
+        "record_buffer_mb",
+        "in memory while the disk catches up; beyond it, records are dropped and counted",
+    ),
+    Setting("recording", "segment_mb", "record_segment_mb", "rotate segments at this size ..."),
+    Setting("recording", "segment_minutes", "record_segment_minutes", "... or this age"),
+    Setting(
+        "recording",
+        "retain_days",
+        "record_retain_days",
+        "delete closed segments older than this (0 = keep)",
+    ),
+    Setting(
+        "recording",
+        "retain_gb",
+        "record_retain_gb",
+        "and the oldest beyond this total (0 = no limit)",
+    ),
+    Setting("recording", "compress", "record_compress", "gzip closed segments"),
+    Setting("recording", "raw", "record_raw", "also record every accepted datagram, byte for byte"),
+    Setting(
+        "recording",
+        "fsync",
+        "record_fsync",
+        "fsync every batch (survives power loss, costs latency)",
+    ),
+    Setting(
+        "shutdown",
+        "grace",
+        "shutdown_grace",
+        "seconds commands already sent get to be answered on SIGINT/SIGTERM",
+    ),
+    Setting(
+        "shutdown",
+        "goodbye_timeout",
+        "shutdown_goodbye_timeout",
+        "then seconds for the goodbyes to devices",
+    ),
+    Setting(
+        "shutdown",
+        "close_timeout",
+        "shutdown_close_timeout",
+        "then seconds for the dashboards' final events and close frames",
+    ),
+    Setting("logging", "level", "log_level", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("logging", "format", "log_format", 'or "json": one JSON object per line'),
+    Setting(
+        "logging",
+        "rate_limit",
+        "log_rate_limit",
+        "lines per second per kind of problem; the rest are counted",
+    ),
+)
+SECTION_DOCS: dict[str, str] = {
+    "ratelimit": "Datagrams that no session vouches for (HELLOs, unknown sessions, a session's datagrams from a new address) are rate-limited per source address before any key lookup or MAC.",
+    "tls": "With a certificate, the TCP control channel is TLS and the HTTP port HTTPS/WSS (one certificate for both); without one, both are plain text and the startup log says so. Reloaded on SIGHUP.",
+    "http": "Bearer tokens (see docs/STREAM.md). With none, access control is off (and the log says so).",
+    "logging": "",
 }
+
+# section -> {toml key: Config field}
+_SECTIONS: dict[str, dict[str, str]] = {}
+for _s in SETTINGS:
+    _SECTIONS.setdefault(_s.section, {})[_s.key] = _s.field
 
 
 def _check_type(field: str, value: Any) -> Any:
@@ -360,3 +628,135 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     return config_from_mapping(data, **overrides)
+
+
+# -- the example file and docs/CONFIGURATION.md, from SETTINGS ---------------------------------
+
+_EXAMPLE_HEAD = """\
+# The collector's configuration: every key, with its default (this file is written by
+# `collector config example`; docs/CONFIGURATION.md is made from the same table).
+# Use it with: collector serve --devices devices.toml --config collector.toml
+# Command-line flags (--host, --tcp-port, --udp-port, --http-port, --record, --log-level,
+# --log-format) win over this file. Unknown sections or keys are an error, so a typo never
+# falls back to a default silently. `collector config check FILE` validates a file and prints
+# the configuration it gives. A SIGHUP applies the keys marked "live" without a restart.
+"""
+
+_DEVICE_CONFIG_EXAMPLE = """\
+# Configuration sent to devices: in the welcome (TCP and UDP-only alike), and pushed to those
+# online when it changes (POST /api/config). Every rule whose glob matches the device id
+# applies, later rules winning. Values are JSON values (no dates, no inf or nan).
+[[device_config]]
+match = "*"
+config = { report_interval = 1.0 }
+
+[[device_config]]
+match = "greenhouse-*"
+config = { report_interval = 5.0, unit = "C" }
+"""
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value on one line: tables inline, at any depth."""
+    return _toml_item(value).as_string()
+
+
+def _toml_item(value: Any) -> Any:
+    import tomlkit
+
+    if isinstance(value, dict):
+        table = tomlkit.inline_table()
+        for k, v in value.items():
+            table.append(k, _toml_item(v))
+        return table
+    if isinstance(value, list | tuple):
+        array = tomlkit.array()
+        array.extend(_toml_item(v) for v in value)
+        return array
+    return tomlkit.item(value)
+
+
+def render_toml(config: Config | None = None, *, example: bool = True) -> str:
+    """The configuration as a TOML file with a comment on every key: the defaults (the example
+    file), or the values of `config` (what `collector config check` prints)."""
+    config = config if config is not None else Config()
+    out = [_EXAMPLE_HEAD]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            out.append(f"\n[{section}]")
+            if SECTION_DOCS.get(section):
+                out += [f"# {line}" for line in _wrap(SECTION_DOCS[section], 96)]
+        value = _toml_value(getattr(config, s.field))
+        live = " (live)" if s.field in LIVE_SETTINGS else ""
+        line = f"{s.key} = {value}"
+        doc = (s.doc + live).strip()
+        out.append(f"{line:<26} # {doc}" if doc else line)
+    out.append("")
+    if example and not config.device_config:
+        out.append(_DEVICE_CONFIG_EXAMPLE)
+    else:
+        for rule in config.device_config:
+            out += ["[[device_config]]", f"match = {_toml_value(rule.match)}",
+                    f"config = {_toml_value(dict(rule.config))}", ""]  # fmt: skip
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_markdown() -> str:
+    """docs/CONFIGURATION.md."""
+    defaults = Config()
+    out = [
+        "# Configuration",
+        "",
+        "The collector reads one TOML file (`collector serve --config FILE`). Every key is",
+        "optional; unknown sections or keys are an error, so a typo never silently falls back to a",
+        "default. This page and `examples/collector.toml` are both made from the same table in",
+        "`collector/config.py` (`collector config docs`, `collector config example`), and a test",
+        "keeps them equal. `collector config check FILE` validates a file and prints the",
+        "configuration it gives, defaults included.",
+        "",
+        "Flags win over the file: `--host`, `--tcp-port`, `--udp-port`, `--http-port`, `--record",
+        "DIR`, `--log-level`, `--log-format`. On SIGHUP (`systemctl reload`) the collector reads",
+        "the devices file and the config file again and applies the keys marked **live**; the",
+        "others need a restart, and the log says which changed.",
+        "",
+        "Exit statuses of every `collector` command: 0 it did what was asked; 1 it ran but did not",
+        "(errors on the way, nothing received, a check failed); 2 bad usage or input (a flag, a",
+        "config or devices file, a recording); 3 the environment (a port in use, a permission, a",
+        "collector that does not answer, no terminal); 130 interrupted.",
+    ]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            out += ["", f"## [{section}]", ""]
+            if SECTION_DOCS.get(section):
+                out += [SECTION_DOCS[section], ""]
+            out += ["| key | default | live | what it does |", "|---|---|---|---|"]
+        default = _toml_value(getattr(defaults, s.field)).replace("|", "\\|")
+        live = "yes" if s.field in LIVE_SETTINGS else ""
+        doc = s.doc.replace("|", "\\|")
+        out.append(f"| `{s.key}` | `{default}` | {live} | {doc} |")
+    out += [
+        "",
+        "## [[device_config]]",
+        "",
+        "Configuration sent to devices, by glob of device ids: an array of tables with exactly",
+        "`match` (a glob) and `config` (a table of JSON values). Every rule whose glob matches",
+        "applies, later rules winning. It goes in the welcome and, when pushed with",
+        "`POST /api/config`, to the devices online (docs/STREAM.md). Live: yes (rules pushed",
+        "through the API are kept when the file's rules are reloaded).",
+        "",
+        "```toml",
+        _DEVICE_CONFIG_EXAMPLE.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)

@@ -1,6 +1,6 @@
 """The web dashboard in a real browser against a real collector and real simulated sensors.
 
-Everything runs as separate processes on loopback: `collector serve`, two `tools/simulate.py`
+Everything runs as separate processes on loopback: `collector serve`, two `collector simulate`
 runs (five healthy sensors, and one that goes silent without a goodbye), and headless Chromium
 driven by Selenium. The test waits for what a user would see: the devices, values that change,
 a chart with lines on it, the silent sensor going offline with reason "timeout", a command sent
@@ -151,9 +151,11 @@ def stack() -> Iterator[tuple[str, Processes]]:
     procs = Processes(workdir)
     try:
         devices, config = workdir / "devices.toml", workdir / "collector.toml"
-        run_tool("tools/simulate.py", "--init-devices", str(devices), "--sensors", "5")
+        run_tool("-m", "collector", "simulate", "--init-devices", str(devices), "--sensors", "5")
         run_tool(
-            "tools/simulate.py",
+            "-m",
+            "collector",
+            "simulate",
             "--init-devices",
             str(devices),
             "--prefix",
@@ -172,7 +174,7 @@ def stack() -> Iterator[tuple[str, Processes]]:
         tcp, udp, http = wait_for_ports(procs, deadline)
         base = f"http://127.0.0.1:{http}"
         assert wait_healthy(base, deadline)["devices_known"] == 6
-        sim = ("tools/simulate.py", "--devices", str(devices), "--host", "127.0.0.1")
+        sim = ("-m", "collector", "simulate", "--devices", str(devices), "--host", "127.0.0.1")
         ports = ("--tcp-port", str(tcp), "--udp-port", str(udp), "--duration", "120")
         procs.start("sensors", *sim, *ports, "--sensors", "5", "--rate", "2")
         hang = "--prefix doomed --sensors 1 --rate 2 --hang 1 --hang-at 3".split()

@@ -86,7 +86,7 @@ def test_bad_devices_files(tmp_path):
         DeviceRegistry.load(tmp_path / "none.toml")
     p = tmp_path / "d.toml"
     p.write_text('[devices."a"]\nsecret = 3\n')
-    with pytest.raises(DevicesError, match="needs a string 'secret'"):
+    with pytest.raises(DevicesError, match="needs a non-empty string 'secret'"):
         DeviceRegistry.load(p)
 
 
@@ -106,3 +106,54 @@ def test_the_example_config_is_valid_and_complete():
         for field in keys.values():
             assert getattr(c, field) == getattr(defaults, field), (section, field)
     assert len(c.device_config) == 2
+
+
+def test_the_example_file_and_the_docs_are_made_from_the_settings_table():
+    from pathlib import Path
+
+    from collector.config import render_markdown, render_toml
+
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "examples" / "collector.toml").read_text() == render_toml()
+    assert (root / "docs" / "CONFIGURATION.md").read_text() == render_markdown()
+
+
+def test_what_config_check_prints_loads_back_to_the_same_configuration(tmp_path):
+    from collector.config import render_toml
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[sessions]\nheartbeat_interval = 2\n"
+        '[[device_config]]\nmatch = "*"\nconfig = { a = 1, nested = { b = [1, { c = "x" }] } }\n'
+        '[[device_config]]\nmatch = "g-*"\n[device_config.config]\nunit = "C"\n'
+    )
+    first = load_config(path)
+    again = tmp_path / "again.toml"
+    again.write_text(render_toml(first, example=False))
+    assert load_config(again) == first
+    assert first.device_config[0].config["nested"]["b"][1] == {"c": "x"}
+
+
+def test_config_check_prints_the_effective_configuration(tmp_path):
+    import subprocess
+    import sys
+    import tomllib
+
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nudp_port = 9999\n[sessions]\nheartbeat_interval = 2\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "collector", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "valid" in out.stderr
+    effective = tomllib.loads(out.stdout)
+    assert effective["server"]["udp_port"] == 9999 and effective["sessions"]["timeout"] == 6.0
+    assert effective["server"]["tcp_port"] == 8080  # defaults included
+    path.write_text("[server]\nudp_port = 99999\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "collector", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "udp_port" in bad.stderr and "Traceback" not in bad.stderr

@@ -52,10 +52,11 @@ ROUTES = {
     "/metrics": {"get"},
     "/stream": {"get"},
     "/api/openapi.json": {"get"},
-    "/api/devices": {"get"},
-    "/api/devices/{id}": {"get"},
+    "/api/devices": {"get", "post"},
+    "/api/devices/{id}": {"get", "delete"},
     "/api/devices/{id}/commands": {"post"},
     "/api/devices/{id}/kick": {"post"},
+    "/api/devices/{id}/rotate": {"post"},
     "/api/commands/{id}": {"get"},
     "/api/config": {"post"},
     "/api/replay": {"get", "post"},
@@ -365,7 +366,7 @@ async def snapshot_devices(answers: Answers, collector, token: str | None = None
 # -- the collectors ------------------------------------------------------------------------------
 
 
-async def a_live_collector(answers: Answers, monkeypatch) -> None:
+async def a_live_collector(answers: Answers, monkeypatch, tmp_path) -> None:
     async with trio.open_nursery() as nursery:
         collector, _ = await start_collector(
             nursery, http_port=0, command_queue=1, max_config_rules=1
@@ -497,6 +498,26 @@ async def a_live_collector(answers: Answers, monkeypatch) -> None:
         assert [s["reason"] for s in detail["session_history"]] == ["kicked"]
         assert [c["id"] for c in detail["commands"]] == [cmd["id"], failing["id"]]
 
+        # devices added, given a new secret and removed while running
+        added, _ = await expect("POST", "/api/devices", 201, body={"id": "new-1"})
+        assert added["id"] == "new-1" and collector.devices["new-1"] == added["secret"]
+        await expect("POST", "/api/devices", 409, "exists", body={"id": "new-1"})
+        for body in ({"id": "no spaces"}, {"id": ""}, {"name": "new-2"}, {"id": 7}):
+            await expect("POST", "/api/devices", 400, "bad_device", body=body)
+        await expect("POST", "/api/devices", 400, "bad_json", body=b"[]")
+        rotated, _ = await expect("POST", "/api/devices/new-1/rotate", 200)
+        assert rotated["secret"] not in ("", added["secret"])
+        monkeypatch.setattr(collector, "devices_file", tmp_path)  # a folder: cannot be written
+        await expect("POST", "/api/devices", 500, "save_failed", body={"id": "new-2"})
+        await expect("POST", "/api/devices/new-1/rotate", 500, "save_failed")
+        await expect("DELETE", "/api/devices/new-1", 500, "save_failed")
+        assert "new-2" not in collector.devices and collector.devices["new-1"] == rotated["secret"]
+        monkeypatch.undo()
+        removed, _ = await expect("DELETE", "/api/devices/new-1", 200)
+        assert removed == {"id": "new-1", "removed": True, "session_ended": False}
+        await expect("DELETE", "/api/devices/new-1", 404, "unknown_device")
+        await expect("POST", "/api/devices/new-1/rotate", 404, "unknown_device")
+
         # unknown things
         await expect("GET", "/api/devices/nobody", 404, "unknown_device")
         await expect("POST", "/api/devices/nobody/kick", 404, "unknown_device")
@@ -506,10 +527,11 @@ async def a_live_collector(answers: Answers, monkeypatch) -> None:
 
         # methods
         for method, path, allow in [
-            ("DELETE", "/api/devices", "GET, HEAD"),
-            ("POST", "/api/devices/dev-1", "GET, HEAD"),
+            ("DELETE", "/api/devices", "GET, HEAD, POST"),
+            ("POST", "/api/devices/dev-1", "GET, HEAD, DELETE"),
             ("GET", "/api/devices/dev-1/commands", "POST"),
             ("GET", "/api/devices/dev-1/kick", "POST"),
+            ("GET", "/api/devices/dev-1/rotate", "POST"),
             ("PUT", "/api/commands/c000001", "GET, HEAD"),
             ("GET", "/api/config", "POST"),
             ("POST", "/healthz", "GET, HEAD"),
@@ -589,10 +611,14 @@ async def a_collector_with_tokens(answers: Answers) -> None:
             ("POST", "/api/devices/dev-1/commands"),
             ("POST", "/api/devices/dev-1/kick"),
             ("POST", "/api/config"),
-            ("POST", "/api/devices"),  # a GET route: the token check comes first
+            ("POST", "/api/devices"),
+            ("DELETE", "/api/devices/dev-1"),
+            ("POST", "/api/devices/dev-1/rotate"),
+            ("DELETE", "/api/devices"),  # a route without DELETE: the token check comes first
             ("POST", "/stream"),
         ]:
             await expect(method, path, 403, "forbidden", token="r-token", body={"name": "x"})
+        assert "dev-1" in collector.devices
         await expect("POST", "/api/devices/dev-1/commands?token=c-token", 202, body={"name": "x"})
         await expect("POST", "/stream", 426, "upgrade_required", token="c-token")
         await expect("GET", "/stream", 426, "upgrade_required", token="r-token")
@@ -649,6 +675,9 @@ async def a_stand_in_collector(answers: Answers) -> None:
         detail, _ = await expect("GET", "/api/devices/rep-1?history=300", 200)
         assert detail["session_history"] == [] and len(detail["history"]["t"][0]) >= 30
         await expect("POST", "/api/devices/rep-1/kick", 409, "not_online")
+        await expect("POST", "/api/devices", 409, "read_only", body={"id": "rep-2"})
+        await expect("POST", "/api/devices/rep-1/rotate", 409, "read_only")
+        await expect("DELETE", "/api/devices/rep-1", 409, "read_only")
         await snapshot_devices(answers, stand_in)
         nursery.cancel_scope.cancel()
 
@@ -711,9 +740,9 @@ async def collectors_at_their_limits(answers: Answers) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_every_answer_matches_the_document(nursery, autojump_clock, monkeypatch):
+async def test_every_answer_matches_the_document(nursery, autojump_clock, monkeypatch, tmp_path):
     answers = Answers()
-    await a_live_collector(answers, monkeypatch)
+    await a_live_collector(answers, monkeypatch, tmp_path)
     await a_collector_with_tokens(answers)
     await a_stand_in_collector(answers)
     await collectors_at_their_limits(answers)

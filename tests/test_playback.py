@@ -231,7 +231,7 @@ def test_a_replay_at_max_speed_loses_nothing_to_the_goodbye_race(tmp_path):
             return s.getsockname()[1]
 
     devices, record = tmp_path / "devices.toml", tmp_path / "rec"
-    simulate = [sys.executable, str(root / "tools/simulate.py")]
+    simulate = [sys.executable, "-m", "collector", "simulate"]
     subprocess.run(
         [*simulate, "--init-devices", str(devices), "--sensors", "20"],
         check=True,
@@ -287,3 +287,84 @@ def test_a_replay_at_max_speed_loses_nothing_to_the_goodbye_race(tmp_path):
             nursery.cancel_scope.cancel()
 
     trio.run(replay)
+
+
+async def test_faster_than_recorded_the_timeouts_stay_on_the_timeline(
+    nursery, autojump_clock, tmp_path
+):
+    """Sessions that ended by timeout (hung sensors, here with churn on top) used to make the
+    replay wait out the collector's timeout in real time at every speed."""
+    secrets, _ = await record_a_run(nursery, tmp_path)
+    records = select(RecordingReader(tmp_path / "rec"))
+    replay, _ = await start_collector(nursery, devices=secrets)
+    summary = await replay_into(
+        records, secrets, tcp_port=replay.tcp_address[1], udp_port=replay.udp_address[1], speed=20.0
+    )
+    assert summary.errors == 0
+    assert summary.elapsed < summary.recorded_span / 20 + 2.0, (
+        summary.elapsed,
+        summary.recorded_span,
+    )
+    assert summary.lateness_ms(99) < 50
+
+
+async def test_a_range_cut_in_the_middle_loses_nothing_at_its_edges(
+    nursery, autojump_clock, tmp_path
+):
+    secrets, _ = await record_a_run(nursery, tmp_path)
+    everything = list(RecordingReader(tmp_path / "rec"))
+    start = everything[0].time
+    records = select(everything, start=start + 10, end=start + 25)
+    replay, _ = await start_collector(nursery, devices=secrets)
+    summary = await replay_into(
+        records, secrets, tcp_port=replay.tcp_address[1], udp_port=replay.udp_address[1], speed=10.0
+    )
+    await trio.sleep(3)
+    rejected = replay.statistics().rejected
+    assert summary.datagrams > 100 and sum(rejected.values()) == 0, rejected
+
+
+async def test_the_stand_in_shows_the_recorded_loss(nursery, autojump_clock, tmp_path):
+    await record_a_run(nursery, tmp_path)
+    records = list(RecordingReader(tmp_path / "rec"))
+    from collector.tools.inspect_recording import summarise
+
+    expected = {
+        d: s["lost"]
+        for d, s in summarise(records, RecordingReader(tmp_path / "rec"), 60.0)["devices"].items()
+    }
+    assert sum(expected.values()) > 0  # the run dropped datagrams on purpose
+    playback = Playback(select(records), speed=1000.0)
+    stand_in, _ = await start_collector(
+        nursery, devices=dict.fromkeys(playback.device_ids, ""), ingest=False, wall=playback.now
+    )
+    playback.attach(stand_in)
+    nursery.start_soon(playback.run, stand_in)
+    await trio.sleep(playback.end - playback.start)
+    got = {d: s.lost for d, s in stand_in.statistics().devices.items()}
+    assert got == expected
+
+
+async def test_the_stand_in_survives_a_clock_that_moves_while_it_looks(
+    nursery, autojump_clock, tmp_path, monkeypatch
+):
+    """The virtual clock is read twice per record; on a busy machine it moves in between, and a
+    record due "in the past" made a negative wait (ValueError: seconds must be non-negative)."""
+    await record_a_run(nursery, tmp_path)
+    records = select(RecordingReader(tmp_path / "rec"))
+    playback = Playback(records, speed=10.0)
+    real_now = playback.now
+    calls = [0]
+
+    def jumpy() -> float:
+        calls[0] += 1  # each look, 10 ms later than the last: between the two looks at a
+        return real_now() + calls[0] * 0.01  # record it can go from "due later" to "past due"
+
+    stand_in, _ = await start_collector(
+        nursery, devices=dict.fromkeys(playback.device_ids, ""), ingest=False, wall=playback.now
+    )
+    playback.attach(stand_in)
+    monkeypatch.setattr(playback, "now", jumpy)
+    with trio.move_on_after(3):
+        await playback.run(stand_in)
+    assert playback.index > 100

@@ -113,7 +113,9 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tools/simulate.py"),
+            "-m",
+            "collector",
+            "simulate",
             "--init-devices",
             str(devices),
             "--sensors",
@@ -124,7 +126,7 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
     )
     tcp, udp, http = _free_port(), _free_port(socket.SOCK_DGRAM), _free_port()
     sim = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools/simulate.py"), "--devices", str(devices), "--tcp-port", str(tcp),
+        [sys.executable, "-m", "collector", "simulate", "--devices", str(devices), "--tcp-port", str(tcp),
          "--udp-port", str(udp), "--sensors", str(sensors), "--rate", str(rate / sensors), "--stamp", "--no-signals", "--max-backoff", "0.2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

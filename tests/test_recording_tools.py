@@ -66,7 +66,9 @@ def small_recording(tmp_path):
 
 def test_inspect_summarises_and_exports(small_recording, tmp_path):
     out = tool(
-        TOOLS / "inspect_recording.py",
+        "-m",
+        "collector",
+        "inspect",
         small_recording,
         "--json",
         "--gap",
@@ -99,7 +101,7 @@ def test_inspect_summarises_and_exports(small_recording, tmp_path):
         "seq": "1",
     }
     assert json.loads(open(tmp_path / "r.jsonl").readline())["value"] == 21.0
-    human = tool(TOOLS / "inspect_recording.py", small_recording)
+    human = tool("-m", "collector", "inspect", small_recording)
     assert "d1" in human.stdout and "2 devices" in human.stdout and "closed 1" in human.stdout
 
 
@@ -108,18 +110,18 @@ def test_inspect_reports_corruption_and_refuses_what_it_cannot_read(small_record
     data = bytearray(seg.read_bytes())
     data[200] ^= 0xFF
     seg.write_bytes(bytes(data) + b"\0" * 100)
-    out = tool(TOOLS / "inspect_recording.py", small_recording)
+    out = tool("-m", "collector", "inspect", small_recording)
     assert out.returncode == 0 and "skipped" in out.stdout and "torn tail" in out.stdout
-    missing = tool(TOOLS / "inspect_recording.py", tmp_path / "nope")
+    missing = tool("-m", "collector", "inspect", tmp_path / "nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 def test_parquet_export_needs_pyarrow_or_works(small_recording, tmp_path):
-    out = tool(TOOLS / "inspect_recording.py", small_recording, "--parquet", tmp_path / "r.parquet")
+    out = tool("-m", "collector", "inspect", small_recording, "--parquet", tmp_path / "r.parquet")
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        assert out.returncode != 0 and "needs pyarrow" in out.stderr
+        assert out.returncode == 2 and "pip install 'trio-collector[parquet]'" in out.stderr
     else:
         assert out.returncode == 0 and pq.read_table(tmp_path / "r.parquet").num_rows == 44
 
@@ -140,7 +142,14 @@ def _wait_http(port, proc, path="/healthz"):
 def test_replay_into_a_collector(small_recording, tmp_path):
     devices = tmp_path / "devices.toml"
     out = tool(
-        TOOLS / "replay.py", "into", small_recording, "--devices", devices, "--create-missing"
+        "-m",
+        "collector",
+        "replay",
+        "into",
+        small_recording,
+        "--devices",
+        devices,
+        "--create-missing",
     )
     assert out.returncode == 0 and set(DeviceRegistry.load(devices)) == {"d1", "d2"}
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
@@ -151,7 +160,9 @@ def test_replay_into_a_collector(small_recording, tmp_path):
     try:
         _wait_http(http, proc)
         out = tool(
-            TOOLS / "replay.py",
+            "-m",
+            "collector",
+            "replay",
             "into",
             small_recording,
             "--devices",
@@ -173,7 +184,9 @@ def test_replay_into_a_collector(small_recording, tmp_path):
         readings = {d["id"]: d["stats"]["readings"] for d in listing["devices"]}
         assert readings == {"d1": 38, "d2": 6}
         only = tool(
-            TOOLS / "replay.py",
+            "-m",
+            "collector",
+            "replay",
             "into",
             small_recording,
             "--devices",
@@ -198,7 +211,7 @@ def test_replay_into_a_collector(small_recording, tmp_path):
 def test_replay_serve_is_a_stand_in_collector(small_recording):
     http = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(TOOLS / "replay.py"), "serve", str(small_recording), "--http-port", str(http), "--speed", "2"],
+        [sys.executable, "-m", "collector", "replay", "serve", str(small_recording), "--http-port", str(http), "--speed", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -224,7 +237,9 @@ def test_record_stream_of_a_running_collector(tmp_path):
     try:
         _wait_http(http, demo)
         out = tool(
-            TOOLS / "record_stream.py",
+            "-m",
+            "collector",
+            "record-stream",
             f"http://127.0.0.1:{http}/",
             "--out",
             tmp_path / "s",
@@ -236,7 +251,7 @@ def test_record_stream_of_a_running_collector(tmp_path):
     finally:
         demo.terminate()
         demo.wait(timeout=30)
-    summary = json.loads(tool(TOOLS / "inspect_recording.py", tmp_path / "s", "--json").stdout)
+    summary = json.loads(tool("-m", "collector", "inspect", tmp_path / "s", "--json").stdout)
     assert set(summary["devices"]) == {"sensor-001", "sensor-002", "sensor-003"}
     assert summary["records"]["ONLINE"] == 3 and summary["records"]["READINGS"] > 3
 
@@ -264,7 +279,9 @@ def test_raw_datagrams_are_recorded_and_resent_byte_for_byte(tmp_path):
     sink.bind(("127.0.0.1", 0))
     sink.settimeout(10)
     out = tool(
-        TOOLS / "replay.py",
+        "-m",
+        "collector",
+        "replay",
         "raw",
         tmp_path / "rec",
         "--target",
@@ -272,5 +289,5 @@ def test_raw_datagrams_are_recorded_and_resent_byte_for_byte(tmp_path):
     )
     assert out.returncode == 0 and "sent 3 raw datagrams" in out.stdout
     assert [sink.recv(65536) for _ in range(3)] == sent
-    none = tool(TOOLS / "replay.py", "raw", tmp_path / "rec", "--from", "+5")
+    none = tool("-m", "collector", "replay", "raw", tmp_path / "rec", "--from", "+5")
     assert none.returncode == 2 and "no raw datagrams" in none.stderr

@@ -85,7 +85,9 @@ def test_session_datagrams_both_ways(name):
         f["type"], f["flags"], f["session_id"], f["seq"], f["timestamp_us"],
     )  # fmt: skip
     assert dg.open_datagram_untrusted(Aead(key), data, direction) == plain
-    from tools.protocol_vectors import encode_payload  # the same description, encoded again
+    from collector.tools.protocol_vectors import (
+        encode_payload,  # the same description, encoded again
+    )
 
     assert encode_payload(DatagramType[f["type"]], f["payload"]) == plain
     again = dg.seal_datagram(
@@ -146,7 +148,7 @@ def test_registration_datagrams_both_ways():
 
 
 def test_the_document_is_what_the_vector_tool_prints():
-    from tools.protocol_vectors import render
+    from collector.tools.protocol_vectors import render
 
     assert render() in DOC.read_text()
 

@@ -1,4 +1,4 @@
-"""tools/watch.py, the terminal dashboard: its sans-IO model, its WebSocket client, its screen.
+"""collector watch, the terminal dashboard: its sans-IO model, its WebSocket client, its screen.
 
 The model is fed whole conversations as plain dicts and text (no event loop, no clock); the
 client runs against a small websockets server that plays the collector's part, including a
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import queue
 import subprocess
@@ -28,16 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def _load_watch():
-    spec = importlib.util.spec_from_file_location("watch", ROOT / "tools" / "watch.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["watch"] = module
-    spec.loader.exec_module(module)
-    return module
+from collector.tools import watch  # noqa: E402
 
-
-watch = _load_watch()
 Row = watch.Row
 
 T0 = 1_795_982_970.0  # the collector's clock at hello

@@ -41,7 +41,7 @@ class DeviceOffline:
     time: float
     device_id: str
     session_id: int
-    reason: str  # timeout | closed | superseded | kicked | shutdown
+    reason: str  # timeout | closed | superseded | kicked | revoked | shutdown
     duration: float  # seconds the session lasted
 
 
@@ -59,7 +59,7 @@ class CommandUpdate:
 
 Event: TypeAlias = DeviceOnline | DeviceOffline | CommandUpdate
 
-SESSION_END_REASONS = ("timeout", "closed", "superseded", "kicked", "shutdown")
+SESSION_END_REASONS = ("timeout", "closed", "superseded", "kicked", "revoked", "shutdown")
 
 
 class Listener(Protocol):

@@ -237,7 +237,7 @@ class Ingest:
         if typ == _HELLO:
             if not self.limiter.allow(source_key(addr), self.now):
                 return self._rate_limited(addr, "HELLO")
-            return self._hello(data, addr, sid, seq)
+            return self._hello(data, addr, sid, seq, flags)
         session = self._sessions.get(sid)
         if session is None:
             if not self.limiter.allow(source_key(addr), self.now):
@@ -373,10 +373,12 @@ class Ingest:
             keys = self._hello_keys[device_id] = _HelloKeys(secret)
         return keys
 
-    def _hello(self, data: bytes, addr: Any, sid: int, seq: int) -> None:
+    def _hello(self, data: bytes, addr: Any, sid: int, seq: int, flags: int) -> None:
         n = len(data)
-        if sid != 0 or seq != 0:
-            return self.reject("malformed", addr, "HELLO with a session id or a sequence number")
+        if sid != 0 or seq != 0 or flags:
+            return self.reject(
+                "malformed", addr, "HELLO with a session id, a sequence number or flags"
+            )
         try:
             hello = parse_hello_untrusted(data)
         except DatagramError as exc:

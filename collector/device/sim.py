@@ -9,7 +9,7 @@ the wire, so the collector's per-device counts can be checked against it:
 * expected duplicates = copies delivered beyond the first
 * expected reordered  = sequence numbers delivered after a higher one
 
-Used by `tools/simulate.py`, `collector demo` and the acceptance run.
+Used by `collector simulate`, `collector demo` and the acceptance run.
 """
 
 from __future__ import annotations

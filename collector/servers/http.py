@@ -30,11 +30,13 @@ request is an error boundary: a bug answers 500 and costs nothing else.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
 import logging
 import mimetypes
 import re
 import urllib.parse
+from collections.abc import Iterator
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -47,9 +49,10 @@ import trio_websocket
 from collector.config import ConfigPushError
 from collector.core.commands import CommandError, command_json
 from collector.core.events import format_address
+from collector.devices import DevicesError
 from collector.logs import RateLimitedLog
 from collector.servers import metrics
-from collector.servers.serving import Acceptor
+from collector.servers.serving import Acceptor, listen_tcp
 from collector.servers.tls import accept_tls
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
@@ -186,9 +189,7 @@ class HttpServer:
         self.app = app
         self.hub = app.hub
         self.config = cfg
-        self.read_tokens = tuple(t.encode() for t in read_tokens)
-        self.command_tokens = tuple(t.encode() for t in command_tokens)
-        self.access_control = bool(read_tokens or command_tokens)
+        self.set_tokens(read_tokens, command_tokens)
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.timeouts: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
@@ -207,7 +208,7 @@ class HttpServer:
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await listen_tcp(port, host, "HTTP")
         self.address = listeners[0].socket.getsockname()
         tls = self.app.tls
         if tls is not None:
@@ -215,7 +216,7 @@ class HttpServer:
             log.info("HTTPS on %s:%d (dashboard, API, metrics, WSS stream)", *self.address[:2])
             extra = self.config.tls_plaintext_http_port
             if extra >= 0:
-                plain = await trio.open_tcp_listeners(extra, host=host)
+                plain = await listen_tcp(extra, host, "plain-text HTTP")
                 listeners += plain
                 self.plaintext_address = plain[0].socket.getsockname()
                 log.warning(
@@ -241,6 +242,11 @@ class HttpServer:
 
     def stop_accepting(self) -> None:
         self.acceptor.stop()
+
+    def set_tokens(self, read_tokens: tuple[str, ...], command_tokens: tuple[str, ...]) -> None:
+        self.read_tokens = tuple(t.encode() for t in read_tokens)
+        self.command_tokens = tuple(t.encode() for t in command_tokens)
+        self.access_control = bool(read_tokens or command_tokens)
 
     def _access(self, headers: dict[bytes, bytes], query: dict[str, list[str]]) -> int:
         if not self.access_control:
@@ -573,7 +579,7 @@ class HttpServer:
                 return "api/openapi.json", _method_not_allowed("GET, HEAD")
             return "api/openapi.json", Response(200, (WEB / "openapi.json").read_bytes())
         access = self._access(headers, query)
-        need = COMMAND if method == "POST" else READ
+        need = COMMAND if method in ("POST", "DELETE") else READ
         if access < need:
             if access < READ:
                 return path_route(path), error_response(
@@ -630,8 +636,16 @@ class HttpServer:
     def _api(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
         parts = [p for p in path.split("/") if p]
         app = self.app
+        if parts == ["api", "devices"] and method == "POST":
+            req = _json_body(body)
+            device_id = req.get("id")
+            if not isinstance(device_id, str):
+                raise _ApiError(400, "bad_device", 'send {"id": "the new device id"}')
+            with _devices_change():
+                secret = app.add_device(device_id)
+            return json_response(201, {"id": device_id, "secret": secret})
         if parts == ["api", "devices"]:
-            _only(method, "GET")
+            _only(method, "GET", allow="GET, HEAD, POST")
             return json_response(
                 200,
                 {
@@ -639,8 +653,23 @@ class HttpServer:
                     "devices": [self.hub.device_summary(d) for d in self.hub.known_devices()],
                 },
             )
+        if len(parts) == 3 and parts[:2] == ["api", "devices"] and method == "DELETE":
+            device_id = parts[2]
+            if device_id not in app.devices:
+                raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
+            with _devices_change():
+                ended = app.remove_device(device_id)
+            return json_response(200, {"id": device_id, "removed": True, "session_ended": ended})
+        if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "rotate":
+            _only(method, "POST")
+            device_id = parts[2]
+            if device_id not in app.devices:
+                raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
+            with _devices_change():
+                secret = app.rotate_device(device_id)
+            return json_response(200, {"id": device_id, "secret": secret})
         if len(parts) == 3 and parts[:2] == ["api", "devices"]:
-            _only(method, "GET")
+            _only(method, "GET", allow="GET, HEAD, DELETE")
             device_id = parts[2]
             self._known(device_id)
             history = _int_param(query, "history", 0, self.hub.config.history)
@@ -760,6 +789,24 @@ def _split_target(target: bytes) -> tuple[str, dict[str, list[str]]]:
     return urllib.parse.unquote(path), query
 
 
+_DEVICES_ERROR_STATUS = {"bad_device": 400, "unknown_device": 404, "exists": 409, "read_only": 409}
+
+
+@contextlib.contextmanager
+def _devices_change() -> Iterator[None]:
+    """A change to the devices: refusals as API errors, a file that cannot be saved as 500."""
+    try:
+        yield
+    except DevicesError as exc:
+        raise _ApiError(_DEVICES_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc)) from None
+    except OSError as exc:  # the change was undone; the file is as it was
+        raise _ApiError(
+            500,
+            "save_failed",
+            f"could not save the devices file ({exc.strerror or exc}); nothing was changed",
+        ) from None
+
+
 def path_route(path: str) -> str:
     """A low-cardinality label for metrics: ids replaced by placeholders."""
     parts = [p for p in path.split("/") if p]
@@ -773,6 +820,7 @@ def path_route(path: str) -> str:
         "api/devices/{id}",
         "api/devices/{id}/commands",
         "api/devices/{id}/kick",
+        "api/devices/{id}/rotate",
         "api/commands/{id}",
         "api/config",
         "api/replay",

@@ -15,6 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
 from collector.core.boundary import KINDS
+from collector.core.events import SESSION_END_REASONS
 from collector.core.ingest import REJECT_REASONS
 from collector.servers.udp import kernel_drops
 
@@ -72,7 +73,7 @@ class CollectorMetrics(PromCollector):
         ended = CounterMetricFamily(
             "collector_sessions_ended", "Sessions ended, by reason.", labels=["reason"]
         )
-        for reason in ("timeout", "closed", "superseded", "kicked", "shutdown"):
+        for reason in SESSION_END_REASONS:
             ended.add_metric([reason], s.sessions_ended.get(reason, 0))
         yield ended
         yield gauge("tcp_connections", "Open control connections.", s.tcp_connections_active)

@@ -9,6 +9,19 @@ from typing import Any
 import trio
 
 
+async def listen_tcp(port: int, host: str, what: str) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners`, with an error that names the port it could not bind."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise bind_error(exc, what, host, port) from exc
+
+
+def bind_error(exc: OSError, what: str, host: str, port: int) -> OSError:
+    """`exc` again, with `what host:port` as its filename so that the message says where."""
+    return OSError(exc.errno, exc.strerror or str(exc), f"{what} port {host}:{port}")
+
+
 class Acceptor:
     """Accept on `listeners` until `stop()`, then wait for the connections already open.
 

@@ -17,7 +17,7 @@ import trio
 
 from collector.core.events import format_address
 from collector.logs import RateLimitedLog
-from collector.servers.serving import Acceptor
+from collector.servers.serving import Acceptor, listen_tcp
 from collector.servers.tls import accept_tls
 from collector.wire import control, crypto
 from collector.wire.control import encode_message
@@ -59,14 +59,14 @@ class ControlServer:
         self, host: str, port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept connections until `stop_accepting()`, then wait for the open ones to end."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await listen_tcp(port, host, "TCP")
         address = listeners[0].socket.getsockname()
         self.tls_port = address[1] if self.app.tls is not None else None
         if self.app.tls is not None:
             log.info("TCP control channel on %s:%d (TLS)", address[0], address[1])
             extra = self.config.tls_plaintext_tcp_port
             if extra >= 0:
-                plain = await trio.open_tcp_listeners(extra, host=host)
+                plain = await listen_tcp(extra, host, "plain-text TCP")
                 listeners += plain
                 self.plaintext_address = plain[0].socket.getsockname()
                 log.warning(

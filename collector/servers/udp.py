@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from collector.core.ingest import Ingest
+from collector.servers.serving import bind_error
 
 log = logging.getLogger("collector.udp")
 
@@ -60,7 +61,10 @@ def open_udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise bind_error(exc, "UDP", host, port) from exc
     except BaseException:
         sock.close()
         raise

@@ -37,9 +37,9 @@ from collector.tools.common import free_port, proc_stat, wait_for_tcp
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "collector bench flood") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="collector bench flood",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -159,7 +159,7 @@ def measure(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     wait_for_tcp(http)
     total = 3 * args.phase + 10
     sim = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "simulate.py"), "--devices", str(work / "devices.toml"),
+        [sys.executable, "-m", "collector", "simulate", "--devices", str(work / "devices.toml"),
          "--tcp-port", str(tcp), "--udp-port", str(udp), "--sensors", str(args.sensors),
          "--rate", str(args.rate), "--duration", str(total), "--max-backoff", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -315,8 +315,8 @@ def _handshakes(port: int, n: int, pid: int, hold: int) -> dict[str, Any]:
     return {"n": n, **counts, "seconds": elapsed, "rss_before_mb": rss0 / 1e6, "rss_peak_mb": peak[0] / 1e6, "rss_after_mb": rss1 / 1e6}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "collector bench flood") -> int:
+    args = build_parser(prog).parse_args(argv)
     # Holding tens of thousands of connections needs as many descriptors, here and in the
     # collector (which inherits the limit). Raising the hard limit needs root.
     import resource

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import fnmatch
 import logging
 import math
@@ -40,7 +41,7 @@ from collector.wire.recording import (
     Record,
     RecordType,
 )
-from collector.wire.replay_window import ReplayWindow
+from collector.wire.replay_window import LATE, ReplayWindow
 
 if TYPE_CHECKING:
     from collector.app import Collector
@@ -128,8 +129,13 @@ class ReplaySummary:
             f"({self.readings} readings), acknowledged {self.acked}"
             + (f", {self.ack_timeouts} not acknowledged" if self.ack_timeouts else "")
             + f"; {self.elapsed:.2f}s for {self.recorded_span:.2f}s recorded, "
-            f"{self.rate:.0f} datagrams/s; lateness p50 {self.lateness_ms(50):.2f} ms, "
-            f"p99 {self.lateness_ms(99):.2f} ms, max {self.lateness_ms(100):.2f} ms"
+            f"{self.rate:.0f} datagrams/s; "
+            + (
+                f"lateness p50 {self.lateness_ms(50):.2f} ms, "
+                f"p99 {self.lateness_ms(99):.2f} ms, max {self.lateness_ms(100):.2f} ms"
+                if self.lateness
+                else "nothing was sent"
+            )
             + (f"; {self.errors} errors" if self.errors else "")
         )
 
@@ -175,13 +181,15 @@ async def replay_into(
             silent = False
             seen_event = False
 
-            async def leave() -> None:
+            async def leave(until: float = math.inf) -> None:
                 # Close the connection without a goodbye (any goodbye was sent explicitly).
                 # A device that fell silent keeps its TCP connection until the collector ends
                 # the session itself (it says goodbye then): closing first would be `closed`.
+                # But never past `until`, when the device's next record is due: the timeline
+                # goes on, whatever the collector's own timeout is.
                 nonlocal client, session_stack, silent
                 if silent and client is not None and client.end_reason is None and client.is_tcp:
-                    with trio.move_on_after(client.timeout + 1.0):
+                    with trio.move_on_at(min(until, trio.current_time() + client.timeout + 1.0)):
                         await client.ended.wait()
                 if session_stack is not None:
                     await session_stack.aclose()
@@ -224,7 +232,7 @@ async def replay_into(
                             stack.push_async_callback(session_stack.aclose)  # superseded: later
                             session_stack = None
                         else:
-                            await leave()
+                            await leave(target)
                     await register(r.data.get("transport"))
                 elif isinstance(r, EventRecord) and r.type is RecordType.OFFLINE:
                     reason = r.data.get("reason")
@@ -235,9 +243,13 @@ async def replay_into(
                             pass
                         await leave()
                     elif reason != "superseded":
-                        # timeout, kicked, shutdown: the collector ended it; the device just
-                        # falls silent (closing now could race the collector's own ending).
+                        # timeout, kicked, shutdown, collector_restart: the collector ended it;
+                        # the device just falls silent (closing now could race the collector's
+                        # own ending). Faster than recorded, the collector's timeout would come
+                        # too late for the timeline: then the device leaves at once.
                         silent = True
+                        if speed > 1:
+                            await leave(target)
                 elif isinstance(r, ReadingsRecord | HeartbeatRecord):
                     if client is None and not seen_event:
                         # A recording that starts with the device already online (one made
@@ -266,6 +278,11 @@ async def replay_into(
                     except (OSError, SessionEnded) as exc:
                         summary.errors += 1
                         log.debug("replay: %s: %s", device_id, exc)
+            if client is not None and client.end_reason is None and not silent:
+                # The selected range ends with the session still on: a goodbye that says the
+                # last sequence number, so the datagrams still on their way are waited for.
+                with contextlib.suppress(OSError, trio.BrokenResourceError, SessionEnded):
+                    await client.goodbye()
             await leave()
 
     async with trio.open_nursery() as nursery:
@@ -333,6 +350,7 @@ class Playback:
         self._wake = trio.Event()
         self.app: Collector | None = None
         self.device_ids = sorted({d for r in self.records if (d := getattr(r, "device_id", None))})
+        self._windows: dict[str, ReplayWindow] = {}  # per device, for the loss
 
     def attach(self, app: Collector) -> None:
         """Make `app` (created with `wall=self.now`, `ingest=False`) serve this recording."""
@@ -407,7 +425,8 @@ class Playback:
             while self.index < len(self.records):
                 r = self.records[self.index]
                 if self.paused or r.time > self.now():
-                    wait = math.inf if self.paused else (r.time - self.now()) / self.speed
+                    # (the clock may have passed the record while this line ran: never negative)
+                    wait = math.inf if self.paused else max(0.0, (r.time - self.now()) / self.speed)
                     with trio.move_on_after(wait):
                         await self._wake.wait()
                     self._wake = trio.Event()
@@ -429,6 +448,17 @@ class Playback:
             state = registry.device(r.device_id)
             state.datagrams += 1
             state.last_seen = r.time
+            # The loss the recording shows: the gaps in each session's sequence numbers, as the
+            # collector counted them when it recorded (docs/RECORDING.md).
+            window = self._windows.get(r.device_id)
+            if window is None:
+                window = self._windows[r.device_id] = ReplayWindow()
+            gap = window.update(r.seq) if r.seq else 0
+            if gap > 0:
+                state.lost += gap
+            elif gap == LATE:
+                state.lost -= 1
+                state.out_of_order += 1
             if isinstance(r, ReadingsRecord):
                 state.readings += len(r.readings)
                 app.hub.on_telemetry(
@@ -441,6 +471,8 @@ class Playback:
         state = registry.device(device_id)
         if r.type is RecordType.ONLINE:
             from collector.core.sessions import Session
+
+            self._windows.pop(device_id, None)  # a new session numbers from 1 again
 
             session = Session(
                 session_id=int(r.data.get("session_id") or 0),
@@ -495,6 +527,8 @@ class Playback:
 
 
 def _reset_view(app: Collector) -> None:
+    if app.playback is not None:
+        app.playback._windows.clear()
     app.registry.devices.clear()
     app.registry.online.clear()
     app.hub.views.clear()

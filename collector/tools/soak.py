@@ -1,7 +1,7 @@
 """Soak test: a real collector under a realistic, hostile-ish mix for a long time, watching its
 memory and file descriptors for growth.
 
-    collector soak                       # 10 minutes, 1000 sensors (tools/soak.py works too)
+    collector soak                       # 10 minutes, 1000 sensors
     collector soak --duration 1800 --sensors 2000 --out soak-report
 
 The mix, all on 127.0.0.1 and bounded in time:
@@ -38,21 +38,28 @@ from typing import Any
 
 import trio
 
+from collector.tools import options
 from collector.tools.common import free_port, open_fds, proc_stat, scrape, slope, wait_for_tcp
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "collector soak") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="collector soak",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--duration", type=float, default=600.0, help="seconds to run (default 600)")
-    p.add_argument("--sensors", type=int, default=1000, help="simulated sensors (default 1000)")
-    p.add_argument("--rate", type=float, default=1.0, help="datagrams/s per sensor (default 1)")
+    p.add_argument(
+        "--duration", type=options.positive, default=600.0, help="seconds to run (default 600)"
+    )
+    p.add_argument(
+        "--sensors", type=options.count, default=1000, help="simulated sensors (default 1000)"
+    )
+    p.add_argument(
+        "--rate", type=options.positive, default=1.0, help="datagrams/s per sensor (default 1)"
+    )
     p.add_argument(
         "--sample", type=float, default=10.0, help="seconds between samples (default 10)"
     )
@@ -131,13 +138,13 @@ async def _api_traffic(
         stats[f"http_{status}"] = stats.get(f"http_{status}", 0) + 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "collector soak") -> int:
+    args = build_parser(prog).parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     devices = work / "devices.toml"
     tcp, udp, http = free_port(), free_port(2), free_port()  # 2 = SOCK_DGRAM
     py = sys.executable
-    simulate = [py, str(ROOT / "tools" / "simulate.py")]
+    simulate = [py, "-m", "collector", "simulate"]
     subprocess.run(
         [*simulate, "--init-devices", str(devices), "--sensors", str(args.sensors)],
         check=True,

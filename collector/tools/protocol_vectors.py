@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Print the test vectors of docs/PROTOCOL.md (markdown), computed by the collector's own code.
 
-    python tools/protocol_vectors.py > /tmp/vectors.md
+    collector protocol-vectors > /tmp/vectors.md
 
 The test suite parses the vectors back out of docs/PROTOCOL.md and checks every byte, so the
 document and the code cannot drift apart.
@@ -9,9 +8,8 @@ document and the code cannot drift apart.
 
 from __future__ import annotations
 
-import argparse
 import json
-import textwrap
+from typing import Any
 
 from collector.wire import crypto
 from collector.wire import datagram as dg
@@ -164,10 +162,20 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "")).parse_args()
-    print(render())
+def build_parser(prog: str = "collector protocol-vectors") -> Any:
+    from collector.tools import options
+
+    return options.parser(prog, __doc__)
+
+
+def main(argv: list[str] | None = None, prog: str = "collector protocol-vectors") -> int:
+    from collector.tools import options
+
+    build_parser(prog).parse_args(argv)
+    return options.run_main(prog, lambda: print(render()) or 0)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

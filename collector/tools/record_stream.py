@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Record a running collector's live stream into a recording directory.
 
-    tools/record_stream.py http://collector.local:8082/ --out recordings/from-stream --token T
+    collector record-stream http://collector.local:8082/ --out recordings/from-stream --token T
 
 For a collector you cannot restart with --record. It subscribes to the WebSocket stream
 (docs/STREAM.md) and writes what it sees, in the recording format of docs/RECORDING.md:
@@ -10,7 +9,7 @@ reasons, and command state changes. It reconnects by itself; a gap while disconn
 updates the collector reports as missed, are noted in the recording as META records.
 
 What a stream does not carry is not recorded: heartbeats, sequence numbers (recorded as 0)
-and device times. `tools/replay.py` replays such a recording fine; replayed into a collector,
+and device times. `collector replay` replays such a recording fine; replayed into a collector,
 devices whose readings are sparser than the session timeout will time out, since there are no
 heartbeats to replay.
 """
@@ -21,16 +20,23 @@ import argparse
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 import urllib.parse
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
 from collector.core.events import CommandUpdate, DeviceOffline, DeviceOnline, Telemetry
 from collector.core.recorder import Recorder, RecorderConfig
 from collector.logs import setup_logging
+from collector.tools import options
 from collector.wire.datagram import Reading
 from collector.wire.recording import RecordingError, RecordType, encode_json_record
 
@@ -110,21 +116,45 @@ class StreamRecorder:
             self.note({"event": "missed", "count": m["count"]})
 
 
-async def run(args: argparse.Namespace) -> None:
-    recorder = Recorder(
-        RecorderConfig(directory=args.out, flush_interval=args.flush_interval),
-        wall=time.time,
-        source="stream",
-    )
-    converter = StreamRecorder(recorder)
+async def run(args: argparse.Namespace, ssl_context: ssl.SSLContext | None = None) -> int:
     url = stream_url(args.url, args.token)
     subscribe = {
         "type": "subscribe",
-        "devices": args.devices or ["*"],
-        "metrics": args.metrics or ["*"],
+        "devices": args.device or ["*"],
+        "metrics": args.metric or ["*"],
         "history": 0,
     }
+    # The first connection must work before anything is created on disk: a collector that is
+    # not there is an error, not an empty recording.
     async with trio.open_nursery() as nursery:
+
+        async def connect() -> WebSocketConnection:
+            return await connect_websocket_url(nursery, url, ssl_context=ssl_context)
+
+        try:
+            with trio.fail_after(10):
+                ws: WebSocketConnection | None = await connect()
+        except HandshakeError as exc:
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
+                raise options.UserError(
+                    f"{url}: HTTP {status}: pass a valid read --token"
+                ) from None
+            raise options.UserError(
+                f"cannot open the stream at {url}: {exc}", options.EXIT_ENVIRONMENT
+            ) from None
+        except (OSError, trio.TooSlowError) as exc:
+            raise options.UserError(
+                f"cannot reach the collector's stream at {url} ({exc or 'no answer in 10 s'}): "
+                "is it running, and is the URL right?",
+                options.EXIT_ENVIRONMENT,
+            ) from None
+        recorder = Recorder(
+            RecorderConfig(directory=args.out, flush_interval=args.flush_interval),
+            wall=time.time,
+            source="stream",
+        )
+        converter = StreamRecorder(recorder)
         await nursery.start(recorder.serve)
         with trio.move_on_after(args.duration or float("inf")) as recording:
 
@@ -138,21 +168,19 @@ async def run(args: argparse.Namespace) -> None:
             backoff = 0.5
             while True:
                 try:
-                    async with open_websocket_url(url) as ws:
+                    if ws is None:
+                        ws = await connect()
+                    try:
                         await ws.send_message(json.dumps(subscribe))
                         print(f"recording {url} into {args.out}", file=sys.stderr, flush=True)
                         backoff = 0.5
                         while True:
                             converter.apply(json.loads(await ws.get_message()))
+                    finally:
+                        with trio.CancelScope(shield=True), trio.move_on_after(1):
+                            await ws.aclose()
+                        ws = None
                 except HandshakeError as exc:
-                    status = getattr(exc, "status_code", None)
-                    if status in (401, 403):
-                        print(
-                            f"record_stream.py: {url}: HTTP {status}: pass a valid --token",
-                            file=sys.stderr,
-                        )
-                        nursery.cancel_scope.cancel()
-                        return
                     converter.note({"event": "disconnected", "detail": str(exc)})
                 except (OSError, ConnectionClosed) as exc:
                     converter.note(
@@ -167,33 +195,62 @@ async def run(args: argparse.Namespace) -> None:
         f"recorded {converter.readings} readings and {converter.events} events into {args.out} "
         f"({recorder.records} records; the collector reported {converter.missed} updates missed)"
     )
+    return options.EXIT_OK if converter.readings or converter.events else options.EXIT_FAILED
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+def build_parser(prog: str = "collector record-stream") -> argparse.ArgumentParser:
+    p = options.parser(prog, __doc__)
     p.add_argument(
-        "url", nargs="?", default="http://127.0.0.1:8082/", help="the collector's HTTP address"
+        "url",
+        nargs="?",
+        default="http://127.0.0.1:8082/",
+        help="the collector's HTTP address (default http://127.0.0.1:8082/)",
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="recording directory (created or appended to)"
     )
     p.add_argument("--token", help="a read token, if the collector has access control on")
-    p.add_argument("--devices", nargs="+", metavar="GLOB")
-    p.add_argument("--metrics", nargs="+", metavar="GLOB")
-    p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
-    p.add_argument("--flush-interval", type=float, default=0.2)
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args()
+    p.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="verify an https:// collector's certificate with this CA bundle",
+    )
+    options.add_device_select(p)
+    p.add_argument(
+        "--metric",
+        metavar="GLOB",
+        action="append",
+        help="only the metrics whose name matches (repeatable; default all)",
+    )
+    p.add_argument(
+        "--duration", type=options.positive, help="stop after this many seconds (default: Ctrl-C)"
+    )
+    p.add_argument(
+        "--flush-interval",
+        type=options.positive,
+        default=0.2,
+        help="seconds between writes (default 0.2)",
+    )
+    options.add_log_level(p)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector record-stream") -> int:
+    args = build_parser(prog).parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        trio.run(run, args)
-    except RecordingError as exc:
-        print(f"record_stream.py: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int:
+        ctx = None
+        if args.ca or args.url.startswith("https"):
+            from collector.servers.tls import client_context
+
+            ctx = client_context(args.ca)
+        try:
+            return trio.run(run, args, ctx)
+        except RecordingError as exc:
+            raise options.UserError(str(exc)) from None
+
+    return options.run_main(prog, body)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Recording benchmarks: writing and reading speed, and replay timing accuracy at 1x.
 
-    tools/bench_recording.py                  # both parts
-    tools/bench_recording.py --part read --readings 3000000
-    tools/bench_recording.py --part replay --seconds 60 --devices 100 --rate 5
+    collector bench recording                  # both parts
+    collector bench recording --part read --readings 3000000
+    collector bench recording --part replay --seconds 60 --devices 100 --rate 5
 
 read    writes a synthetic recording (3 float readings per record) with the collector's own
         writer, then reads it back: scanning only (CRC checks, no decoding) and reading and
@@ -30,11 +29,12 @@ import time
 from pathlib import Path
 
 import trio
-from _common import free_port, wait_for_tcp
 
 from collector.core import segments
 from collector.core.segments import RecordingReader, SegmentWriter
 from collector.devices import DeviceRegistry
+from collector.tools import options
+from collector.tools.common import free_port, wait_for_tcp
 from collector.tools.playback import replay_into, select
 from collector.wire import recording as rec
 from collector.wire.recording import ReadingsRecord, RecordType
@@ -128,7 +128,7 @@ def part_read(args: argparse.Namespace) -> dict[str, float]:
 def part_replay(args: argparse.Namespace) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     try:
-        synthetic(work / "in", 0, args.devices, args.rate, seconds=args.seconds)
+        synthetic(work / "in", 0, args.sensors, args.rate, seconds=args.seconds)
         records = select(RecordingReader(work / "in"))
         secrets = {d: f"s-{d}" for d in {r.device_id for r in records}}
         DeviceRegistry(secrets).save(work / "devices.toml")
@@ -186,21 +186,36 @@ def part_replay(args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main() -> int:
+def build_parser(prog: str = "collector bench recording") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--part", choices=["read", "replay", "all"], default="all")
+    p.add_argument(
+        "--part",
+        choices=["read", "replay", "all"],
+        default="all",
+        help="which part to run (default all)",
+    )
     p.add_argument("--readings", type=int, default=1_500_000, help="readings in the read benchmark")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the replayed recording")
-    p.add_argument("--devices", type=int, default=100)
+    p.add_argument(
+        "--sensors",
+        type=options.count,
+        default=100,
+        help="recorded devices in the replay part (default 100)",
+    )
     p.add_argument(
         "--rate", type=float, default=5.0, help="datagrams/s per device in the replay part"
     )
-    p.add_argument("--json", metavar="FILE")
-    args = p.parse_args()
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector bench recording") -> int:
+    args = build_parser(prog).parse_args(argv)
     out = {}
     if args.part in ("read", "all"):
         out["read"] = part_read(args)

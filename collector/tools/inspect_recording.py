@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Summarise a recording, and export its readings to CSV, JSON Lines or Parquet.
 
-    tools/inspect_recording.py recordings/
-    tools/inspect_recording.py recordings/ --csv readings.csv --jsonl readings.jsonl
-    tools/inspect_recording.py recordings/ --parquet readings.parquet     # needs pyarrow
+    collector inspect recordings/
+    collector inspect recordings/ --csv readings.csv --jsonl readings.jsonl
+    collector inspect recordings/ --parquet readings.parquet     # needs pyarrow
 
 The summary lists segments and any corruption skipped, the time span, record counts, the
 devices (readings, sessions and why they ended, lost datagrams from sequence gaps, silences
@@ -26,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from collector.core.segments import RecordingReader
+from collector.tools import options
 from collector.tools.playback import select
 from collector.wire.recording import (
     EventRecord,
@@ -245,25 +245,44 @@ def export_parquet(records: list[Record], path: str) -> int:
     return len(data)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("recording", metavar="DIR")
+def build_parser(prog: str = "collector inspect") -> argparse.ArgumentParser:
+    p = options.parser(prog, __doc__)
+    p.add_argument("recording", metavar="DIR", help="a recording directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--gap", type=float, default=60.0, help="report silences longer than this (s)")
-    p.add_argument("--csv", metavar="FILE")
-    p.add_argument("--jsonl", metavar="FILE")
-    p.add_argument("--parquet", metavar="FILE")
-    p.add_argument("--device", action="append", metavar="GLOB", help="only these devices")
-    args = p.parse_args()
+    p.add_argument(
+        "--gap",
+        type=options.positive,
+        default=60.0,
+        help="report silences longer than this many seconds (default 60)",
+    )
+    p.add_argument("--csv", metavar="FILE", help="export the readings as CSV")
+    p.add_argument("--jsonl", metavar="FILE", help="export the readings as JSON Lines")
+    p.add_argument(
+        "--parquet",
+        metavar="FILE",
+        help="export the readings as Parquet (needs the 'parquet' extra)",
+    )
+    options.add_device_select(p, "recorded devices")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector inspect") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return options.run_main(prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         reader = RecordingReader(args.recording)
         records = list(reader)
     except RecordingError as exc:
-        print(f"inspect_recording.py: {exc}", file=sys.stderr)
-        return 2
+        raise options.UserError(str(exc)) from None
+    if not reader.segments:
+        raise options.UserError(
+            f"{args.recording} is not a recording: it holds no segment files (seg-NNNNNN.rec)"
+        )
+    if args.parquet:
+        options.require("pyarrow", "parquet", "--parquet")
     if args.device:
         records = select(records, devices=args.device)
     summary = summarise(records, reader, args.gap)

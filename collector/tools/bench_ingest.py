@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Ingest benchmark: the collector's full datagram path against a raw batched trio receiver,
 side by side in one invocation, and (if installed) Mosquitto as the reference broker.
 
-    tools/bench_ingest.py                       # all sections, 3 rounds
-    tools/bench_ingest.py --sections ceiling,full --datagrams 100000 --rounds 5
-    tools/bench_ingest.py --profile full        # where the time goes (cProfile, top 25)
+    collector bench ingest                       # all sections, 3 rounds
+    collector bench ingest --sections ceiling,full --datagrams 100000 --rounds 5
+    collector bench ingest --profile full        # where the time goes (cProfile, top 25)
 
 Method (the same for every receiver): the receiving socket gets a very large buffer
 (SO_RCVBUFFORCE), the datagrams are sent into it while the receiver's event loop is blocked,
@@ -48,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import mosquitto, mosquitto_path, proc_stat, rcvbuf_errors
 
 from collector.servers.udp import SO_RCVBUFFORCE
+from collector.tools import options
+from collector.tools.common import mosquitto, mosquitto_path, proc_stat, rcvbuf_errors
 
 HERE = Path(__file__).resolve()
 BIG_RCVBUF = 1 << 30
@@ -122,7 +122,7 @@ async def run_ceiling(n: int, devices: int) -> dict[str, Any]:
 
 def _dashboards_process(port: int, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(HERE), "--role", "dashboards", "--port", str(port), "--count", str(count)],
+        [sys.executable, "-m", "collector.tools.bench_ingest", "--role", "dashboards", "--port", str(port), "--count", str(count)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -246,14 +246,14 @@ def run_mosquitto(n: int, subscribers: int) -> dict[str, Any] | None:
         return {"skipped": "paho-mqtt is not installed (pip install paho-mqtt)"}
     with mosquitto() as (proc, port):
         subs = subprocess.Popen(
-            [sys.executable, str(HERE), "--role", "mqtt-subscribers", "--port", str(port), "--count", str(subscribers),
+            [sys.executable, "-m", "collector.tools.bench_ingest", "--role", "mqtt-subscribers", "--port", str(port), "--count", str(subscribers),
              "--datagrams", str(n)], stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(1.5)  # let them connect and subscribe
         cpu0 = proc_stat(proc.pid)[1]
         t0 = time.perf_counter()
         pub = subprocess.run(
-            [sys.executable, str(HERE), "--role", "mqtt-publisher", "--port", str(port), "--datagrams", str(n)],
+            [sys.executable, "-m", "collector.tools.bench_ingest", "--role", "mqtt-publisher", "--port", str(port), "--datagrams", str(n)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         out, _ = subs.communicate(timeout=300)
@@ -318,15 +318,27 @@ def mqtt_subscribers(port: int, count: int, n: int) -> None:
 # -- main -------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser(prog: str = "collector bench ingest") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--datagrams", type=int, default=200_000)
-    p.add_argument("--devices", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sections", default="ceiling,full,record,dash1,dash10,mosquitto")
+    p.add_argument(
+        "--datagrams", type=int, default=200_000, help="datagrams per run (default 200000)"
+    )
+    p.add_argument(
+        "--sessions",
+        type=options.count,
+        default=1000,
+        help="sessions the datagrams are spread over (default 1000)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
+    p.add_argument(
+        "--sections",
+        default="ceiling,full,record,dash1,dash10,mosquitto",
+        help="comma-separated sections to run (default all)",
+    )
     p.add_argument(
         "--profile", choices=["full", "record", "dash1", "dash10"], help="profile one section once"
     )
@@ -334,7 +346,11 @@ def main() -> int:
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector bench ingest") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.role == "dashboards":
         trio.run(dashboards_role, args.port, args.count)
         return 0
@@ -346,23 +362,25 @@ def main() -> int:
         return 0
 
     variants = {
-        "ceiling": lambda: run_ceiling(args.datagrams, args.devices),
-        "full": lambda: run_full(args.datagrams, args.devices, record=False, dashboards=0),
-        "record": lambda: run_full(args.datagrams, args.devices, record=True, dashboards=0),
-        "dash1": lambda: run_full(args.datagrams // 4, args.devices, record=False, dashboards=1),
-        "dash10": lambda: run_full(args.datagrams // 10, args.devices, record=False, dashboards=10),
+        "ceiling": lambda: run_ceiling(args.datagrams, args.sessions),
+        "full": lambda: run_full(args.datagrams, args.sessions, record=False, dashboards=0),
+        "record": lambda: run_full(args.datagrams, args.sessions, record=True, dashboards=0),
+        "dash1": lambda: run_full(args.datagrams // 4, args.sessions, record=False, dashboards=1),
+        "dash10": lambda: run_full(
+            args.datagrams // 10, args.sessions, record=False, dashboards=10
+        ),
     }
     if args.profile:
         name = args.profile
         print(trio.run(lambda: run_full(
-            args.datagrams, args.devices, record=name == "record",
+            args.datagrams, args.sessions, record=name == "record",
             dashboards={"dash1": 1, "dash10": 10}.get(name, 0), profile=True,
         )))  # fmt: skip
         return 0
     sections = [s for s in args.sections.split(",") if s]
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sections if s in variants}
     print(
-        f"{args.datagrams} datagrams of ~100 bytes over {args.devices} sessions, {args.rounds} rounds",
+        f"{args.datagrams} datagrams of ~100 bytes over {args.sessions} sessions, {args.rounds} rounds",
         flush=True,
     )
     for r in range(args.rounds):

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Dashboard fan-out benchmark: sensor-to-dashboard latency with N fast dashboards, then the
 same with one more dashboard that never reads.
 
-    tools/bench_stream.py --sensors 200 --rate 10 --dashboards 10 --phase 30
+    collector bench stream --sensors 200 --rate 10 --dashboards 10 --phase 30
 
 Three processes on 127.0.0.1: a real `collector serve`, the simulated sensors (each reading
 carries its send time as a `sent_at` value), and the dashboards, which timestamp every
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import free_port, mosquitto, mosquitto_path, proc_stat, scrape
+
+from collector.tools.common import free_port, mosquitto, mosquitto_path, proc_stat, scrape
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -46,7 +46,7 @@ def percentile(values: list[float], p: float) -> float:
 def start_senders(
     devices: dict[str, str], udp_port: int, n: int, work: Path
 ) -> list[subprocess.Popen[str]]:
-    """The pre-signing, paced senders of tools/stress.py: light enough not to be the bottleneck."""
+    """The pre-signing, paced senders of collector stress: light enough not to be the bottleneck."""
     ids = sorted(devices)
     procs = []
     for k in range(n):
@@ -59,7 +59,7 @@ def start_senders(
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / "stress.py"), "--role", "sender", "--plan", str(plan)],
+                [sys.executable, "-m", "collector.tools.stress", "--role", "sender", "--plan", str(plan)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
         )  # fmt: skip
@@ -144,16 +144,20 @@ async def _dashboards(args: argparse.Namespace) -> None:
 # -- orchestration ----------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser(prog: str = "collector bench stream") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sensors", type=int, default=200)
+    p.add_argument("--sensors", type=int, default=200, help="simulated sensors (default 200)")
     p.add_argument("--rate", type=float, default=10.0, help="readings datagrams/s per sensor")
-    p.add_argument("--dashboards", type=int, default=10)
+    p.add_argument(
+        "--dashboards", type=int, default=10, help="dashboards that read everything (default 10)"
+    )
     p.add_argument("--no-mosquitto", action="store_true", help="skip the Mosquitto reference run")
     p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
-    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument(
         "--role",
@@ -167,7 +171,11 @@ def main() -> int:
     p.add_argument("--http-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector bench stream") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.role == "dashboards":
         run_dashboards(args)
         return 0
@@ -187,7 +195,7 @@ def main() -> int:
         work / "devices.toml"
     )  # the senders know them too
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "collector.tools.bench_stream"]
     collector = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp),
          "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
@@ -318,7 +326,7 @@ def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str
         return None
     if mosquitto_path() is None:
         return None
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "collector.tools.bench_stream"]
     with mosquitto() as (proc, port):
         out = Path(tempfile.mkdtemp(prefix="bench-mqtt-lat-")) / "latency.json"
         subs = subprocess.Popen([*me, "--role", "mqtt-subscribers", "--port", str(port), "--dashboards", str(subscribers),

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Stress test: step the offered load up until loss or latency breaks, find the knee, plot it.
 
-    tools/stress.py                                         # 1000 sensors, 2 dashboards, defaults
-    tools/stress.py --sensors 2000 --steps 5000,20000,50000,80000 --step-seconds 10 --out stress/
-    tools/stress.py --sessions-test --sensors 10000 --duration 300   # heartbeats only: memory, false offlines
+    collector stress                                         # 1000 sensors, 2 dashboards, defaults
+    collector stress --sensors 2000 --steps 5000,20000,50000,80000 --step-seconds 10 --out stress/
+    collector stress --sessions-test --sensors 10000 --duration 300   # heartbeats only: memory, false offlines
 
 Everything runs on 127.0.0.1 and is bounded in count and time. The pieces, each its own process
 so that the load generator is not the bottleneck:
@@ -42,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, proc_stat, rcvbuf_errors, scrape, wait_for_tcp
+from collector.tools.common import free_port, proc_stat, rcvbuf_errors, scrape, wait_for_tcp
 
 HERE = Path(__file__).resolve()
 # latency histogram: log-spaced bucket edges from 10 us to 100 s
@@ -241,17 +240,22 @@ def dashboards_main(args: argparse.Namespace) -> None:
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser(prog: str = "collector stress") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--sensors", type=int, default=1000)
+    p.add_argument("--sensors", type=int, default=1000, help="simulated sensors (default 1000)")
     p.add_argument("--steps", default="2000,5000,10000,20000,40000,60000,80000,100000",
                    help="offered loads to try, datagrams/s")  # fmt: skip
-    p.add_argument("--step-seconds", type=float, default=10.0)
-    p.add_argument("--senders", type=int, default=2)
-    p.add_argument("--dashboards", type=int, default=2)
+    p.add_argument(
+        "--step-seconds", type=float, default=10.0, help="seconds per load step (default 10)"
+    )
+    p.add_argument("--senders", type=int, default=2, help="sender processes (default 2)")
+    p.add_argument(
+        "--dashboards", type=int, default=2, help="dashboards timing every reading (default 2)"
+    )
     p.add_argument(
         "--ack-share", type=float, default=0.0, help="share of datagrams with ACK requested"
     )
@@ -267,7 +271,11 @@ def main() -> int:
     p.add_argument("--plan", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector stress") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.role == "sender":
         sender_main(args)
         return 0
@@ -307,7 +315,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             plan = work / f"sender-{k}.json"
             plan.write_text(json.dumps({"host": "127.0.0.1", "udp_port": udp, "devices": share,
                                         "heartbeats_only": args.sessions_test}))  # fmt: skip
-            procs.append(subprocess.Popen([sys.executable, str(HERE), "--role", "sender", "--plan", str(plan)],
+            procs.append(subprocess.Popen([sys.executable, "-m", "collector.tools.stress", "--role", "sender", "--plan", str(plan)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
         registered = sum(json.loads(proc.stdout.readline())["ready"] for proc in procs)  # type: ignore[union-attr]
         print(
@@ -317,7 +325,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.sessions_test:
             return sessions_test(args, collector, procs, http, out, registered)
         hist_file = work / "latency.json"
-        dash = subprocess.Popen([sys.executable, str(HERE), "--role", "dashboards", "--port", str(http), "--count",
+        dash = subprocess.Popen([sys.executable, "-m", "collector.tools.stress", "--role", "dashboards", "--port", str(http), "--count",
                                  str(args.dashboards), "--out", str(hist_file)], stdout=subprocess.PIPE, text=True)  # fmt: skip
         json.loads(dash.stdout.readline())  # type: ignore[union-attr]
         steps = []
@@ -484,8 +492,13 @@ def finish(args: argparse.Namespace, steps: list[dict[str, Any]], out: Path) -> 
         },
     }  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    plot(steps, knee, out / "knee.png")
-    print(f"\nwrote {out / 'report.json'} and {out / 'knee.png'}")
+    try:
+        plot(steps, knee, out / "knee.png")
+    except ImportError:
+        print(f"\nwrote {out / 'report.json'}; no knee.png: matplotlib is not installed "
+              "(pip install 'trio-collector[bench]')")  # fmt: skip
+    else:
+        print(f"\nwrote {out / 'report.json'} and {out / 'knee.png'}")
     print(
         f"{'offered/s':>10} {'accepted/s':>11} {'loss':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'CPU %':>6} {'RSS MB':>7}"
     )

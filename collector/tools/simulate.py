@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Run simulated sensors against a collector, with deliberate loss, duplication, reordering,
 jitter and churn, and print what was sent and dropped on purpose.
 
-    collector devices add ...            # or: tools/simulate.py --init-devices devices.toml
+    collector devices add ...            # or: collector simulate --init-devices devices.toml
     collector serve --devices devices.toml
-    tools/simulate.py --devices devices.toml --sensors 20 --loss 0.05 --duration 60
+    collector simulate --devices devices.toml --sensors 20 --loss 0.05 --duration 60
 
 The simulator keeps an exact ledger of what reached the wire, so its "collector should count
 N lost" must equal the sum of the collector's per-device lost counts.
@@ -23,34 +22,83 @@ import trio
 from collector.device.sim import SimConfig, Simulator
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
+from collector.tools import options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--devices", metavar="FILE", help="credentials file shared with the collector")
+def build_parser(prog: str = "collector simulate") -> argparse.ArgumentParser:
+    p = options.parser(prog, __doc__)
+    p.add_argument("--devices", metavar="FILE", help="the credentials file the collector uses")
     p.add_argument(
         "--init-devices",
         metavar="FILE",
         help="create credentials for the simulated sensors in FILE (adding missing ones) and exit",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--tcp-port", type=int, default=8080)
-    p.add_argument("--udp-port", type=int, default=8081)
-    p.add_argument("--sensors", type=int, default=20, help="number of sensors (default 20)")
+    options.add_collector_address(p)
+    options.add_tls(p)
+    p.add_argument(
+        "--sensors", type=options.count, default=20, help="number of sensors (default 20)"
+    )
     p.add_argument("--prefix", default="sensor", help="ids are PREFIX-001, PREFIX-002, ...")
-    p.add_argument("--rate", type=float, default=1.0, help="TELEMETRY datagrams/s per sensor")
-    p.add_argument("--udp-only", type=float, default=0.0, help="share registering by HELLO")
-    p.add_argument("--loss", type=float, default=0.0, help="drop probability per datagram")
-    p.add_argument("--duplicate", type=float, default=0.0, help="duplicate probability")
-    p.add_argument("--reorder", type=float, default=0.0, help="hold-back-one probability")
-    p.add_argument("--jitter", type=float, default=0.0, help="+/- fraction of the send interval")
-    p.add_argument("--churn", type=float, default=0.0, help="reconnects per sensor per minute")
-    p.add_argument("--ack-share", type=float, default=0.0, help="share of readings with ACK")
-    p.add_argument("--hang", type=int, default=0, help="sensors that go silent, no goodbye")
-    p.add_argument("--hang-at", type=float, default=30.0, help="seconds into the run")
-    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument(
+        "--rate",
+        type=options.positive,
+        default=1.0,
+        help="TELEMETRY datagrams/s per sensor (default 1)",
+    )
+    p.add_argument(
+        "--udp-only",
+        type=options.share,
+        default=0.0,
+        help="share of sensors registering with HELLO datagrams instead of TCP (0 to 1)",
+    )
+    p.add_argument(
+        "--loss",
+        type=options.share,
+        default=0.0,
+        help="probability that a datagram is dropped on purpose (0 to 1)",
+    )
+    p.add_argument(
+        "--duplicate",
+        type=options.share,
+        default=0.0,
+        help="probability that a datagram is sent twice",
+    )
+    p.add_argument(
+        "--reorder",
+        type=options.share,
+        default=0.0,
+        help="probability that a datagram is held back and sent after the next",
+    )
+    p.add_argument(
+        "--jitter",
+        type=options.share,
+        default=0.0,
+        help="send times vary by +/- this fraction of the interval",
+    )
+    p.add_argument(
+        "--churn", type=float, default=0.0, help="clean reconnects per sensor per minute"
+    )
+    p.add_argument(
+        "--ack-share",
+        type=options.share,
+        default=0.0,
+        help="share of readings sent with an ACK requested",
+    )
+    p.add_argument(
+        "--hang",
+        type=options.count,
+        default=0,
+        help="this many sensors go silent without a goodbye at --hang-at",
+    )
+    p.add_argument(
+        "--hang-at",
+        type=float,
+        default=30.0,
+        help="seconds into the run when --hang sensors go silent (default 30)",
+    )
+    p.add_argument(
+        "--duration", type=options.positive, help="seconds to run (default: until Ctrl-C)"
+    )
     p.add_argument("--seed", type=int, help="random seed, for a repeatable run")
     p.add_argument(
         "--max-backoff",
@@ -66,13 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", metavar="FILE.json", help="write the per-sensor ledger as JSON")
     p.add_argument("--per-device", action="store_true", help="print one line per sensor")
-    p.add_argument("--log-level", default="WARNING")
+    options.add_log_level(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "collector simulate") -> int:
+    args = build_parser(prog).parse_args(argv)
     setup_logging(args.log_level)
+    return options.run_main(prog, lambda: _run(args, prog))
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
     cfg = SimConfig(
         devices=args.sensors, prefix=args.prefix, rate=args.rate, udp_only=args.udp_only,
         loss=args.loss, duplicate=args.duplicate, reorder=args.reorder, jitter=args.jitter,
@@ -91,17 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if not args.devices:
-            print(
-                "simulate.py: --devices FILE is required (or --init-devices FILE)", file=sys.stderr
-            )
-            return 2
+            raise options.UserError("--devices FILE is needed (or --init-devices FILE to make one)")
         registry = DeviceRegistry.load(args.devices)
         sim = Simulator(
-            cfg, registry, host=args.host, tcp_port=args.tcp_port, udp_port=args.udp_port
-        )
+            cfg, registry, host=args.host, tcp_port=args.tcp_port, udp_port=args.udp_port,
+            ssl_context=options.tls_context(args),
+        )  # fmt: skip
     except (DevicesError, ValueError) as exc:
-        print(f"simulate.py: {exc}", file=sys.stderr)
-        return 2
+        raise options.UserError(str(exc)) from None
     print(
         f"simulating {cfg.devices} sensors against {args.host}:{args.tcp_port}/{args.udp_port}"
         + (f" for {args.duration:g}s" if args.duration else " (Ctrl-C to stop)"),
@@ -145,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                 f,
                 indent=1,
             )
+    if not sum(r.sessions for r in sim.reports.values()):
+        print(
+            f"{prog}: no sensor could register: is a collector running at "
+            f"{args.host}:{args.tcp_port}/{args.udp_port}, and does it know these devices?",
+            file=sys.stderr,
+        )
+        return options.EXIT_ENVIRONMENT
+    if errors:
+        return options.EXIT_FAILED
     return 0
 
 

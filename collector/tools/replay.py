@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Replay a recording: into a collector as its sensors, or as a stand-in collector.
 
-    tools/replay.py into recordings/ --devices devices.toml --speed 10
-    tools/replay.py into recordings/ --devices replay.toml --create-missing   # then restart the collector
-    tools/replay.py serve recordings/ --http-port 8082 --loop                 # dashboards, no sensors
-    tools/replay.py raw recordings/ --target 127.0.0.1:8081                       # the datagrams, byte for byte
+    collector replay into recordings/ --devices devices.toml --speed 10
+    collector replay into recordings/ --devices replay.toml --create-missing   # then restart the collector
+    collector replay serve recordings/ --http-port 8082 --loop                 # dashboards, no sensors
+    collector replay raw recordings/ --target 127.0.0.1:8081                       # the datagrams, byte for byte
 
 `into` registers every recorded device again (with the credentials in --devices) and resends
 its readings and heartbeats with the recorded timing divided by --speed ("max": as fast as
@@ -29,11 +28,11 @@ import time
 from typing import Any
 
 import trio
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from collector.core.segments import RecordingReader
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
+from collector.tools import options
 from collector.tools.playback import Playback, replay_into, select
 from collector.wire.recording import DatagramRecord, RecordingError
 
@@ -50,45 +49,52 @@ def parse_time(text: str | None, start: float) -> float | None:
     try:
         return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
-        raise SystemExit(
-            f"replay.py: cannot read the time {text!r} (+SECONDS, Unix seconds or ISO 8601)"
+        raise options.UserError(
+            f"cannot read the time {text!r}: use +SECONDS from the start, Unix seconds or ISO 8601"
         ) from None
 
 
-def parse_speed(text: str) -> float:
-    if text in ("max", "inf"):
-        return math.inf
-    speed = float(text.rstrip("x"))
-    if speed <= 0:
-        raise argparse.ArgumentTypeError("speed must be positive")
-    return speed
+def check_time(text: str) -> str:
+    """Reject a time that cannot be read before anything is loaded (usage error: exit 2)."""
+    try:
+        parse_time(text, 0.0)
+    except (options.UserError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use +SECONDS from the start, Unix seconds or ISO 8601"
+        ) from None
+    return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+def build_parser(prog: str = "collector replay") -> argparse.ArgumentParser:
+    p = options.parser(prog, __doc__)
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("recording", metavar="DIR", help="a recording directory")
         q.add_argument(
-            "--speed", type=parse_speed, default=1.0, help="0.5, 1, 10 ... or max (default 1)"
+            "--speed",
+            type=options.speed,
+            default=1.0,
+            help="a factor: 0.5, 1, 10 ..., or max (default 1)",
         )
         q.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
-        q.add_argument("--from", dest="start", metavar="TIME", help="play from this time")
-        q.add_argument("--to", dest="end", metavar="TIME", help="play until this time")
         q.add_argument(
-            "--device", action="append", metavar="GLOB", help="only these devices (repeatable)"
+            "--from",
+            dest="start",
+            metavar="TIME",
+            type=check_time,
+            help="play from this time (+SECONDS, Unix seconds or ISO 8601)",
         )
-        q.add_argument("--log-level", default="WARNING")
+        q.add_argument(
+            "--to", dest="end", metavar="TIME", type=check_time, help="play until this time"
+        )
+        options.add_device_select(q, "recorded devices")
+        options.add_log_level(q)
 
     into = sub.add_parser("into", help="resend the recording into a collector, as its sensors")
     common(into)
-    into.add_argument("--host", default="127.0.0.1")
-    into.add_argument("--tcp-port", type=int, default=8080)
-    into.add_argument("--udp-port", type=int, default=8081)
+    options.add_collector_address(into)
+    options.add_tls(into)
     into.add_argument(
         "--devices", metavar="FILE", required=True, help="credentials of the recorded devices"
     )
@@ -103,8 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve the recording to dashboards, as a stand-in collector"
     )
     common(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address for the HTTP port")
-    serve.add_argument("--http-port", type=int, default=8082)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address for the HTTP port (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=options.port,
+        default=8082,
+        help="the HTTP port (default 8082; 0 = any free)",
+    )
 
     raw = sub.add_parser(
         "raw",
@@ -115,27 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
         "is for: replaying exactly what arrived, at a decoder, a capture or a rejection path.",
     )
     common(raw)
-    raw.add_argument("--target", default="127.0.0.1:8081", metavar="HOST:PORT")
+    raw.add_argument(
+        "--target",
+        default="127.0.0.1:8081",
+        metavar="HOST:PORT",
+        help="where to send them (default 127.0.0.1:8081)",
+    )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "collector replay") -> int:
+    args = build_parser(prog).parse_args(argv)
     setup_logging(args.log_level)
+    return options.run_main(prog, lambda: _main(args, prog))
+
+
+def _main(args: argparse.Namespace, prog: str) -> int:
     try:
         reader = RecordingReader(args.recording)
         everything = list(reader)
     except RecordingError as exc:
-        print(f"replay.py: {exc}", file=sys.stderr)
-        return 2
+        raise options.UserError(str(exc)) from None
     for problem in reader.problems():
-        print(f"replay.py: note: {problem}", file=sys.stderr)
+        print(f"{prog}: note: {problem}", file=sys.stderr)
     if not everything:
-        print(f"replay.py: {args.recording} holds no records", file=sys.stderr)
-        return 2
+        raise options.UserError(f"{args.recording} holds no records: is it a recording directory?")
     start = everything[0].time
     if args.mode == "raw":
-        return _raw(args, everything, start)
+        return _raw(args, everything, start, prog)
     records = select(
         everything,
         start=parse_time(args.start, start),
@@ -143,20 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.device,
     )
     if not records:
-        print("replay.py: nothing in that time range for those devices", file=sys.stderr)
-        return 2
+        raise options.UserError("nothing in that time range for those devices")
     if args.mode == "into":
-        return _into(args, records)
+        return _into(args, records, prog)
     return _serve(args, records)
 
 
-def _into(args: argparse.Namespace, records: list) -> int:
+def _into(args: argparse.Namespace, records: list, prog: str = "collector replay") -> int:
     recorded = sorted({r.device_id for r in records if getattr(r, "device_id", None)})
     try:
         registry = DeviceRegistry.load_or_empty(args.devices)
     except DevicesError as exc:
-        print(f"replay.py: {exc}", file=sys.stderr)
-        return 2
+        raise options.UserError(str(exc)) from None
     missing = [d for d in recorded if d not in registry]
     if args.create_missing:
         for d in missing:
@@ -168,12 +186,20 @@ def _into(args: argparse.Namespace, records: list) -> int:
         )
         return 0
     if missing:
-        print(
-            f"replay.py: {len(missing)} recorded devices have no credentials in {args.devices} "
-            f"(e.g. {missing[0]}); --create-missing generates them",
-            file=sys.stderr,
+        raise options.UserError(
+            f"{len(missing)} recorded devices have no credentials in {args.devices} "
+            f"(e.g. {missing[0]}); --create-missing generates them"
         )
-        return 2
+    options.require("rich", "tools", "collector replay into")
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    ssl_context = options.tls_context(args)
     datagrams = sum(1 for r in records if type(r).__name__ in ("ReadingsRecord", "HeartbeatRecord"))
     span = records[-1].time - records[0].time
     speed_text = "as fast as possible" if math.isinf(args.speed) else f"at {args.speed:g}x"
@@ -195,6 +221,7 @@ def _into(args: argparse.Namespace, records: list) -> int:
                 summary = await replay_into(
                     records, registry, host=args.host, tcp_port=args.tcp_port, udp_port=args.udp_port,
                     speed=args.speed, ack=args.ack, on_sent=lambda n, t=task: progress.advance(t, n),
+                    ssl_context=ssl_context,
                 )  # fmt: skip
                 totals["loops"] += 1
                 totals["last"] = summary
@@ -205,12 +232,30 @@ def _into(args: argparse.Namespace, records: list) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         print("stopped")
-    if "last" in totals:
-        print(totals["last"].summary())
+        return options.EXIT_INTERRUPTED
+    summary = totals.get("last")
+    if summary is None:
+        return options.EXIT_FAILED
+    print(summary.summary())
+    if summary.sessions == 0:
+        print(
+            f"{prog}: no recorded device could register: is a collector running at "
+            f"{args.host}:{args.tcp_port}/{args.udp_port} with --devices {args.devices}?",
+            file=sys.stderr,
+        )
+        return options.EXIT_ENVIRONMENT
+    if summary.errors:
+        print(
+            f"{prog}: {summary.errors} errors on the way (see the log with --log-level INFO)",
+            file=sys.stderr,
+        )
+        return options.EXIT_FAILED
     return 0
 
 
-def _raw(args: argparse.Namespace, everything: list, start: float) -> int:
+def _raw(
+    args: argparse.Namespace, everything: list, start: float, prog: str = "collector replay"
+) -> int:
     import socket
 
     t0, t1 = parse_time(args.start, start), parse_time(args.end, start)
@@ -219,10 +264,14 @@ def _raw(args: argparse.Namespace, everything: list, start: float) -> int:
         if isinstance(r, DatagramRecord) and (t0 is None or r.time >= t0) and (t1 is None or r.time < t1)
     ]  # fmt: skip
     if not datagrams:
-        print("replay.py: no raw datagrams (record with [recording] raw = true)", file=sys.stderr)
-        return 2
+        raise options.UserError(
+            "no raw datagrams in that range (record with [recording] raw = true)"
+        )
     host, _, port = args.target.rpartition(":")
-    target = (host or "127.0.0.1", int(port))
+    try:
+        target = (host or "127.0.0.1", options.port(port))
+    except argparse.ArgumentTypeError as exc:
+        raise options.UserError(f"--target {args.target}: {exc}") from None
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     begin, first = time.monotonic(), datagrams[0].time
     for r in datagrams:

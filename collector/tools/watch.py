@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Watch a collector's devices live in the terminal, over its WebSocket stream.
 
-    tools/watch.py                                   # http://127.0.0.1:8082/
-    tools/watch.py http://collector.local:8082/ --token dashboard-token
-    tools/watch.py 127.0.0.1:18083 --devices 'greenhouse-*' --metrics temperature --max-rate 1
+    collector watch                                   # http://127.0.0.1:8082/
+    collector watch http://collector.local:8082/ --token dashboard-token
+    collector watch 127.0.0.1:18083 --devices 'greenhouse-*' --metrics temperature --max-rate 1
 
 Keys: / filter the rows (a substring or a glob of the id; Enter or Escape leaves the input,
 Escape with an empty filter clears it), o offline only, r reconnect now, q quit. It
@@ -39,6 +38,8 @@ from textual.containers import Horizontal
 from textual.widgets import DataTable, Footer, Input, Static
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from collector.tools import options
 
 DEFAULT_URL = "http://127.0.0.1:8082/"
 DEFAULT_PORT = 8082
@@ -602,6 +603,7 @@ async def follow_stream(
     stall_after: float | None = None,
     open_timeout: float = 10.0,
     retry_now: asyncio.Event | None = None,
+    ca: str | None = None,
 ) -> None:
     """Keep a connection to the stream at `url`, feeding `model`, until cancelled.
 
@@ -611,6 +613,11 @@ async def follow_stream(
     Setting `retry_now` cuts a wait short. Raises Fatal when the collector refuses the token.
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    extra: dict[str, Any] = {}
+    if url.startswith("wss:"):
+        import ssl
+
+        extra["ssl"] = ssl.create_default_context(cafile=ca)
     delay = backoff[0]
     while True:
         model.connecting(url, clock())
@@ -625,6 +632,7 @@ async def follow_stream(
                 max_size=2**24,
                 close_timeout=2.0,
                 user_agent_header="trio-collector-watch",
+                **extra,
             ) as ws:
                 await ws.send(model.connected(clock()))
                 on_update()
@@ -733,9 +741,11 @@ class WatchApp(App[None]):
         clock: Callable[[], float] = time.time,
         follow: Callable[..., Any] = follow_stream,
         backoff: tuple[float, float] = (0.5, 10.0),
+        ca: str | None = None,
     ) -> None:
         super().__init__()
         self.url = url
+        self.ca = ca
         self.token = token
         self.clock = clock
         self.model = StreamModel(subscription)
@@ -776,6 +786,7 @@ class WatchApp(App[None]):
                 clock=self.clock,
                 backoff=self.backoff,
                 retry_now=self.retry_now,
+                **({"ca": self.ca} if self.ca else {}),
             )
         except Fatal as exc:
             self.fatal = str(exc)
@@ -911,8 +922,9 @@ def _cells(row: Row, values_width: int) -> list[Text]:
 # The command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "collector watch") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         epilog=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -930,37 +942,57 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a read token ([http] read_tokens); default ${TOKEN_ENV}",
     )
     p.add_argument(
-        "--devices", nargs="+", default=["*"], metavar="GLOB", help="devices to watch (default *)"
+        "--ca",
+        metavar="FILE",
+        help="verify an https:// (wss://) collector's certificate with this CA bundle",
     )
     p.add_argument(
-        "--metrics", nargs="+", default=["*"], metavar="GLOB", help="metrics to show (default *)"
+        "--device",
+        action="append",
+        metavar="GLOB",
+        help="devices to watch (repeatable; default all)",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        metavar="GLOB",
+        help="metrics to show (repeatable; default all)",
     )
     p.add_argument(
         "--max-rate",
-        type=float,
+        type=options.positive,
         metavar="N",
         help="at most N updates per second per series (default: every update)",
     )
     return p
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Iterable[str] | None = None, prog: str = "collector watch") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(None if argv is None else list(argv))
-    if args.max_rate is not None and not (args.max_rate > 0 and math.isfinite(args.max_rate)):
-        parser.error("--max-rate must be a positive number")
     try:
         url = stream_url(args.url)
     except ValueError as exc:
         parser.error(str(exc))
+    if not (sys.stdout.isatty() and sys.stdin.isatty()):
+        # A full-screen dashboard in a pipe would spin writing escape codes nobody sees.
+        print(
+            f"{prog}: needs a terminal (standard input and output are not one); to record the "
+            "stream instead, use: collector record-stream URL --out DIR",
+            file=sys.stderr,
+        )
+        return options.EXIT_ENVIRONMENT
     app = WatchApp(
         url,
         token=args.token or None,
-        subscription=Subscription(tuple(args.devices), tuple(args.metrics), args.max_rate),
+        subscription=Subscription(
+            tuple(args.device or ["*"]), tuple(args.metric or ["*"]), args.max_rate
+        ),
+        ca=args.ca,
     )
     app.run()
     if app.fatal is not None:
-        print(f"watch: {url}: {app.fatal}", file=sys.stderr)
+        print(f"{prog}: {url}: {app.fatal}", file=sys.stderr)
     return app.return_code or 0
 
 

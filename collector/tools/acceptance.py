@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """The collector-core acceptance run: N simulated sensors against a real `collector serve`
 process for D seconds, with injected loss and K sensors that hang half-way.
 
-    tools/acceptance.py --sensors 200 --duration 60 --loss 0.05 --hang 10
+    collector acceptance --sensors 200 --duration 60 --loss 0.05 --hang 10
 
 It checks, and prints, that
   1. no running sensor was ever marked offline (every session ended `closed` or `shutdown`);
@@ -27,27 +26,39 @@ import time
 from pathlib import Path
 
 import trio
-from _common import free_port, wait_for_tcp
 
 from collector.device.sim import SimConfig, Simulator
 from collector.devices import DeviceRegistry
+from collector.tools.common import free_port, wait_for_tcp
 
 
-def main() -> int:
+def build_parser(prog: str = "collector acceptance") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sensors", type=int, default=200)
-    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--sensors", type=int, default=200, help="simulated sensors (default 200)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     p.add_argument("--rate", type=float, default=1.0, help="TELEMETRY datagrams/s per sensor")
-    p.add_argument("--loss", type=float, default=0.05)
+    p.add_argument(
+        "--loss",
+        type=float,
+        default=0.05,
+        help="share of datagrams dropped on purpose (default 0.05)",
+    )
     p.add_argument("--udp-only", type=float, default=0.2, help="share registering by HELLO")
     p.add_argument("--hang", type=int, default=10, help="sensors that stop without goodbye")
     p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
     p.add_argument("--timeout", type=float, default=15.0, help="session timeout (s)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--keep", metavar="DIR", help="keep the devices file, stats and log in DIR")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "collector acceptance") -> int:
+    p = build_parser(prog)
+    args = p.parse_args(argv)
     if args.hang and args.duration / 2 < args.timeout + 1:
         p.error(
             f"sensors hang at {args.duration / 2:g}s: a run of {args.duration:g}s leaves them less than "
