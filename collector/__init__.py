@@ -6,14 +6,9 @@ moment which devices are alive, and why the others are not.
 """
 
 from collector._version import __version__
-from collector.app import (
-    Addresses,
-    Collector,
-    CollectorStatistics,
-    DeviceStatistics,
-    ShutdownReport,
-)
+from collector.app import Addresses, Collector, ShutdownReport
 from collector.config import Config, load_config
+from collector.core.statistics import CollectorStatistics, DeviceStatistics
 from collector.devices import DeviceRegistry
 
 __all__ = [

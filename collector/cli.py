@@ -26,8 +26,9 @@ from typing import Any
 import trio
 
 from collector._version import __version__
-from collector.app import Addresses, Collector, ShutdownReport, statistics_to_json
+from collector.app import Addresses, Collector, ShutdownReport
 from collector.config import Config, ConfigError, load_config, render_markdown, render_toml
+from collector.core.statistics import statistics_to_json
 from collector.devices import DeviceRegistry, DevicesError, generate_secret
 from collector.logs import setup_logging
 from collector.tools import options

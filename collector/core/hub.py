@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -37,8 +37,11 @@ from collector.wire import stream
 from collector.wire.stream import Matcher, Row, StreamError, Subscription
 
 if TYPE_CHECKING:
-    from collector.app import Collector
-    from collector.core.sessions import DeviceState
+    from collector.config import Config
+    from collector.core.boundary import ErrorBoundary
+    from collector.core.commands import CommandManager
+    from collector.core.sessions import DeviceState, SessionRegistry
+    from collector.devices import DeviceRegistry
 
 log = logging.getLogger("collector.stream")
 
@@ -383,8 +386,20 @@ class _Closed(Exception):
         self.reason = reason or kind
 
 
+class HubHost(Protocol):
+    """What the hub reads of the collector (`collector.app.Collector` is one; so is the
+    stand-in collector of `collector replay serve`)."""
+
+    boundary: ErrorBoundary
+    commands: CommandManager
+    config: Config
+    devices: DeviceRegistry
+    playback: Any
+    registry: SessionRegistry
+
+
 class StreamHub:
-    def __init__(self, app: Collector, config: StreamConfig, *, wall: Callable[[], float]) -> None:
+    def __init__(self, app: HubHost, config: StreamConfig, *, wall: Callable[[], float]) -> None:
         self.app = app
         self.config = config
         self.wall = wall

@@ -39,7 +39,7 @@ import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import h11
@@ -57,7 +57,12 @@ from collector.servers.tls import accept_tls
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 
 if TYPE_CHECKING:
-    from collector.app import Collector
+    from collections.abc import Callable, Mapping
+
+    from collector.config import Config
+    from collector.core.commands import CommandManager, CommandRecord
+    from collector.core.hub import StreamHub
+    from collector.servers.tls import TlsContexts
 
 log = logging.getLogger("collector.http")
 
@@ -180,9 +185,39 @@ def _refusal(status: int, code: str, message: str) -> bytes:
     ) + body
 
 
+class HttpHost(metrics.MetricsHost, Protocol):
+    """What the HTTP server uses of the collector (`collector.app.Collector` is one): what
+    /metrics reads, and the API's actions."""
+
+    accepting: bool
+    commands: CommandManager
+    config: Config
+    hub: StreamHub
+    playback: Any
+    tls: TlsContexts | None
+    wall: Callable[[], float]
+
+    def add_device(self, device_id: str) -> str: ...
+    def remove_device(self, device_id: str) -> bool: ...
+    def rotate_device(self, device_id: str) -> str: ...
+    def kick(self, device_id: str) -> bool: ...
+    def push_config(
+        self, match: str, config: Mapping[str, Any]
+    ) -> tuple[list[str], dict[str, str]]: ...
+    def send_command(
+        self,
+        device_id: str,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        expires_in: float | None = None,
+    ) -> CommandRecord: ...
+
+
 class HttpServer:
     def __init__(
-        self, app: Collector, *, read_tokens: tuple[str, ...], command_tokens: tuple[str, ...]
+        self, app: HttpHost, *, read_tokens: tuple[str, ...], command_tokens: tuple[str, ...]
     ) -> None:
         assert app.hub is not None
         cfg = app.config

@@ -6,8 +6,8 @@ scrape time, so nothing on the ingest path pays for metrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,13 +20,41 @@ from collector.core.ingest import REJECT_REASONS
 from collector.servers.udp import kernel_drops
 
 if TYPE_CHECKING:
-    from collector.app import Collector
+    from collector.core.boundary import ErrorBoundary
+    from collector.core.hub import StreamHub
+    from collector.core.ingest import Ingest
+    from collector.core.sessions import SessionRegistry
+    from collector.core.statistics import CollectorStatistics
+    from collector.devices import DeviceRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class HttpCounters(Protocol):
+    """What /metrics reads of the HTTP server."""
+
+    requests: Mapping[tuple[str, int], int]
+    active: int
+    handshakes: int
+    refused: Mapping[str, int]
+    timeouts: Mapping[str, int]
+
+
+class MetricsHost(Protocol):
+    """What /metrics reads of the collector (`collector.app.Collector` is one)."""
+
+    boundary: ErrorBoundary
+    devices: DeviceRegistry
+    http: HttpCounters | None
+    hub: StreamHub
+    ingest: Ingest
+    registry: SessionRegistry
+
+    def statistics(self) -> CollectorStatistics: ...
+
+
 class CollectorMetrics(PromCollector):
-    def __init__(self, app: Collector) -> None:
+    def __init__(self, app: MetricsHost) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
@@ -256,7 +284,7 @@ class CollectorMetrics(PromCollector):
             yield timeouts
 
 
-def make_registry(app: Collector) -> CollectorRegistry:
+def make_registry(app: MetricsHost) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CollectorMetrics(app))
     ProcessCollector(registry=registry)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -23,8 +24,12 @@ from collector.wire import control, crypto
 from collector.wire.control import encode_message
 
 if TYPE_CHECKING:
-    from collector.app import Collector
-    from collector.core.sessions import Session
+    from collector.config import Config
+    from collector.core.boundary import ErrorBoundary
+    from collector.core.commands import CommandManager
+    from collector.core.ingest import Ingest
+    from collector.core.sessions import Session, SessionRegistry
+    from collector.servers.tls import TlsContexts
 
 log = logging.getLogger("collector.tcp")
 
@@ -41,8 +46,24 @@ class _Refused(Exception):
         self.message = message
 
 
+class ControlHost(Protocol):
+    """What the control server uses of the collector (`collector.app.Collector` is one)."""
+
+    accepting: bool
+    boundary: ErrorBoundary
+    commands: CommandManager
+    config: Config
+    ingest: Ingest
+    registry: SessionRegistry
+    tls: TlsContexts | None
+    udp_address: tuple[Any, ...] | None
+    wall: Callable[[], float]
+
+    def config_for(self, device_id: str) -> dict[str, Any]: ...
+
+
 class ControlServer:
-    def __init__(self, app: Collector) -> None:
+    def __init__(self, app: ControlHost) -> None:
         self.app = app
         self.config = app.config
         self.active = 0
