@@ -42,7 +42,8 @@ DUMPCAP = shutil.which("dumpcap")
 #: CI sets REQUIRE_TSHARK=1: there a missing tshark fails these tests instead of skipping them
 REQUIRED = os.environ.get("REQUIRE_TSHARK") == "1"
 NEEDS_TSHARK = pytest.mark.skipif(
-    TSHARK is None and not REQUIRED, reason="tshark is not installed (Debian: apt-get install tshark)"
+    TSHARK is None and not REQUIRED,
+    reason="tshark is not installed (Debian: apt-get install tshark)",
 )
 
 #: what the tests read from each frame (-T fields)
