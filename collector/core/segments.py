@@ -26,6 +26,7 @@ from collector.wire.recording import (
     ScanReport,
     SegmentHeader,
     decode_body,
+    decode_records,
     decode_segment_header,
     encode_segment_header,
     scan_records,
@@ -179,11 +180,7 @@ class RecordingReader:
                 continue
             report = SegmentReport(path, header, ScanReport(), damage)
             self.reports.append(report)
-            for _rtype, body in scan_records(data, report.scan):
-                try:
-                    yield decode_body(body)
-                except RecordingError:
-                    report.scan.undecodable += 1
+            yield from decode_records(data, report.scan)
 
     @property
     def corrupt_regions(self) -> int:

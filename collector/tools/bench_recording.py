@@ -5,8 +5,10 @@
     collector bench recording --part replay --seconds 60 --devices 100 --rate 5
 
 read    writes a synthetic recording (3 float readings per record) with the collector's own
-        writer, then reads it back: scanning only (CRC checks, no decoding) and reading and
-        decoding every record, in records and readings per second.
+        writer, then reads it back, in records and readings per second: scanning only (CRC
+        checks, no decoding: the ceiling), reading and decoding every record the way the
+        reader did before decode_records (the reference), and with RecordingReader; medians
+        of --rounds, the reference and the reader taking turns, and their ratio.
 replay  makes a recording of --seconds (devices at --rate datagrams/s), starts a real
         `collector serve --record` on 127.0.0.1, replays the recording into it at 1x with
         tools' replay machinery, then compares, datagram by datagram, when the collector
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -37,7 +40,7 @@ from collector.tools import options
 from collector.tools.common import free_port, wait_for_tcp
 from collector.tools.playback import replay_into, select
 from collector.wire import recording as rec
-from collector.wire.recording import ReadingsRecord, RecordType
+from collector.wire.recording import ReadingsRecord, Record, RecordType
 
 T0 = 1_767_225_600.0
 
@@ -84,6 +87,19 @@ def synthetic(
     return time.perf_counter() - t_start
 
 
+def reference_records(directory: Path) -> Iterator[Record]:
+    """RecordingReader as it read before decode_records: scan_records, then decode_body for
+    each record. The paired reference for the read figures."""
+    for _, path in segments.list_segments(directory):
+        data, _damage = segments.read_segment_salvaging(path)
+        rec.decode_segment_header(data, str(path))
+        for _, body in rec.scan_records(data):
+            try:
+                yield rec.decode_body(body)
+            except rec.RecordingError:
+                pass
+
+
 def part_read(args: argparse.Namespace) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rec-"))
     try:
@@ -96,30 +112,48 @@ def part_read(args: argparse.Namespace) -> dict[str, float]:
             "bytes": size,
             "write_seconds": wrote,
         }
-        scans, reads = [], []
-        for _ in range(args.rounds):
+        scans, refs, reads = [], [], []
+        for i in range(args.rounds):
             t = time.perf_counter()
             n = 0
             for _, path in segments.list_segments(tmp):
                 for _ in rec.scan_records(segments.read_segment(path)):
                     n += 1
             scans.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            readings = sum(
-                len(r.readings) for r in RecordingReader(tmp) if isinstance(r, ReadingsRecord)
-            )
-            reads.append(time.perf_counter() - t)
-            assert readings == records * 3, readings
+            # the reference and the reader take turns going first (a busy machine drifts)
+            for which in ("ref", "new") if i % 2 == 0 else ("new", "ref"):
+                t = time.perf_counter()
+                readings = sum(
+                    len(r.readings)
+                    for r in (reference_records(tmp) if which == "ref" else RecordingReader(tmp))
+                    if isinstance(r, ReadingsRecord)
+                )
+                (refs if which == "ref" else reads).append(time.perf_counter() - t)
+                assert readings == records * 3, (which, readings)
         results["scan_seconds"] = statistics.median(scans)
+        results["reference_read_seconds"] = statistics.median(refs)
         results["read_seconds"] = statistics.median(reads)
-        print(f"{records:,} records ({records * 3:,} readings, {size / 2**20:.1f} MiB on disk)")
-        print(
-            f"  write (encode + write):  {records / wrote:12,.0f} records/s  {records * 3 / wrote:12,.0f} readings/s"
+        scan, ref, read = (
+            results[k] for k in ("scan_seconds", "reference_read_seconds", "read_seconds")
         )
-        print(f"  scan (CRC only):         {records / results['scan_seconds']:12,.0f} records/s  "
-              f"{size / results['scan_seconds'] / 2**20:8.0f} MiB/s")  # fmt: skip
-        print(f"  read and decode:         {records / results['read_seconds']:12,.0f} records/s  "
-              f"{records * 3 / results['read_seconds']:12,.0f} readings/s   (median of {args.rounds})")  # fmt: skip
+        print(
+            f"{records:,} records ({records * 3:,} readings, {size / 2**20:.1f} MiB on disk); medians of {args.rounds} rounds"
+        )
+        print(
+            f"  write (encode + write):             {records / wrote:12,.0f} records/s  {records * 3 / wrote:12,.0f} readings/s"
+        )
+        print(
+            f"  scan (CRC only, the ceiling):       {records / scan:12,.0f} records/s  {size / scan / 2**20:8.0f} MiB/s"
+        )
+        print(
+            f"  read and decode, reference:         {records / ref:12,.0f} records/s  {records * 3 / ref:12,.0f} readings/s"
+            "   (scan_records + decode_body per record)"
+        )
+        print(
+            f"  read and decode, RecordingReader:   {records / read:12,.0f} records/s  {records * 3 / read:12,.0f} readings/s"
+            "   (decode_records)"
+        )
+        print(f"  reader / reference: {ref / read:.2f}x   reader / scan: {scan / read:.2f}")  # fmt: skip
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,9 +17,11 @@ Files (listing, reading, appending, repair) are `collector.core.segments`.
 from __future__ import annotations
 
 import enum
+import math
+import operator
 import struct
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -27,6 +29,7 @@ import attrs
 from collector.wire.datagram import (
     DatagramError,
     ReadingPair,
+    ValueType,
     decode_readings_untrusted,
     encode_readings,
 )
@@ -211,6 +214,16 @@ def _valid_at(buf: memoryview, pos: int, n: int) -> int:
     return RECORD_HEADER_LEN + length
 
 
+def _next_valid(buf: memoryview, find: Callable[[bytes, int], int], pos: int, n: int) -> int:
+    """The offset of the next sync marker after `pos` at which a valid record starts, or -1."""
+    nxt = pos + 1
+    while True:
+        nxt = find(_SYNC_BYTES, nxt)
+        if nxt < 0 or _valid_at(buf, nxt, n) > 0:
+            return nxt
+        nxt += 1
+
+
 def scan_records(
     data: bytes | memoryview, report: ScanReport | None = None, start: int = SEGMENT_HEADER_LEN
 ) -> Iterator[tuple[int, memoryview]]:
@@ -234,12 +247,7 @@ def scan_records(
             report.valid_end = pos
             yield body[0], body
             continue
-        nxt = pos + 1
-        while True:
-            nxt = find(_SYNC_BYTES, nxt)
-            if nxt < 0 or _valid_at(buf, nxt, n) > 0:
-                break
-            nxt += 1
+        nxt = _next_valid(buf, find, pos, n)
         if nxt < 0:
             report.torn_tail = (pos, n)
             return
@@ -273,3 +281,204 @@ def decode_body(body: memoryview) -> Record:
     except (IndexError, struct.error, UnicodeDecodeError, ValueError, DatagramError) as exc:
         raise RecordingError(f"record of type {body[0]} does not decode: {exc}") from None
     raise RecordingError(f"unknown record type {rtype}")
+
+
+# -- decoding a whole segment at once -------------------------------------------------------------
+#
+# `decode_records` is `scan_records` and then `decode_body` for each record, fused into one
+# faster loop (docs/PERFORMANCE.md, "Recording"). A reader spends nearly all its time on
+# READINGS records, and a recording holds the same few shapes of them over and over (the same
+# devices send the same metrics), only the values change. For a shape seen before, one
+# precompiled struct unpacks the whole body straight out of the segment's bytes, the lengths,
+# names and type bytes are compared with the shape's as one tuple, the values are checked as
+# the datagram decoder checks them, and a small function made for the shape builds the record.
+# Anything else (a shape not seen yet, a value that needs a closer look, every other record
+# type) goes to `decode_body`, so both give the same records; tests/test_recording_decoder.py
+# checks it on random, damaged and hostile segments.
+
+
+def _slot_setters() -> tuple[Callable[[Any, Any], None], ...] | None:
+    """Setters for ReadingsRecord's slots, to build one without its __init__ (half the cost
+    of a frozen attrs __init__); None if that would skip something __init__ does."""
+    fields = attrs.fields(ReadingsRecord)
+    if any(f.validator or f.converter for f in fields) or any(
+        hasattr(ReadingsRecord, hook) for hook in ("__attrs_pre_init__", "__attrs_post_init__")
+    ):
+        return None
+    return tuple(getattr(ReadingsRecord, f.name).__set__ for f in fields)
+
+
+_READINGS_SETTERS = _slot_setters()
+
+
+def _builder(names: Sequence[str], values: list[int], floats: list[int], bools: list[int]) -> Any:
+    """`build(fields, device_id)`: the ReadingsRecord for one shape's unpacked fields, or None
+    if a value needs decode_body's closer look. Only field indices go into the source."""
+    checks = [f"f[{i}] > 1" for i in bools]
+    if floats:  # a sum is finite only if every term is (one that overflows: decode_body)
+        checks.insert(0, "not isfinite(" + " + ".join(f"f[{i}]" for i in floats) + ")")
+    pairs = "".join(
+        f"(n{k}, f[{i}]{' == 1' if i in bools else ''}), " for k, i in enumerate(values)
+    )
+    src = "def build(f, device_id):\n"
+    if checks:
+        src += f"    if {' or '.join(checks)}:\n        return None\n"
+    if _READINGS_SETTERS is None:
+        src += f"    return R(f[1] / 1000000, device_id, f[4], f[5], ({pairs}))\n"
+    else:
+        src += (
+            "    r = new(R)\n    s0(r, f[1] / 1000000)\n    s1(r, device_id)\n"
+            f"    s2(r, f[4])\n    s3(r, f[5])\n    s4(r, ({pairs}))\n    return r\n"
+        )
+    ns: dict[str, Any] = {f"n{k}": name for k, name in enumerate(names)}
+    ns.update(isfinite=math.isfinite, new=object.__new__, R=ReadingsRecord)
+    ns.update({f"s{k}": setter for k, setter in enumerate(_READINGS_SETTERS or ())})
+    exec(src, ns)
+    return ns["build"]
+
+
+_VALUE_FORMATS = {ValueType.FLOAT: "d", ValueType.INT: "q", ValueType.BOOL: "B"}
+
+
+class _BodyLayout:
+    """The shape of a READINGS record body: the id's length, names and fixed-size value types.
+
+    Everything but the device id, seq, times and values is the skeleton. Between two values
+    it is contiguous (the count or the previous value, then name length, name and type byte),
+    so the struct unpacks it as one bytes field per reading.
+    """
+
+    __slots__ = ("build", "size", "skeleton", "skeleton_of", "unpack_from")
+
+    def __init__(self, id_len: int, items: Sequence[tuple[bytes, int]]) -> None:
+        fmt = f">BQB{id_len}sIQ"  # type, time | id length, id, seq, device time
+        skel_idx = [0, 2]
+        skeleton: list[Any] = [int(RecordType.READINGS), id_len]
+        values, floats, bools = [], [], []
+        lead = bytes([len(items)])
+        for i, (raw, vtype) in enumerate(items):
+            chunk = lead + bytes([len(raw)]) + raw + bytes([vtype])
+            lead = b""
+            fmt += f"{len(chunk)}s{_VALUE_FORMATS[vtype]}"
+            skel_idx.append(6 + 2 * i)
+            skeleton.append(chunk)
+            values.append(7 + 2 * i)
+            if vtype == ValueType.FLOAT:
+                floats.append(7 + 2 * i)
+            elif vtype == ValueType.BOOL:
+                bools.append(7 + 2 * i)
+        packer = struct.Struct(fmt)
+        self.size = packer.size
+        self.unpack_from = packer.unpack_from
+        self.skeleton_of = operator.itemgetter(*skel_idx)
+        self.skeleton = tuple(skeleton)
+        self.build = _builder([raw.decode("ascii") for raw, _ in items], values, floats, bools)
+
+
+#: body length -> the shapes of that length seen before (module-wide and bounded, like the
+#: datagram decoder's)
+_BODY_LAYOUTS: dict[int, list[_BodyLayout]] = {}
+_BODY_LAYOUTS_MAX = 1024
+_LAYOUTS_PER_LENGTH = 8
+#: device ids seen before, raw bytes -> text (bounded)
+_IDS: dict[bytes, str] = {}
+_IDS_MAX = 65536
+
+
+def _learn(body_len: int, record: ReadingsRecord) -> None:
+    """Remember the shape of a READINGS record that decoded, if its values have fixed sizes."""
+    items = []
+    for name, value in record.readings:
+        if isinstance(value, str):
+            return
+        vtype = (
+            ValueType.BOOL
+            if isinstance(value, bool)
+            else ValueType.INT
+            if isinstance(value, int)
+            else ValueType.FLOAT
+        )
+        items.append((name.encode("ascii"), vtype))
+    layouts = _BODY_LAYOUTS.get(body_len)
+    if layouts is None:
+        if len(_BODY_LAYOUTS) >= _BODY_LAYOUTS_MAX:
+            return
+        layouts = _BODY_LAYOUTS[body_len] = []
+    if len(layouts) >= _LAYOUTS_PER_LENGTH:
+        return
+    layout = _BodyLayout(len(record.device_id.encode("utf-8")), items)
+    if layout.size == body_len and all(k.skeleton != layout.skeleton for k in layouts):
+        layouts.append(layout)
+
+
+def _device_id(raw: bytes) -> str | None:
+    """The text of a device id, remembered (bounded); None if it is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(_IDS) < _IDS_MAX:
+        _IDS[raw] = text
+    return text
+
+
+def decode_records(
+    data: bytes | bytearray | memoryview,
+    report: ScanReport | None = None,
+    start: int = SEGMENT_HEADER_LEN,
+) -> Iterator[Record]:
+    """What `decode_body` makes of each record that `scan_records` yields, in one loop.
+
+    `report` is kept exactly as `scan_records` keeps it; records that verify but do not
+    decode are counted in `report.undecodable` and skipped.
+    """
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    buf = memoryview(data)
+    n = len(data)
+    report = report if report is not None else ScanReport()
+    unpack_head = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    layouts_of = _BODY_LAYOUTS.get
+    ids = _IDS
+    length_crcs: dict[int, int] = {}  # CRC-32 of the length field, by length
+    none: list[_BodyLayout] = []
+    pos = start
+    while pos < n:
+        if n - pos >= RECORD_HEADER_LEN:  # the checks of _valid_at, inline
+            sync, length, crc = unpack_head(data, pos)
+            body_at = pos + RECORD_HEADER_LEN
+            end = body_at + length
+            if sync == SYNC and 9 <= length <= MAX_BODY and end <= n:
+                lcrc = length_crcs.get(length)
+                if lcrc is None:
+                    lcrc = length_crcs[length] = crc32(_U32.pack(length))
+                if crc32(buf[body_at:end], lcrc) == crc:
+                    pos = end
+                    report.records += 1
+                    report.valid_end = end
+                    record: Record | None = None
+                    if data[body_at] == 1:  # READINGS (an IntEnum compares slowly)
+                        for layout in layouts_of(length, none):
+                            f = layout.unpack_from(data, body_at)
+                            if layout.skeleton_of(f) == layout.skeleton:
+                                device_id = ids.get(f[3]) or _device_id(f[3])
+                                if device_id is not None:
+                                    record = layout.build(f, device_id)
+                                break
+                    if record is None:
+                        try:
+                            record = decode_body(buf[body_at:end])
+                        except RecordingError:
+                            report.undecodable += 1
+                            continue
+                        if type(record) is ReadingsRecord:
+                            _learn(length, record)
+                    yield record
+                    continue
+        nxt = _next_valid(buf, data.find, pos, n)
+        if nxt < 0:
+            report.torn_tail = (pos, n)
+            return
+        report.corrupt_regions.append((pos, nxt))
+        pos = nxt
