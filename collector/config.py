@@ -257,7 +257,7 @@ SETTINGS: tuple[Setting, ...] = (
         "server",
         "udp_coalesce",
         "udp_coalesce",
-        "seconds to wait after a small batch of datagrams: fewer wake-ups under load",
+        "seconds to wait after a small batch of datagrams, only while ingest is busy: fewer wake-ups under load, no delay when idle",
     ),
     Setting(
         "sessions",
@@ -447,7 +447,7 @@ SETTINGS: tuple[Setting, ...] = (
         "stream",
         "min_interval",
         "stream_min_interval",
-        "seconds between two rounds of messages to one dashboard: batches readings under load",
+        "seconds between two rounds of messages to one dashboard: batches readings under load (an idle stream sends at once); 0: every wake-up sends, batching only what gathers meanwhile",
     ),
     Setting(
         "stream",

@@ -187,3 +187,33 @@ def test_series_ring_keeps_the_last_points_in_order():
     assert ring.last(100) == ring.last(4)
     assert ring.last(2) == ([8.0, 9.0], [80.0, 90.0])
     assert ring.last(0) == ([], [])
+
+
+# -- the server's own text frames ----------------------------------------------------------------
+
+
+def _client_receiving():
+    """A wsproto client past its handshake, to decode what the server sends."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    client = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="test", target="/stream")))
+    (_request,) = server.events()
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    return client, server
+
+
+@given(st.text(max_size=300) | st.sampled_from(["x" * 125, "x" * 126, "é" * 40_000, "y" * 70_000]))
+def test_server_text_frames_are_what_wsproto_would_send(text):
+    from wsproto.events import TextMessage
+
+    client, server = _client_receiving()
+    frame = stream.server_text_frame(text.encode())
+    assert frame == server.send(TextMessage(data=text))  # byte for byte
+    client.receive_data(frame + frame)
+    events = list(client.events())
+    assert [type(e) for e in events] == [TextMessage, TextMessage]
+    assert all(e.data == text and e.message_finished for e in events)

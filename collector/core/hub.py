@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
 import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -63,7 +64,7 @@ class StreamConfig:
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     heartbeat_interval: float = 1.0
-    min_interval: float = 0.002  # seconds between two rounds of messages to one subscriber
+    min_interval: float = 0.002  # seconds between two rounds of messages (0: group commit)
     max_subscribers: int = 100
     max_message: int = 65536  # largest message a client may send
     max_replies: int = 32  # pongs and errors queued for a subscriber before more are dropped
@@ -161,6 +162,8 @@ class Subscriber:
     thinned: int = 0
     seq: int = 0
     messages_sent: int = 0
+    messages_received: int = 0  # from the client
+    unsent: int = 0  # taken from the queue for the send in progress, not sent yet
     readings_sent: int = 0
     bytes_sent: int = 0
     errors: int = 0
@@ -573,6 +576,13 @@ class StreamHub:
     # -- periodic: heartbeats and per-device statistics ------------------------------------------
 
     def _notify(self, sub: Subscriber) -> None:
+        if not self.config.min_interval:
+            # Group commit: wake the sender now. Whatever arrives while it waits for its turn
+            # or while its send is in flight goes out together in its next message, so an
+            # idle stream sends at once and a busy one batches by itself.
+            if not sub.wake.is_set():
+                sub.wake.set()
+            return
         self._due.add(sub)
         if not self._round.is_set():
             self._round.set()
@@ -678,9 +688,17 @@ class StreamHub:
         return len(self.subscribers) < self.config.max_subscribers
 
     async def run_subscriber(
-        self, ws: trio_websocket.WebSocketConnection, remote: str, *, can_command: bool
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        remote: str,
+        *,
+        can_command: bool,
+        send_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Subscriber:
-        """Serve one connected dashboard until it leaves or is closed; returns it."""
+        """Serve one connected dashboard until it leaves or is closed; returns it.
+
+        `send_text` sends one text message (default: `ws.send_message`); the HTTP server
+        passes one that writes the frames itself."""
         cfg = self.config
         now = trio.current_time()
         sub = Subscriber(
@@ -732,7 +750,9 @@ class StreamHub:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run, self._reader)
-                nursery.start_soon(run, self._sender)
+                nursery.start_soon(
+                    run, functools.partial(self._sender, send=send_text or ws.send_message)
+                )
                 nursery.start_soon(run, self._pinger)
                 nursery.start_soon(run, self._watchdog)
         finally:
@@ -779,6 +799,7 @@ class StreamHub:
         # Keep draining: trio-websocket stops answering pings when its message queue is full.
         while True:
             data = await ws.get_message()
+            sub.messages_received += 1
             try:
                 msg = stream.parse_client_message(data, history_max=self.config.history)
             except StreamError as exc:
@@ -825,7 +846,13 @@ class StreamHub:
         log.info("stream subscriber %d subscribed to %s", sub.id, subscription.describe())
         sub._wake()
 
-    async def _sender(self, sub: Subscriber, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _sender(
+        self,
+        sub: Subscriber,
+        ws: trio_websocket.WebSocketConnection,
+        *,
+        send: Callable[[str], Awaitable[None]],
+    ) -> None:
         while True:
             due = sub.next_due()
             if due == math.inf:
@@ -841,7 +868,9 @@ class StreamHub:
             elif sub.resync and sub.matcher is not None:
                 self._subscribe(sub, sub.matcher.subscription)
                 sub.wake = trio.Event()
-            for message in sub.take(trio.current_time()):
+            batch = list(sub.take(trio.current_time()))
+            sub.unsent = len(batch)
+            for message in batch:
                 sub.seq += 1
                 if isinstance(message, ReadingsText):
                     text = stream.readings_text(message.fragments, sub.seq)
@@ -857,8 +886,9 @@ class StreamHub:
                     message["seq"] = sub.seq
                     text = stream.encode(message)
                 sub.send_started = trio.current_time()  # the watchdog times this send
-                await ws.send_message(text)
+                await send(text)
                 sub.send_started = None
+                sub.unsent -= 1
                 sub.messages_sent += 1
                 sub.bytes_sent += len(text)
             if sub.closing is not None:

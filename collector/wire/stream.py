@@ -12,6 +12,7 @@ import fnmatch
 import json
 import math
 import re
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -31,6 +32,24 @@ CLOSE_TOO_BIG = 1009  # a message over the size limit (sent by trio-websocket)
 CLOSE_INTERNAL_ERROR = 1011  # a bug in the collector while serving this dashboard
 CLOSE_STALLED = 4002
 CLOSE_PING_TIMEOUT = 4003
+
+_LEN16 = struct.Struct(">BBH").pack
+_LEN64 = struct.Struct(">BBQ").pack
+
+
+def server_text_frame(payload: bytes) -> bytes:
+    """One unfragmented WebSocket text frame from the server (RFC 6455 section 5.2): FIN and
+    opcode 1, no mask (a server never masks), the payload length in 7, 16 or 64 bits.
+
+    The hot path of the stream writes these itself; wsproto still does the handshake, control
+    frames and everything the client sends."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return _LEN16(0x81, 126, n) + payload
+    return _LEN64(0x81, 127, n) + payload
+
 
 # A reading on the stream: [device, metric, collector receive time (epoch s), value]
 Row: TypeAlias = tuple[str, str, float, Any]
