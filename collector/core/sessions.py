@@ -75,9 +75,10 @@ class DeviceState:
     offline_since: float | None = None
     offline_reason: str | None = None
     session: Session | None = None
-    history: collections.deque[SessionRecord] = attrs.field(
-        factory=lambda: collections.deque(maxlen=HISTORY)
-    )
+    #: the last HISTORY sessions, oldest first. A list trimmed by hand rather than a
+    #: deque(maxlen=HISTORY): an empty deque is 760 bytes (it allocates a block of 64 slots),
+    #: an empty list 56, and there is one per device.
+    history: list[SessionRecord] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -85,7 +86,7 @@ class Session:
     session_id: int
     device: DeviceState
     aead_in: Any  # ChaCha20-Poly1305 under the device-to-collector key (None: a replayed session)
-    aead_out: Any  # ... under the collector-to-device key
+    _aead_out: Any = attrs.field(alias="aead_out")  # see `aead_out`
     transport: str  # "tcp" (registered on the control channel) or "udp" (HELLO)
     timeout: float
     scope: trio.CancelScope
@@ -98,12 +99,17 @@ class Session:
     slack: float = 0.0  # see deadline_slack()
     out_seq: int = 0  # collector -> device datagram sequence numbers
     end_reason: str | None = None
-    ended: trio.Event = attrs.field(factory=trio.Event)
+    #: see `ended`: made only when somebody waits for the end (about 270 bytes a session)
+    _ended: trio.Event | None = attrs.field(default=None, init=False)
+    _finished: bool = attrs.field(default=False, init=False)
     outbox: trio.MemorySendChannel[Message] | None = None  # TCP control messages
     #: the device said goodbye and that its last datagram had this sequence number: the
     #: session stays open for the datagrams up to it for a short linger (see goodbye())
     goodbye_seq: int | None = None
     udp_commands: dict[int, CommandRecord] = attrs.field(factory=dict)  # by datagram seq
+    #: the collector-to-device key, when `aead_out` is to be built from it on demand
+    key_out: bytes | None = None
+    _out_used: bool = attrs.field(default=False, init=False)
 
     @property
     def device_id(self) -> str:
@@ -112,6 +118,33 @@ class Session:
     @property
     def active(self) -> bool:
         return self.end_reason is None
+
+    @property
+    def aead_out(self) -> Any:
+        """ChaCha20-Poly1305 under the collector-to-device key (None: a replayed session).
+
+        Built from `key_out` when asked for, and kept from its second use on. An AEAD object
+        holds about 2.2 kB of OpenSSL cipher context, and a UDP device that only sends needs
+        this one once, for its WELCOME; one that gets ACKs, commands or a goodbye keeps it."""
+        aead = self._aead_out
+        if aead is None and self.key_out is not None:
+            aead = Aead(self.key_out)
+            if self._out_used:
+                self._aead_out = aead
+            self._out_used = True
+        return aead
+
+    @property
+    def ended(self) -> trio.Event:
+        """Set once the session has ended. Made on first use: most sessions (UDP devices that
+        never get a command) are never waited for, and an Event with its set of waiting tasks
+        would be one of the larger parts of a session."""
+        event = self._ended
+        if event is None:
+            event = self._ended = trio.Event()
+            if self._finished:
+                event.set()
+        return event
 
     def next_out_seq(self) -> int:
         self.out_seq += 1
@@ -190,7 +223,8 @@ class SessionRegistry:
             session_id=sid,
             device=device,
             aead_in=Aead(keys[0]) if keys else None,
-            aead_out=Aead(keys[1]) if keys else None,
+            aead_out=None,
+            key_out=keys[1] if keys else None,
             transport=transport,
             timeout=self.timeout,
             scope=trio.CancelScope(deadline=deadline),
@@ -314,9 +348,11 @@ class SessionRegistry:
             self._finish(session)
 
     def _finish(self, session: Session) -> None:
-        if session.ended.is_set():
+        if session._finished:
             return
-        session.ended.set()
+        session._finished = True
+        if session._ended is not None:
+            session._ended.set()
         reason = session.end_reason or "shutdown"
         self.by_id.pop(session.session_id, None)
         device = session.device
@@ -328,9 +364,12 @@ class SessionRegistry:
         duration = trio.current_time() - session.opened_at
         device.offline_since = wall
         device.offline_reason = reason
-        device.history.append(
+        history = device.history
+        history.append(
             SessionRecord(session.session_id, session.transport, session.opened_wall, wall, reason)
         )
+        if len(history) > HISTORY:
+            del history[0]
         self.ended_by_reason[reason] += 1
         if session.outbox is not None:
             session.outbox.close()
