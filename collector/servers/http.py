@@ -86,8 +86,7 @@ class PrefixedStream(trio.abc.Stream):
         self.prefix = prefix
         self._send_lock = trio.StrictFIFOLock()
         # a plain TCP connection can be written without a trip through the scheduler
-        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._fd = sock.fileno() if sock is not None else -1
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.prefix:
@@ -105,10 +104,13 @@ class PrefixedStream(trio.abc.Stream):
         """Write what the socket takes now, without waiting; returns how many bytes that was
         (0 when another write is in progress, on TLS, or when the socket buffer is full). The
         caller sends the rest with `send_all`. An error is left for `send_all` to raise."""
-        if self._fd < 0 or self._send_lock.locked():
+        if self._sock is None or self._send_lock.locked():
+            return 0
+        fd = self._sock.fileno()  # asked each time: -1 once closed, never a reused number
+        if fd < 0:
             return 0
         try:
-            return os.write(self._fd, data)
+            return os.write(fd, data)
         except OSError:  # EAGAIN, or a broken connection: send_all finds out which
             return 0
 
