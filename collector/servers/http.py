@@ -141,7 +141,7 @@ class StreamWriter:
         sent = self.stream.send_nowait(frame)
         if sent < len(frame):
             try:
-                await self.stream.send_all(frame[sent:] if sent else frame)
+                await self.stream.send_all(frame[sent:])  # frame[0:] is frame itself: no copy
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise trio_websocket.ConnectionClosed(
                     self.ws.closed or trio_websocket.CloseReason(1006, "connection lost")
