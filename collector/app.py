@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from collector.cluster.workers import WorkerSpec
 from collector.config import (
     LIVE_SETTINGS,
     MAX_CONFIG_BYTES,
@@ -115,8 +117,11 @@ class Collector:
         listeners: Sequence[Listener] = (),
         ingest: bool = True,
         devices_file: str | Path | None = None,
+        worker: WorkerSpec | None = None,
     ) -> None:
         self.config = config
+        #: one of `collector serve --workers N`'s processes: its sockets come from the parent
+        self.worker = worker
         #: where `devices` came from: device changes through the API are saved there, and a
         #: reload (SIGHUP) reads it again
         self.devices_file = Path(devices_file) if devices_file is not None else None
@@ -148,6 +153,8 @@ class Collector:
                 ban=config.flapping_ban,
             ),
         )
+        if worker is not None:
+            self.registry.share = (worker.index, worker.count)
         self.ingest = Ingest(
             self.registry,
             devices,
@@ -235,6 +242,7 @@ class Collector:
         """Run until `shutdown()` finishes (or the caller cancels). Reports the bound addresses."""
         cfg = self.config
         self.started_at = trio.current_time()
+        socks = self._worker_sockets()
         async with trio.open_nursery() as nursery:
             if self.recorder is not None:
                 await nursery.start(self.recorder.serve)  # repairs a torn tail before any data
@@ -249,14 +257,23 @@ class Collector:
                         cfg.udp_port,
                         rcvbuf=cfg.udp_rcvbuf,
                         coalesce=cfg.udp_coalesce,
+                        sock=socks.get("udp"),
                     )
                 )
-                self.tcp_address = await nursery.start(self.control.serve, cfg.host, cfg.tcp_port)
+                self.tcp_address = await nursery.start(
+                    functools.partial(
+                        self.control.serve, cfg.host, cfg.tcp_port, sock=socks.get("tcp")
+                    )
+                )
             else:
                 self.control.handlers_done.set()  # nothing to wait for on shutdown
             await nursery.start(self.hub.serve)
             if self.http is not None:
-                self.http_address = await nursery.start(self.http.serve, cfg.host, cfg.http_port)
+                self.http_address = await nursery.start(
+                    functools.partial(
+                        self.http.serve, cfg.host, cfg.http_port, sock=socks.get("http")
+                    )
+                )
             task_status.started(
                 Addresses(
                     self.tcp_address, self.udp_address, self.http_address, self.tls is not None
@@ -264,6 +281,16 @@ class Collector:
             )
             await self._stop.wait()
             nursery.cancel_scope.cancel()
+
+    def _worker_sockets(self) -> dict[str, socket.socket]:
+        """A worker's sockets, inherited from the parent that bound them."""
+        w = self.worker
+        if w is None:
+            return {}
+        out = {"udp": socket.socket(fileno=w.udp_fd), "tcp": socket.socket(fileno=w.tcp_fd)}
+        if w.http_fd is not None:
+            out["http"] = socket.socket(fileno=w.http_fd)
+        return out
 
     async def shutdown(self, grace: float | None = None) -> ShutdownReport:
         """Stop accepting, let in-flight commands finish, say goodbye to every device, stop.

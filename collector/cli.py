@@ -10,12 +10,15 @@ permission, a collector that does not answer, no terminal), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -23,10 +26,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from collector._version import __version__
 from collector.app import Addresses, Collector, ShutdownReport
+from collector.cluster.redis_server import private_redis
+from collector.cluster.workers import Supervisor, WorkerSpec, die_with_parent
 from collector.config import Config, ConfigError, load_config, render_markdown, render_toml
 from collector.core.statistics import statistics_to_json
 from collector.devices import DeviceRegistry, DevicesError, generate_secret
@@ -131,6 +137,22 @@ def _server_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     if demo:
         p.add_argument("--no-record", action="store_true", help="do not record")
     else:
+        p.add_argument(
+            "--workers",
+            type=options.count,
+            help="collector processes sharing the ports, one per core (default 1; [cluster] "
+            "workers; docs/SCALING.md)",
+        )
+        p.add_argument(
+            "--node", help="this node's name on the cluster bus (default: the host name)"
+        )
+        p.add_argument(
+            "--redis",
+            metavar="URL",
+            help="the cluster bus, redis://HOST:PORT ([cluster] redis); with --workers and no "
+            "bus, a private redis-server is started for the workers",
+        )
+        p.add_argument("--worker-spec", help=argparse.SUPPRESS)
         p.add_argument(
             "--devices",
             metavar="FILE",
@@ -279,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH:
         return _run_tool(BENCH[argv[1]], argv[2:], f"collector bench {argv[1]}")
     args = build_parser().parse_args(argv)
+    args.raw_argv = argv
     prog = f"collector {args.command}"
     handlers = {"devices": _devices, "serve": _serve, "demo": _demo, "config": _config}
     return options.run_main(prog, lambda: _with_user_errors(handlers[args.command], args))
@@ -418,6 +441,9 @@ def _config_from_args(args: argparse.Namespace, **defaults: Any) -> Config:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "record_dir": args.record,
+        "workers": getattr(args, "workers", None),
+        "node": getattr(args, "node", None),
+        "redis": getattr(args, "redis", None),
     }
     for key, value in defaults.items():
         if overrides.get(key) is None:
@@ -427,10 +453,14 @@ def _config_from_args(args: argparse.Namespace, **defaults: Any) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    if args.worker_spec:
+        return _serve_worker(args, config, WorkerSpec.from_json(args.worker_spec))
     setup_logging(config.log_level, config.log_format)
     devices = DeviceRegistry.load(args.devices)
     if not devices:
         log.warning("%s lists no devices: nobody can register", args.devices)
+    if config.workers > 1:
+        return _serve_workers(args, config)
     collector = Collector(config, devices, devices_file=args.devices)
     collector.config_loader = lambda: _config_from_args(args)
     report = trio.run(run_until_signalled, collector)
@@ -439,9 +469,106 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_worker(args: argparse.Namespace, config: Config, spec: WorkerSpec) -> int:
+    """One of `serve --workers N`'s processes (started by the parent, never by a person)."""
+    die_with_parent()
+    config = attrs.evolve(config, node=spec.node, redis=spec.redis)
+    setup_logging(config.log_level, config.log_format, node=spec.node)
+    devices = DeviceRegistry.load(args.devices)
+    collector = Collector(config, devices, devices_file=args.devices, worker=spec)
+    collector.config_loader = lambda: attrs.evolve(
+        _config_from_args(args), node=spec.node, redis=spec.redis
+    )
+
+    async def ready(addresses: Addresses, nursery: trio.Nursery) -> None:
+        os.write(spec.ready_fd, b"ready\n")
+        os.close(spec.ready_fd)
+        await trio.sleep_forever()
+
+    report = trio.run(functools.partial(run_until_signalled, collector, ready, quiet=True))
+    _write_stats(collector, spec.stats)
+    Path(spec.report).write_text(json.dumps(attrs.asdict(report)))
+    log.info("%s", report.summary())
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, config: Config) -> int:
+    """The parent of `serve --workers N`: binds the ports, runs and watches the workers."""
+    node = config.node or socket.gethostname().split(".")[0] or "node"
+    node = re.sub(r"[^A-Za-z0-9_.-]", "-", node)[:40]
+    argv = [a for a in args.raw_argv if a != "serve"]
+    return trio.run(_supervise, config, argv, node, args.stats_json)
+
+
+async def _supervise(config: Config, argv: list[str], node: str, stats_json: str | None) -> int:
+    async with private_redis(config) as redis:
+        sup = Supervisor(
+            config, config.workers, argv, node=node, redis=redis, stats_json=stats_json
+        )
+        sup.bind()
+        try:
+            return await _run_supervisor(sup)
+        finally:
+            sup.close()
+
+
+async def _run_supervisor(sup: Supervisor) -> int:
+    start = trio.current_time()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(sup.run)
+            if addresses is not None:
+                log.info(
+                    "collector ready: %d workers on TCP %s, UDP %s, HTTP %s",
+                    sup.count,
+                    _fmt(addresses["tcp"]),
+                    _fmt(addresses["udp"]),
+                    _fmt(addresses["http"]),
+                )
+                shown = Addresses(None, None, addresses["http"], bool(sup.config.tls_cert))
+                if shown.dashboard_url:
+                    print(f"dashboard: {shown.dashboard_url}", flush=True)
+
+            async def watch_signals() -> None:
+                count = 0
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: passed on to every worker")
+                        sup.signal_all(signal.SIGHUP)
+                        continue
+                    count += 1
+                    if count == 1:
+                        log.info("%s: shutting down every worker (again to kill them)", name)
+                        sup.stop()
+                    else:
+                        print(f"{name} again: killing the workers", file=sys.stderr, flush=True)
+                        sup.kill()
+
+            nursery.start_soon(watch_signals)
+            await _wait_stopped(sup)
+            nursery.cancel_scope.cancel()
+    sup.merge_stats()
+    print(sup.summary(trio.current_time() - start), flush=True)
+    if sup.failure:
+        raise options.UserError(sup.failure, 1)
+    return 0
+
+
+async def _wait_stopped(sup: Supervisor) -> None:
+    while True:
+        if sup.stopping and all(
+            w.process is None or w.process.returncode is not None for w in sup.workers
+        ):
+            return
+        await trio.sleep(0.05)
+
+
 async def run_until_signalled(
     collector: Collector,
     extra: Callable[[Addresses, trio.Nursery], Awaitable[None]] | None = None,
+    *,
+    quiet: bool = False,
 ) -> ShutdownReport:
     """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal exits at once."""
     report: ShutdownReport | None = None
@@ -456,7 +583,7 @@ async def run_until_signalled(
                 len(collector.devices),
                 "" if len(collector.devices) == 1 else "s",
             )
-            if addresses.dashboard_url:
+            if addresses.dashboard_url and not quiet:
                 print(f"dashboard: {addresses.dashboard_url}", flush=True)
 
             async def shut_down() -> None:
@@ -487,8 +614,14 @@ async def run_until_signalled(
                         continue
                     count += 1
                     if count == 1:
-                        log.info("%s: shutting down gracefully (again to exit at once)", name)
+                        log.info(
+                            "%s: shutting down gracefully%s",
+                            name,
+                            "" if quiet else " (again to exit at once)",
+                        )
                         nursery.start_soon(shut_down)
+                    elif quiet:  # a worker: its parent decides when to kill it
+                        log.info("%s again: still shutting down", name)
                     else:
                         print(f"{name} again: exiting at once", file=sys.stderr, flush=True)
                         os._exit(130)

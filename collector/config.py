@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,9 @@ class ConfigPushError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,48}")
 
 
 @attrs.frozen
@@ -151,6 +155,15 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     log_rate_limit: float = 10.0  # lines per second per kind of problem, then suppressed
+    # [cluster]
+    workers: int = 1
+    node: str = ""  # "" = the host name
+    redis: str = ""  # "" = no cluster bus (one process on its own)
+    node_heartbeat: float = 1.0
+    node_timeout: float = 5.0
+    cluster_stream_maxlen: int = 10_000
+    cluster_buffer: int = 10_000
+    cluster_prefix: str = "collector"
     # [[device_config]]
     device_config: tuple[DeviceConfigRule, ...] = ()
 
@@ -169,6 +182,7 @@ class Config:
             "stream_batch", "stream_max_subscribers", "stream_max_message", "stream_max_replies",
             "stream_max_handshakes", "http_max_connections", "http_max_per_client", "http_max_body",
             "max_metrics_per_device", "max_config_rules", "flapping_max", "ratelimit_max_sources",
+            "workers", "cluster_stream_maxlen", "cluster_buffer",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -180,6 +194,7 @@ class Config:
             "stream_handshake_timeout", "send_timeout", "flapping_window", "flapping_ban",
             "ratelimit_per_source", "ratelimit_burst", "ratelimit_total",
             "shutdown_goodbye_timeout", "shutdown_close_timeout", "goodbye_linger",
+            "node_heartbeat", "node_timeout",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -214,6 +229,21 @@ class Config:
             self.tls_plaintext_tcp_port >= 0 or self.tls_plaintext_http_port >= 0
         ):
             problems.append("[tls] plaintext ports only make sense with a certificate")
+        if self.node_timeout < 2 * self.node_heartbeat:
+            problems.append("[cluster] node_timeout must be at least 2 node heartbeats")
+        if self.node and not NODE_NAME.fullmatch(self.node):
+            problems.append(f"[cluster] node must be 1-48 of A-Z a-z 0-9 _ . -, not {self.node!r}")
+        if self.redis and not self.redis.startswith(
+            ("redis://", "rediss://", "unix://", "redis-sentinel://", "redis-cluster://")
+        ):
+            problems.append(
+                "[cluster] redis must be a redis://, rediss://, unix://, redis-sentinel:// or "
+                f"redis-cluster:// URL, not {self.redis!r}"
+            )
+        if self.workers > 1 and (
+            self.tls_plaintext_tcp_port >= 0 or self.tls_plaintext_http_port >= 0
+        ):
+            problems.append("[tls] plaintext ports are not available with more than one worker")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.timeout < 2.5 * self.heartbeat_interval:
@@ -537,6 +567,49 @@ SETTINGS: tuple[Setting, ...] = (
         "shutdown_close_timeout",
         "then seconds for the dashboards' final events and close frames",
     ),
+    Setting(
+        "cluster",
+        "workers",
+        "workers",
+        "collector processes on this machine, sharing its ports (docs/SCALING.md); more than 1 needs a cluster bus: `redis`, or a private redis-server started for them",
+    ),
+    Setting(
+        "cluster",
+        "node",
+        "node",
+        'this node\'s name on the bus ("" = the host name; workers add -0, -1, ...)',
+    ),
+    Setting(
+        "cluster",
+        "redis",
+        "redis",
+        'the cluster bus: redis://HOST:PORT/DB, rediss:// (TLS), unix:///PATH, redis-sentinel://HOST:PORT/SERVICE or redis-cluster://HOST:PORT ("" = none)',
+    ),
+    Setting(
+        "cluster",
+        "node_heartbeat",
+        "node_heartbeat",
+        "seconds between a node's heartbeats on the bus",
+    ),
+    Setting(
+        "cluster",
+        "node_timeout",
+        "node_timeout",
+        'seconds without a heartbeat before the other nodes mark a node lost (its devices go offline with reason "node_lost")',
+    ),
+    Setting(
+        "cluster",
+        "stream_maxlen",
+        "cluster_stream_maxlen",
+        "entries kept in each node's Redis streams (one entry per ingest batch; XADD MAXLEN ~)",
+    ),
+    Setting(
+        "cluster",
+        "buffer",
+        "cluster_buffer",
+        "entries a node holds for the bus while Redis is away; beyond that the oldest are dropped and counted",
+    ),
+    Setting("cluster", "prefix", "cluster_prefix", "the prefix of every Redis key"),
     Setting("logging", "level", "log_level", "DEBUG, INFO, WARNING or ERROR"),
     Setting("logging", "format", "log_format", 'or "json": one JSON object per line'),
     Setting(
@@ -551,6 +624,7 @@ SECTION_DOCS: dict[str, str] = {
     "tls": "With a certificate, the TCP control channel is TLS and the HTTP port HTTPS/WSS (one certificate for both); without one, both are plain text and the startup log says so. Reloaded on SIGHUP.",
     "http": "Bearer tokens (see docs/STREAM.md). With none, access control is off (and the log says so).",
     "logging": "",
+    "cluster": "Several processes (`workers`) or machines (nodes on one Redis) as one collector: docs/SCALING.md.",
 }
 
 # section -> {toml key: Config field}

@@ -30,13 +30,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream: Any = None) -> None:
+class _NodeFilter(logging.Filter):
+    """Adds `node` to every record: a JSON line gets a "node" field."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node
+        return True
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", stream: Any = None, *, node: str | None = None
+) -> None:
+    """Log lines to `stream` (stderr). `node`: the cluster node (a worker) each line is from."""
     handler = logging.StreamHandler(stream or sys.stderr)
+    if node is not None:
+        handler.addFilter(_NodeFilter(node))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
+        where = "[%(node)s] " if node is not None else ""
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            logging.Formatter(
+                f"%(asctime)s %(levelname)-7s {where}%(name)s: %(message)s", "%H:%M:%S"
+            )
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from collector.cluster.steering import session_id_for
 from collector.core.events import DeviceOffline, DeviceOnline, Event, format_address
 from collector.core.ratelimit import FlappingDetector
 from collector.wire.crypto import Aead
@@ -176,6 +177,8 @@ class SessionRegistry:
         self.online: dict[str, Session] = {}
         self.opened = 0
         self.ended_by_reason: collections.Counter[str] = collections.Counter()
+        #: (this worker's index, the number of workers): see new_session_id
+        self.share: tuple[int, int] = (0, 1)
         self._nursery: trio.Nursery | None = None
         self._online_waiters: dict[str, trio.Event] = {}
 
@@ -257,8 +260,11 @@ class SessionRegistry:
         return session
 
     def new_session_id(self) -> int:
+        """A random session id in this process's share: with N worker processes, worker i hands
+        out only ids with `sid % N == i`, the ones the kernel steers to its socket."""
+        worker, workers = self.share
         while True:
-            sid = secrets.randbits(32)
+            sid = session_id_for(worker, workers, secrets.randbits(32))
             if sid and sid not in self.by_id:
                 return sid
 

@@ -36,6 +36,7 @@ import logging
 import mimetypes
 import os
 import re
+import socket
 import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -291,9 +292,14 @@ class HttpServer:
     # -- serving -----------------------------------------------------------------------------
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        sock: socket.socket | None = None,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await listen_tcp(port, host, "HTTP")
+        listeners = await listen_tcp(port, host, "HTTP", sock)
         self.address = listeners[0].socket.getsockname()
         tls = self.app.tls
         if tls is not None:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 
-async def listen_tcp(port: int, host: str, what: str) -> list[trio.SocketListener]:
-    """`trio.open_tcp_listeners`, with an error that names the port it could not bind."""
+async def listen_tcp(
+    port: int, host: str, what: str, sock: socket.socket | None = None
+) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners`, with an error that names the port it could not bind; or a
+    listener on `sock`, a listening socket made already (a worker's, from its parent)."""
+    if sock is not None:
+        sock.setblocking(False)
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:

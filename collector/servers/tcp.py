@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,10 +78,15 @@ class ControlServer:
         self._registering: set[trio.CancelScope] = set()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        sock: socket.socket | None = None,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections until `stop_accepting()`, then wait for the open ones to end."""
-        listeners = await listen_tcp(port, host, "TCP")
+        listeners = await listen_tcp(port, host, "TCP", sock)
         address = listeners[0].socket.getsockname()
         self.tls_port = address[1] if self.app.tls is not None else None
         if self.app.tls is not None:

@@ -83,6 +83,7 @@ async def serve_udp(
     *,
     rcvbuf: int = 8 * 1024 * 1024,
     coalesce: float = 0.001,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Receive datagrams until cancelled. Reports the bound address through `task_status`.
@@ -95,8 +96,14 @@ async def serve_udp(
     wake-ups are what the CPU is spent on. An idle or lightly loaded collector never waits, so a
     datagram costs no added latency; under heavy load batches are full and it never waits
     either; the kernel holds what arrives meanwhile.
+
+    `sock`: a socket bound already (a worker's, from the parent that steers datagrams to it),
+    instead of binding `host`:`port`.
     """
-    sock = open_udp_socket(host, port, rcvbuf)
+    if sock is None:
+        sock = open_udp_socket(host, port, rcvbuf)
+    else:
+        sock.setblocking(False)
     granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     ingest.sock = sock
     address = sock.getsockname()
