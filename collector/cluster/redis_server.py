@@ -53,7 +53,7 @@ async def private_redis(config: Config) -> AsyncIterator[str]:
         )
     with tempfile.TemporaryDirectory(prefix="collector-bus-") as tmp:
         path = Path(tmp) / "redis.sock"
-        proc = subprocess.Popen(
+        proc = await trio.lowlevel.open_process(
             [binary, "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
              "--save", "", "--appendonly", "no", "--dir", tmp, "--loglevel", "warning"],
             stdin=subprocess.DEVNULL,
@@ -63,7 +63,7 @@ async def private_redis(config: Config) -> AsyncIterator[str]:
         try:
             with trio.move_on_after(START_TIMEOUT):
                 while not (path.exists() and _answers(path)):
-                    if proc.poll() is not None:
+                    if proc.returncode is not None or proc.poll() is not None:
                         raise UserError(
                             f"the private redis-server exited with status {proc.returncode}",
                             EXIT_ENVIRONMENT,
@@ -78,8 +78,8 @@ async def private_redis(config: Config) -> AsyncIterator[str]:
             yield f"unix://{path}"
         finally:
             proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
+            with trio.move_on_after(5) as waited:
+                await proc.wait()
+            if waited.cancelled_caught:
                 proc.kill()
-                proc.wait()
+                await proc.wait()
