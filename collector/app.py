@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from collector.cluster.bus import ClusterBus, default_node_name
 from collector.cluster.workers import WorkerSpec
 from collector.config import (
     LIVE_SETTINGS,
@@ -220,6 +221,16 @@ class Collector:
             self.ingest.heartbeats_to_listeners = True
             if config.record_raw:
                 self.ingest.raw_sink = self.recorder.on_datagram
+        #: the cluster bus: other nodes' devices, commands across nodes (docs/SCALING.md)
+        self.cluster: ClusterBus | None = None
+        redis = worker.redis if worker is not None else config.redis
+        if redis and ingest:
+            self.cluster = ClusterBus(
+                self, node=worker.node if worker else config.node or default_node_name(), url=redis
+            )
+            self.listeners.append(self.cluster)
+            self.commands.remote = self.cluster
+            self.commands.id_prefix = f"{self.cluster.node}."
         self.http: HttpServer | None = None
         if config.http_port is not None:
             self.http = HttpServer(
@@ -268,6 +279,8 @@ class Collector:
             else:
                 self.control.handlers_done.set()  # nothing to wait for on shutdown
             await nursery.start(self.hub.serve)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.serve)
             if self.http is not None:
                 self.http_address = await nursery.start(
                     functools.partial(
@@ -336,6 +349,9 @@ class Collector:
             await self.hub.close_all(CLOSE_GOING_AWAY, "collector shutting down")
         if step.cancelled_caught:
             overran.append("dashboards")
+        if self.cluster is not None:
+            # The last session events for the other nodes, then the node leaves the bus.
+            await self.cluster.aclose(cfg.shutdown_close_timeout)
         if self.recorder is not None:
             # The final flush, whatever ran out before. A write in a worker thread cannot be
             # interrupted anyway, so there is no deadline to put here.
@@ -464,6 +480,7 @@ class Collector:
             registry.remove(device_id)
             raise
         log.info("device %s added", device_id)
+        self._devices_changed()
         return secret
 
     def remove_device(self, device_id: str) -> bool:
@@ -477,6 +494,7 @@ class Collector:
             registry.add(device_id, secret)
             raise
         log.info("device %s removed", device_id)
+        self._devices_changed()
         return self.revoke(device_id)
 
     def rotate_device(self, device_id: str) -> str:
@@ -491,8 +509,13 @@ class Collector:
             registry.add(device_id, old)
             raise
         log.info("device %s has a new secret", device_id)
+        self._devices_changed()
         self.revoke(device_id)
         return secret
+
+    def _devices_changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.broadcast_devices_changed()  # the other nodes read the file again
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:
@@ -514,7 +537,7 @@ class Collector:
         return merged
 
     def push_config(
-        self, match: str, config: Mapping[str, Any]
+        self, match: str, config: Mapping[str, Any], *, forward: bool = True
     ) -> tuple[list[str], dict[str, str]]:
         """Send configuration to every online device whose id matches the glob `match`.
 
@@ -538,6 +561,8 @@ class Collector:
                 "has one to replace it",
             )
         self.device_config = [*rules, DeviceConfigRule(match, dict(config))]
+        if forward and self.cluster is not None:
+            self.cluster.broadcast_config(match, dict(config))  # their devices, their rules
         sent: list[str] = []
         failed: dict[str, str] = {}
         for device_id, session in list(self.registry.online.items()):
@@ -581,10 +606,31 @@ class Collector:
     def kick(self, device_id: str) -> bool:
         session = self.registry.online.get(device_id)
         if session is None:
-            return False
+            # on another node: it ends the session there (and tells everyone)
+            return self.cluster is not None and self.cluster.forward_kick(device_id)
         self._goodbye_udp(session, "kicked")
         self.registry.end(session, "kicked")
         return True
+
+    def supersede_local(self, session: Session) -> None:
+        """The device registered again on another node: this node's session is the old one."""
+        self._goodbye_udp(session, "superseded")
+        self.registry.end(session, "superseded")
+
+    def run_forwarded_command(self, doc: Mapping[str, Any]) -> None:
+        """Another node asks this one to run a command (the device's session is here)."""
+        assert self.cluster is not None
+        try:
+            self.commands.submit(
+                doc["device"],
+                doc["name"],
+                doc.get("args") or {},
+                timeout=doc.get("timeout"),
+                expires_in=doc.get("expires_in"),
+                command_id=doc["id"],
+            )
+        except CommandError as exc:
+            self.cluster.publish_command_refused(dict(doc), exc.code, exc.message)
 
     def _goodbye_udp(self, session: Session, reason: str) -> None:
         if session.transport != "udp" or session.address is None:

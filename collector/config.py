@@ -233,12 +233,9 @@ class Config:
             problems.append("[cluster] node_timeout must be at least 2 node heartbeats")
         if self.node and not NODE_NAME.fullmatch(self.node):
             problems.append(f"[cluster] node must be 1-48 of A-Z a-z 0-9 _ . -, not {self.node!r}")
-        if self.redis and not self.redis.startswith(
-            ("redis://", "rediss://", "unix://", "redis-sentinel://", "redis-cluster://")
-        ):
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             problems.append(
-                "[cluster] redis must be a redis://, rediss://, unix://, redis-sentinel:// or "
-                f"redis-cluster:// URL, not {self.redis!r}"
+                f"[cluster] redis must be a redis://, rediss:// or unix:// URL, not {self.redis!r}"
             )
         if self.workers > 1 and (
             self.tls_plaintext_tcp_port >= 0 or self.tls_plaintext_http_port >= 0
@@ -583,7 +580,7 @@ SETTINGS: tuple[Setting, ...] = (
         "cluster",
         "redis",
         "redis",
-        'the cluster bus: redis://HOST:PORT/DB, rediss:// (TLS), unix:///PATH, redis-sentinel://HOST:PORT/SERVICE or redis-cluster://HOST:PORT ("" = none)',
+        'the cluster bus: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS) or unix:///PATH ("" = none)',
     ),
     Setting(
         "cluster",

@@ -113,6 +113,10 @@ class CommandManager:
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._refusal: tuple[str, str] | None = None  # (code, message) while not accepting
+        #: the cluster bus (collector.cluster.bus.ClusterBus): commands for a device whose
+        #: session is on another node go there
+        self.remote: Any = None
+        self.id_prefix = ""  # with a cluster, the node's name: ids unique across nodes
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -130,7 +134,9 @@ class CommandManager:
         *,
         timeout: float | None = None,
         expires_in: float | None = None,
+        command_id: str | None = None,
     ) -> CommandRecord:
+        """Queue a command (`command_id`: the id another node gave it, which forwarded it)."""
         if self._refusal is not None:
             raise CommandError(*self._refusal)
         if not self.known_device(device_id):
@@ -154,7 +160,7 @@ class CommandManager:
         assert self._nursery is not None, "CommandManager.serve() is not running"
         now = trio.current_time()
         cmd = CommandRecord(
-            id=f"c{next(self._ids):06d}",
+            id=command_id or f"{self.id_prefix}c{next(self._ids):06d}",
             device_id=device_id,
             name=name,
             args=args,
@@ -250,9 +256,16 @@ class CommandManager:
 
     async def _drive_unguarded(self, cmd: CommandRecord) -> None:
         session: Session | None = None
+        node: str | None = None
         with trio.move_on_at(cmd.expires_at):
-            session = await self.registry.wait_online(cmd.device_id)
+            if self.remote is None:
+                session = await self.registry.wait_online(cmd.device_id)
+            else:
+                session, node = await self._wait_anywhere(cmd.device_id)
         if cmd.final:
+            return
+        if node is not None:
+            await self._drive_remote(cmd, node)
             return
         if session is None or not session.active:
             self._finish(cmd, "expired", error="the device did not come online in time")
@@ -262,6 +275,46 @@ class CommandManager:
             await self._drive_tcp(cmd, session)
         else:
             await self._drive_udp(cmd, session)
+
+    async def _wait_anywhere(self, device_id: str) -> tuple[Session | None, str | None]:
+        """Wait until the device is online on this node (its session) or on another (the
+        node's name), whichever comes first."""
+        found: list[tuple[Session | None, str | None]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def here() -> None:
+                found.append((await self.registry.wait_online(device_id), None))
+                nursery.cancel_scope.cancel()
+
+            async def elsewhere() -> None:
+                found.append((None, await self.remote.wait_online_elsewhere(device_id)))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(here)
+            nursery.start_soon(elsewhere)
+        return found[0]
+
+    async def _drive_remote(self, cmd: CommandRecord, node: str) -> None:
+        """The device's session is on another node: that node runs the command and reports its
+        states on the bus, which come back here (finish_remote)."""
+        cmd.transport = f"via {node}"
+        remaining = max(0.0, cmd.expires_at - trio.current_time())
+        self.remote.forward_command(cmd, node, remaining)
+        with trio.move_on_after(remaining + cmd.timeout + 5.0):
+            await cmd.done.wait()
+        if not cmd.final:
+            self._finish(cmd, "timed_out", error=f"no answer from node {node}")
+
+    def finish_remote(
+        self, cmd: CommandRecord, state: str, *, result: Any = None, error: str | None = None
+    ) -> None:
+        """A command run by another node reached a final state there."""
+        self._finish(cmd, state, result=result, error=error)
+
+    def mark_sent_remote(self, cmd: CommandRecord) -> None:
+        if cmd.state == "queued":
+            cmd.attempts += 1
+            self._set_state(cmd, "sent")
 
     async def _drive_tcp(self, cmd: CommandRecord, session: Session) -> None:
         assert session.outbox is not None

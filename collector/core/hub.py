@@ -399,6 +399,7 @@ class HubHost(Protocol):
     devices: DeviceRegistry
     playback: Any
     registry: SessionRegistry
+    cluster: Any  # a collector.cluster.bus.ClusterBus, or None
 
 
 class StreamHub:
@@ -480,6 +481,10 @@ class StreamHub:
         )
 
     def on_event(self, event: Event) -> None:
+        cluster = self.app.cluster
+        if cluster is not None and isinstance(event, DeviceOffline) and event.reason != "node_lost":
+            if not cluster.shows(event):
+                return  # the device has a newer session, on this node or another one
         self.stream_seq += 1
         if isinstance(event, DeviceOnline | DeviceOffline):
             message = device_event_message(event)
@@ -492,11 +497,20 @@ class StreamHub:
 
     # -- views for snapshots and the API -------------------------------------------------------
 
+    def device_stats(self, device_id: str) -> dict[str, Any]:
+        return _stats_of(self.app.registry.devices.get(device_id), self._rates.get(device_id, 0.0))
+
     def device_summary(self, device_id: str, *, history: int = 0) -> dict[str, Any]:
         state = self.app.registry.devices.get(device_id)
         view = self.views.get(device_id)
         out: dict[str, Any] = {"id": device_id}
-        if state is None:  # in the credentials file, never connected: the same fields, empty
+        cluster = self.app.cluster
+        remote = cluster.remote_summary(device_id) if cluster is not None else None
+        if remote is not None:  # its current (or last) session is on another node
+            stats = remote.pop("stats") or _stats_of(None, 0.0)
+            out.update(remote)
+            out["stats"] = stats
+        elif state is None:  # in the credentials file, never connected: the same fields, empty
             out.update(
                 online=False,
                 reason=None,
@@ -521,6 +535,8 @@ class StreamHub:
                 sessions=state.sessions,
             )
             out["stats"] = _stats_of(state, self._rates.get(device_id, 0.0))
+        if cluster is not None and remote is None:
+            out["node"] = cluster.node
         out["values"] = {k: [row[2], row[3]] for k, row in (view.values.items() if view else ())}
         if history:  # asked for: always there, empty for a device with no numeric series yet
             out["history"] = (
@@ -533,6 +549,8 @@ class StreamHub:
     def known_devices(self) -> list[str]:
         ids = dict.fromkeys(self.app.devices)
         ids.update(dict.fromkeys(self.app.registry.devices))
+        if self.app.cluster is not None:
+            ids.update(dict.fromkeys(self.app.cluster.device_ids()))
         return sorted(ids)
 
     def snapshot_messages(self, sub: Subscriber) -> list[dict[str, Any]]:
@@ -638,6 +656,10 @@ class StreamHub:
                 self._rates[device_id] = rate
                 if self.subscribers:  # nobody to tell: the API computes its answer on demand
                     changed[device_id] = _stats_of(state, rate)
+        if self.app.cluster is not None:
+            remote = self.app.cluster.take_changed_stats()
+            if self.subscribers:
+                changed.update(remote)
         heartbeat: dict[str, Any] = {
             "type": "heartbeat",
             "time": self.wall(),
@@ -712,6 +734,8 @@ class StreamHub:
         )
         self.connections += 1
         self.subscribers.add(sub)
+        if self.app.cluster is not None:
+            self.app.cluster.subscribers_changed()
         log.info("stream subscriber %d connected from %s", sub.id, remote)
         hello = stream.hello_message(
             version=__version__,
@@ -757,6 +781,8 @@ class StreamHub:
                 nursery.start_soon(run, self._watchdog)
         finally:
             self.subscribers.discard(sub)
+            if self.app.cluster is not None:
+                self.app.cluster.subscribers_changed()
             self.missed_closed += sub.missed_total
             self.replies_dropped_closed += sub.replies_dropped
             self.messages_sent_closed += sub.messages_sent

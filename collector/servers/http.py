@@ -241,6 +241,7 @@ class HttpHost(metrics.MetricsHost, Protocol):
     /metrics reads, and the API's actions."""
 
     accepting: bool
+    cluster: Any  # a collector.cluster.bus.ClusterBus, or None
     commands: CommandManager
     config: Config
     hub: StreamHub
@@ -253,7 +254,7 @@ class HttpHost(metrics.MetricsHost, Protocol):
     def rotate_device(self, device_id: str) -> str: ...
     def kick(self, device_id: str) -> bool: ...
     def push_config(
-        self, match: str, config: Mapping[str, Any]
+        self, match: str, config: Mapping[str, Any], *, forward: bool = True
     ) -> tuple[list[str], dict[str, str]]: ...
     def send_command(
         self,
@@ -725,8 +726,20 @@ class HttpServer:
                 "devices_online": s.devices_online,
                 "devices_known": len(self.app.devices),
                 "stream_subscribers": len(self.hub.subscribers),
+                **({"cluster": self._cluster_health()} if self.app.cluster is not None else {}),
             },
         )
+
+    def _cluster_health(self) -> dict[str, Any]:
+        c = self.app.cluster.status()
+        return {
+            "node": c["node"],
+            "redis": c["redis"],
+            "nodes": c["nodes"],
+            "nodes_lost": c["lost_nodes"],
+            "buffered": c["buffered"],
+            "dropped": c["dropped"],
+        }
 
     def _api(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
         parts = [p for p in path.split("/") if p]

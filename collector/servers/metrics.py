@@ -282,6 +282,51 @@ class CollectorMetrics(PromCollector):
             for kind in ("header", "body", "send", "idle", "handshake", "tls_handshake"):
                 timeouts.add_metric([kind], app.http.timeouts.get(kind, 0))
             yield timeouts
+        cluster = getattr(app, "cluster", None)
+        if cluster is not None:
+            yield from cluster_metrics(cluster.status(), counter, gauge)
+
+
+def cluster_metrics(c: Mapping[str, Any], counter: Any, gauge: Any) -> Iterator[Metric]:
+    """The cluster bus (collector/cluster/bus.py): Redis, the other nodes, what is owed."""
+    info = GaugeMetricFamily(
+        "collector_cluster_node_info", "This node's name on the cluster bus.", labels=["node"]
+    )
+    info.add_metric([c["node"]], 1)
+    yield info
+    yield gauge(
+        "cluster_redis_up", "1 while Redis answers, 0 while it is down.", c["redis"] == "up"
+    )
+    nodes = GaugeMetricFamily(
+        "collector_cluster_nodes",
+        "Nodes on the bus, this one included, by state.",
+        labels=["state"],
+    )
+    nodes.add_metric(["alive"], len(c["nodes"]))
+    nodes.add_metric(["lost"], len(c["lost_nodes"]))
+    yield nodes
+    remote = GaugeMetricFamily(
+        "collector_cluster_remote_devices",
+        "Devices whose session is (or was last) on another node, by state.",
+        labels=["state"],
+    )
+    remote.add_metric(["online"], c["remote_online"])
+    remote.add_metric(["offline"], c["remote_devices"] - c["remote_online"])
+    yield remote
+    yield gauge("cluster_buffered", "Entries waiting for Redis ([cluster] buffer).", c["buffered"])
+    for key, doc in (
+        ("dropped", "Entries the full buffer dropped while Redis was away."),
+        ("dropped_readings", "Readings in the entries the full buffer dropped."),
+        ("published", "Entries written to Redis."),
+        ("readings_published", "Readings written to Redis."),
+        ("readings_received", "Readings of other nodes received."),
+        ("events_received", "Entries of other nodes' event streams received."),
+        ("nodes_lost", "Other nodes marked lost (no heartbeat within [cluster] node_timeout)."),
+        ("devices_lost", "Devices of lost nodes marked offline (reason node_lost)."),
+        ("redis_errors", "Redis commands that failed or timed out."),
+        ("bad_entries", "Entries on the bus that could not be read."),
+    ):
+        yield counter(f"cluster_{key}", doc, c.get(key, 0))
 
 
 def make_registry(app: MetricsHost) -> CollectorRegistry:
