@@ -59,6 +59,7 @@ BENCH: dict[str, tuple[str, str, str | None]] = {
     "stream": ("collector.tools.bench_stream", "sensor-to-dashboard latency, with a dashboard that never reads", None),
     "recording": ("collector.tools.bench_recording", "recording read speed and replay timing", None),
     "flood": ("collector.tools.bench_flood", "real devices during a HELLO flood; refused handshakes", None),
+    "workers": ("collector.tools.bench_workers", "UDP drain rate of one process against --workers N", None),
 }  # fmt: skip
 #: which module an extra's tools need, to say so before a traceback does
 _EXTRA_MODULES = {"tools": ("textual", "websockets", "rich"), "bench": ("matplotlib",)}
@@ -472,13 +473,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_worker(args: argparse.Namespace, config: Config, spec: WorkerSpec) -> int:
     """One of `serve --workers N`'s processes (started by the parent, never by a person)."""
     die_with_parent()
-    config = attrs.evolve(config, node=spec.node, redis=spec.redis)
+    config = _worker_config(config, spec)
     setup_logging(config.log_level, config.log_format, node=spec.node)
     devices = DeviceRegistry.load(args.devices)
     collector = Collector(config, devices, devices_file=args.devices, worker=spec)
-    collector.config_loader = lambda: attrs.evolve(
-        _config_from_args(args), node=spec.node, redis=spec.redis
-    )
+    collector.config_loader = lambda: _worker_config(_config_from_args(args), spec)
 
     async def ready(addresses: Addresses, nursery: trio.Nursery) -> None:
         os.write(spec.ready_fd, b"ready\n")
@@ -490,6 +489,13 @@ def _serve_worker(args: argparse.Namespace, config: Config, spec: WorkerSpec) ->
     Path(spec.report).write_text(json.dumps(attrs.asdict(report)))
     log.info("%s", report.summary())
     return 0
+
+
+def _worker_config(config: Config, spec: WorkerSpec) -> Config:
+    """A worker's configuration: its node name and bus, and its own recording directory
+    (DIR/NODE: a segment file has one writer)."""
+    record_dir = str(Path(config.record_dir) / spec.node) if config.record_dir else ""
+    return attrs.evolve(config, node=spec.node, redis=spec.redis, record_dir=record_dir)
 
 
 def _serve_workers(args: argparse.Namespace, config: Config) -> int:

@@ -102,6 +102,9 @@ BAD_INPUT = [
     (("bench", "stream", "--rate", "x"), 2, "invalid"),
     (("bench", "recording", "--part", "all3"), 2, "invalid choice"),
     (("bench", "flood", "--phase", "x"), 2, "invalid"),
+    (("bench", "workers", "--datagrams", "x"), 2, "a whole number"),
+    (("serve", "--devices", "x", "--workers", "0"), 2, "workers must be at least 1"),
+    (("serve", "--devices", "x", "--redis", "http://h/"), 2, "redis must be a redis://"),
 ]
 
 

@@ -144,7 +144,7 @@ class RemoteNode:
     deadline: float = math.inf
     scope: trio.CancelScope | None = None
     lost: bool = False
-    last_event: bytes = b"$"
+    last_event: bytes | None = None  # None: not read yet (then: its last entry, then on)
     last_reading: bytes | None = None  # None: not following its readings
 
 
@@ -159,6 +159,11 @@ class Outbox:
     dropped_readings: int = 0
     wake: trio.Event = attrs.Factory(trio.Event)
     drained: trio.Event = attrs.Factory(trio.Event)  # set whenever a batch went out
+    #: entries sent at least once whose outcome is unknown (Redis may have stored them and
+    #: the answer got lost), and those of them the limit dropped: `settle` tells which of
+    #: those reached Redis after all, so that `dropped` counts only what never did
+    uncertain: dict[str, tuple[str, int]] = attrs.Factory(dict)
+    uncertain_dropped: dict[str, tuple[str, int]] = attrs.Factory(dict)
 
     def put(self, stream: str, entry_id: str, doc: bytes, readings: int = 0) -> None:
         self.entries.append((stream, entry_id, doc, readings))
@@ -173,15 +178,45 @@ class Outbox:
         return out
 
     def give_back(self, batch: list[tuple[str, str, bytes, int]]) -> None:
-        """A batch that did not go out: first in line again (the limit still holds)."""
+        """A batch that did not go out (or may have): first in line again, within the limit."""
+        for stream, entry_id, _doc, readings in batch:
+            self.uncertain[entry_id] = (stream, readings)
         self.entries.extendleft(reversed(batch))
         self._trim()
 
+    def sent(self, batch: list[tuple[str, str, bytes, int]]) -> None:
+        for _stream, entry_id, _doc, _n in batch:
+            self.uncertain.pop(entry_id, None)
+
+    def settle(self, stream: str, last_id: bytes | str | None) -> tuple[int, int]:
+        """Redis's last entry of `stream` is `last_id`: the dropped entries of that stream
+        at or below it reached Redis after all. Returns (entries, readings) found there."""
+        top = _id_key(last_id) if last_id else (-1, -1)
+        found = readings_found = 0
+        for entry_id, (s, n) in list(self.uncertain_dropped.items()):
+            if s != stream:
+                continue
+            del self.uncertain_dropped[entry_id]
+            if _id_key(entry_id) <= top:
+                found += 1
+                readings_found += n
+        self.dropped -= found
+        self.dropped_readings -= readings_found
+        return found, readings_found
+
     def _trim(self) -> None:
         while len(self.entries) > self.limit:
-            *_, readings = self.entries.popleft()
+            stream, entry_id, _doc, readings = self.entries.popleft()
+            if self.uncertain.pop(entry_id, None) is not None:
+                self.uncertain_dropped[entry_id] = (stream, readings)
             self.dropped += 1
             self.dropped_readings += readings
+
+
+def _id_key(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, n = text.partition("-")
+    return int(ms), int(n or 0)
 
 
 class ClusterBus:
@@ -215,6 +250,7 @@ class ClusterBus:
         #: command id -> the node that runs it (for commands this node forwarded)
         self.forwarded: dict[str, str] = {}
         self._wait_remote: dict[str, trio.Event] = {}
+        self._requests_from: bytes | None = None
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -243,6 +279,8 @@ class ClusterBus:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, DeviceOnline):
+            # its session is here now: what this node knew of it elsewhere is history
+            self.remote.pop(event.device_id, None)
             doc: dict[str, Any] = {"k": "online", **attrs.asdict(event)}
         elif isinstance(event, DeviceOffline):
             if event.reason == NODE_LOST:
@@ -454,15 +492,17 @@ class ClusterBus:
     async def _join(self) -> None:
         """Announce this node, read where every device is, start watching the other nodes."""
         c = self.client
-        last = await self._call(c.xrevrange, self.stream(self.node, "events"), "+", "-", count=1)
-        if last:
-            self.ids.floor(last[0].identifier)
-        last = await self._call(c.xrevrange, self.stream(self.node, "readings"), "+", "-", count=1)
-        if last:
-            self.ids.floor(last[0].identifier)
+        for kind in ("events", "readings"):
+            stream = self.stream(self.node, kind)
+            last = await self._call(c.xrevrange, stream, "+", "-", count=1)
+            if last:
+                self.ids.floor(last[0].identifier)
+            found, readings = self.outbox.settle(stream, last[0].identifier if last else None)
+            if found:  # dropped while their fate was unknown, yet Redis had them
+                self.counters["published"] += found
+                self.counters["readings_published"] += readings
         await self._announce()
         nodes = await self._call(c.hgetall, self.key("nodes"))
-        devices = await self._call(c.hgetall, self.key("devices"))
         alive = {}
         for raw in nodes:
             name = raw.decode()
@@ -475,6 +515,9 @@ class ClusterBus:
                 n.lost = True
             else:
                 n.incarnation = incarnation.decode()
+            if n.last_event is None:  # where to follow it from: before the devices are read
+                n.last_event = await self._last_id(c, self.stream(name, "events"))
+        devices = await self._call(c.hgetall, self.key("devices"))
         for raw_id, raw in devices.items():
             if len(self.remote) >= MAX_REMOTE_DEVICES:
                 self.counters["remote_devices_refused"] += 1
@@ -501,6 +544,35 @@ class ClusterBus:
             ):
                 await self._mark_lost(device_id, raw, r)
             self.remote[device_id] = r
+
+    async def _last_id(self, c: Any, stream: str) -> bytes:
+        last = await self._call(c.xrevrange, stream, "+", "-", count=1)
+        return last[0].identifier if last else b"0-0"
+
+    async def _catch_up_with(self, c: Any, n: RemoteNode) -> None:
+        """A node found after joining: where to follow its events from, then its devices
+        (in that order, so that nothing between the two is missed)."""
+        n.last_event = await self._last_id(c, self.stream(n.name, "events"))
+        devices = await self._call(c.hgetall, self.key("devices"))
+        for raw_id, raw in devices.items():
+            device_id = raw_id.decode()
+            try:
+                r = RemoteDevice.from_json(loads(raw))
+            except (JsonError, TypeError, ValueError):
+                self.counters["bad_entries"] += 1
+                continue
+            if r.node != n.name or device_id in self.app.registry.online:
+                continue
+            if device_id not in self.remote and len(self.remote) >= MAX_REMOTE_DEVICES:
+                self.counters["remote_devices_refused"] += 1
+                continue
+            r.device_id = device_id
+            self.remote[device_id] = r
+            if r.online:
+                self.app.hub.on_event(
+                    DeviceOnline(r.since or self.app.wall(), device_id, r.session_id or 0,
+                                 r.transport or "udp", r.address)
+                )  # fmt: skip
 
     async def _mark_lost(self, device_id: str, raw: bytes, r: RemoteDevice) -> None:
         r.online = False
@@ -568,6 +640,7 @@ class ClusterBus:
             except BaseException:
                 box.give_back(batch)
                 raise
+            box.sent(batch)
             box.drained.set()
 
     async def _publish(self, batch: list[tuple[str, str, bytes, int]], PureToken: Any) -> None:
@@ -743,7 +816,14 @@ class ClusterBus:
 
     async def _follow_events(self, c: Any) -> None:
         while True:
-            streams = {self.stream(n.name, "events"): n.last_event for n in self.nodes.values()}
+            for n in list(self.nodes.values()):
+                if n.last_event is None:
+                    await self._catch_up_with(c, n)
+            streams = {
+                self.stream(n.name, "events"): n.last_event
+                for n in self.nodes.values()
+                if n.last_event is not None
+            }
             if not streams:
                 await trio.sleep(self.heartbeat)
                 continue
@@ -976,14 +1056,19 @@ class ClusterBus:
 
     async def _follow_requests(self, c: Any) -> None:
         stream = self.stream(self.node, "requests")
-        last: bytes = b"$"
+        if self._requests_from is None:  # requests from before this node started are stale
+            self._requests_from = await self._last_id(c, stream)
         while True:
             got = await self._call(
-                c.xread, {stream: last}, count=100, block=BLOCK_MS, extra=BLOCK_MS / 1000
+                c.xread,
+                {stream: self._requests_from},
+                count=100,
+                block=BLOCK_MS,
+                extra=BLOCK_MS / 1000,
             )
             for _s, entries in (got or {}).items():
                 for entry in entries:
-                    last = entry.identifier
+                    self._requests_from = entry.identifier
                     try:
                         doc = loads(entry.field_values[b"d"])
                         with self.app.boundary.guard("task", "cluster request"):

@@ -13,6 +13,7 @@ configuration in `config`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import logging
@@ -20,7 +21,7 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -448,28 +449,46 @@ async def open_device(
     say_goodbye: bool = True,
     local_host: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    register_timeout: float = 10.0,
 ) -> AsyncIterator[DeviceClient]:
     """Register over TCP and run the device until the block exits (then say goodbye).
+
+    Connecting and registering take at most `register_timeout` seconds each (else
+    RegistrationError with code `timeout`).
 
     `udp_port` overrides the port from the welcome (for tests behind port mapping);
     `local_host` is the address datagrams are sent from (default: what the route picks);
     `ssl_context` makes the control channel TLS (`collector.servers.tls.client_context(ca)`).
     """
     stream: trio.abc.Stream
-    if ssl_context is not None:
-        stream = await trio.open_ssl_over_tcp_stream(host, tcp_port, ssl_context=ssl_context)
-    else:
-        stream = await trio.open_tcp_stream(host, tcp_port)
+    try:
+        with trio.fail_after(register_timeout):
+            if ssl_context is not None:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    host, tcp_port, ssl_context=ssl_context
+                )
+            else:
+                stream = await trio.open_tcp_stream(host, tcp_port)
+    except trio.TooSlowError:
+        raise RegistrationError(
+            "timeout", f"no connection to {host}:{tcp_port} in {register_timeout:g}s"
+        ) from None
     async with stream:
         conn = control.ControlConnection(control.Role.DEVICE)
-        event = await _receive_event(stream, conn)
-        if not isinstance(event, control.Challenge):
-            raise RegistrationError("protocol", f"expected a challenge, got {event!r}")
-        cnonce = secrets.token_hex(16)
         keys = DeviceKeys(secret)
-        proof = registration_proof(keys, device_id, event.nonce, cnonce)
-        await stream.send_all(conn.send(control.Register(device_id, cnonce, proof)))
-        welcome = await _receive_event(stream, conn)
+        cnonce = secrets.token_hex(16)
+        try:
+            with trio.fail_after(register_timeout):
+                event = await _receive_event(stream, conn)
+                if not isinstance(event, control.Challenge):
+                    raise RegistrationError("protocol", f"expected a challenge, got {event!r}")
+                proof = registration_proof(keys, device_id, event.nonce, cnonce)
+                await stream.send_all(conn.send(control.Register(device_id, cnonce, proof)))
+                welcome = await _receive_event(stream, conn)
+        except trio.TooSlowError:
+            raise RegistrationError(
+                "timeout", f"{host}:{tcp_port} did not welcome us in {register_timeout:g}s"
+            ) from None
         if isinstance(welcome, control.Error):
             raise RegistrationError(welcome.code, welcome.message)
         if not isinstance(welcome, control.Welcome):
@@ -500,6 +519,36 @@ async def open_device(
             client._tcp_conn = conn
             async with _running(client, heartbeat=heartbeat, say_goodbye=say_goodbye):
                 yield client
+
+
+@asynccontextmanager
+async def open_device_failover(
+    collectors: Sequence[tuple[str, int]],
+    device_id: str,
+    secret: str,
+    **kwargs: Any,
+) -> AsyncIterator[DeviceClient]:
+    """`open_device` on the first of `collectors` ((host, TCP port) pairs: the nodes of a
+    cluster, docs/SCALING.md) that registers the device; raises RegistrationError (code
+    `unreachable`) naming each one's failure when none does. A device whose session ended
+    (its node was lost) calls it again to register with one that is still there."""
+    failures = []
+    for host, port in collectors:
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                open_device(host, device_id, secret, tcp_port=port, **kwargs)
+            )
+        except (OSError, RegistrationError) as exc:
+            await stack.aclose()
+            failures.append(f"{host}:{port}: {exc}")
+            continue
+        async with stack:
+            yield client
+        return
+    raise RegistrationError(
+        "unreachable", "no collector registered the device: " + "; ".join(failures)
+    )
 
 
 @asynccontextmanager

@@ -27,7 +27,14 @@ from typing import Any
 
 import trio
 
-from collector.tools.common import free_port, mosquitto, mosquitto_path, proc_stat, scrape
+from collector.tools.common import (
+    free_port,
+    mosquitto,
+    mosquitto_path,
+    proc_stat,
+    scrape,
+    wait_for_tcp,
+)
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -180,6 +187,12 @@ def build_parser(prog: str = "collector bench stream") -> argparse.ArgumentParse
         "--dashboards", type=int, default=10, help="dashboards that read everything (default 10)"
     )
     p.add_argument("--no-mosquitto", action="store_true", help="skip the Mosquitto reference run")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="two collector nodes on a Redis this tool starts: the sensors send to node A, the "
+        "dashboards read node B (docs/SCALING.md); prints the Redis cost per 1000 readings",
+    )
     p.add_argument("--phase", type=float, default=30.0, help="seconds per phase")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
@@ -220,18 +233,36 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     )  # the senders know them too
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     me = [sys.executable, "-m", "collector.tools.bench_stream"]
+    redis: subprocess.Popen[bytes] | None = None
+    node_b: subprocess.Popen[str] | None = None
+    cluster_args: list[str] = []
+    if args.cluster:
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(work)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_tcp(redis_port)
+        cluster_args = ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
     collector = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp),
          "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", *cluster_args, *(["--node", "A"] if args.cluster else [])],
         stdout=subprocess.DEVNULL, stderr=open(work / "collector.log", "w"),
     )  # fmt: skip
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", http), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_tcp(http)
+    dash_port = http
+    if args.cluster:
+        dash_port = free_port()
+        node_b = subprocess.Popen(
+            [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port",
+             str(free_port()), "--udp-port", str(free_port(socket.SOCK_DGRAM)), "--http-port",
+             str(dash_port), "--devices", str(work / "devices.toml"), "--log-level", "WARNING",
+             *cluster_args, "--node", "B"],
+            stdout=subprocess.DEVNULL, stderr=open(work / "node-b.log", "w"),
+        )  # fmt: skip
+        wait_for_tcp(dash_port)
     total = args.warmup + 2 * args.phase + 3
     secrets_by_id = {d: f"secret-{d}" for d in ids}
     senders = start_senders(secrets_by_id, udp, 2, work)
@@ -247,7 +278,7 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
         time.sleep(0.05)
     out = work / "dashboards.json"
     dashboards = subprocess.Popen(
-        [*me, "--role", "dashboards", "--http-port", str(http), "--dashboards", str(args.dashboards),
+        [*me, "--role", "dashboards", "--http-port", str(dash_port), "--dashboards", str(args.dashboards),
          "--warmup", str(args.warmup), "--phase", str(args.phase), "--out", str(out)],
     )  # fmt: skip
     print(
@@ -256,23 +287,43 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
         f"{args.dashboards} dashboards; phases of {args.phase:g}s",
         flush=True,
     )
+    if args.cluster:
+        print("cluster: the sensors send to node A, the dashboards read node B", flush=True)
     samples = []
     client = []  # the dashboards' process: if it saturates, it is what the latency measures
+    others: dict[str, list[tuple[float, float, int]]] = {"node B": [], "redis": []}
+    redis_info: list[tuple[float, dict[str, float]]] = []
     while dashboards.poll() is None:
         samples.append(proc_stat(collector.pid))
         with contextlib.suppress(OSError, IndexError):
             client.append(proc_stat(dashboards.pid))
+        if node_b is not None and redis is not None:
+            others["node B"].append(proc_stat(node_b.pid))
+            others["redis"].append(proc_stat(redis.pid))
+            with contextlib.suppress(OSError):
+                redis_info.append(
+                    (
+                        time.time(),
+                        _redis_stats(int(cluster_args[1].rsplit(":", 1)[1].split("/")[0])),
+                    )
+                )
         time.sleep(0.5)
     samples.append(proc_stat(collector.pid))
     result = json.loads(out.read_text())
     metrics = scrape(http)
     for proc in senders:
         proc.kill()
-    collector.send_signal(signal.SIGTERM)
-    try:
-        collector.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        collector.kill()
+    for proc in (collector, node_b):
+        if proc is None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if redis is not None:
+        redis.terminate()
+        redis.wait(10)
 
     marks = result["marks"]
     rows = []
@@ -314,6 +365,29 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
             f"{r['collector_rss_mb']['min']:6.1f}-{r['collector_rss_mb']['max']:<6.1f} "
             f"{r['dashboards_cpu_percent']:17.1f}"
         )
+    bus: dict[str, float] | None = None
+    if args.cluster:
+        start, end = marks["A"], marks["B"] - 1.0
+        for name, series in others.items():
+            inside = [x for x in series if start <= x[0] <= end]
+            if len(inside) > 1:
+                print(
+                    f"{name} CPU during phase A: "
+                    f"{(inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) * 100:.1f} %"
+                )
+        inside = [x for x in redis_info if start <= x[0] <= end]
+        if len(inside) > 1:
+            (t0, a), (t1, b) = inside[0], inside[-1]
+            readings = rate * (t1 - t0)  # one reading per datagram, paced
+            per_k = {k: (b[k] - a[k]) / readings * 1000 for k in a}
+            bus = per_k
+            print(
+                f"redis per 1000 readings (phase A, {readings:,.0f} readings): "
+                f"{per_k['total_commands_processed']:.1f} commands, "
+                f"{per_k['total_net_input_bytes'] / 1024:.1f} KiB in, "
+                f"{per_k['total_net_output_bytes'] / 1024:.1f} KiB out, "
+                f"{per_k['used_cpu'] * 1000:.1f} ms of Redis CPU"
+            )
     change = (rows[1]["latency_ms"]["p99"] / rows[0]["latency_ms"]["p99"] - 1) * 100
     print(f"\np99 change with the stalled dashboard: {change:+.1f} % (target: within 10 %)")
     stalled_key = 'collector_stream_closed_total{reason="stalled"}'
@@ -345,11 +419,35 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
                     "p99_change_percent": change,
                     "metrics": metrics,
                     "mosquitto": mqtt,
+                    "redis_per_1000_readings": bus,
                 },
                 indent=1,
             )
         )
     return 0
+
+
+def _redis_stats(port: int) -> dict[str, float]:
+    """Counters of a Redis (INFO), read over a plain socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"INFO\r\n")
+        data = b""
+        while b"\r\n" not in data:
+            data += s.recv(65536)
+        size = int(data[1 : data.index(b"\r\n")])
+        head = data.index(b"\r\n") + 2
+        while len(data) < head + size:
+            data += s.recv(65536)
+    info = {}
+    for line in data[head : head + size].decode().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = value
+    return {
+        "total_commands_processed": float(info["total_commands_processed"]),
+        "total_net_input_bytes": float(info["total_net_input_bytes"]),
+        "total_net_output_bytes": float(info["total_net_output_bytes"]),
+        "used_cpu": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+    }
 
 
 def mosquitto_latency(rate: float, subscribers: int, seconds: float) -> dict[str, float] | None:

@@ -1,0 +1,172 @@
+"""The kernel steering of `serve --workers N` (collector/cluster/steering.py): the program's
+rules without a socket, then the kernel agreeing with them on real SO_REUSEPORT sockets."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collector.cluster import steering
+from collector.cluster.bus import EntryIds, Outbox
+
+
+def session_datagram(sid: int, kind: int = 2, body: bytes = b"x" * 20) -> bytes:
+    return struct.pack(">BBBBIIQ", 2, kind, 0, 0, sid, 7, 123) + body
+
+
+def hello(device_id: str, nonce: bytes, t: int = 1) -> bytes:
+    d = device_id.encode()
+    return struct.pack(">BBBBIIQ", 2, 5, 0, 0, 0, 0, t) + bytes([len(d)]) + d + nonce + b"c" * 48
+
+
+@given(st.integers(1, 2**32 - 1), st.integers(2, 16), st.sampled_from([1, 2, 3, 4, 7]))
+def test_a_session_datagram_goes_to_the_worker_of_its_session_id(sid, workers, kind):
+    assert steering.worker_for(session_datagram(sid, kind), workers) == sid % workers
+
+
+@given(
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.:", min_size=1, max_size=64),
+    st.binary(min_size=12, max_size=12),
+    st.binary(min_size=12, max_size=12),
+    st.integers(0, 2**64 - 1),
+    st.integers(2, 16),
+)
+def test_every_hello_of_a_device_goes_to_the_same_worker(device_id, n1, n2, t, workers):
+    # the nonce and the device time change between a device's HELLOs; its id does not
+    first = steering.worker_for(hello(device_id, n1, t), workers)
+    assert first == steering.worker_for(hello(device_id, n2, 0), workers)
+    assert 0 <= first < workers
+
+
+def test_hellos_spread_over_the_workers():
+    counts = [0, 0, 0]
+    for i in range(3000):
+        counts[steering.worker_for(hello(f"sensor-{i:04d}", b"n" * 12), 3)] += 1
+    assert min(counts) > 800, counts
+
+
+@given(st.binary(max_size=24), st.integers(2, 8))
+def test_what_the_program_cannot_read_goes_to_worker_0_or_by_its_rules(data, workers):
+    w = steering.worker_for(data, workers)
+    assert 0 <= w < workers
+    if len(data) < 8:
+        assert w == 0
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 64), st.integers(0, 63))
+def test_a_worker_hands_out_only_its_share_of_session_ids(bits, workers, index):
+    index %= workers
+    sid = steering.session_id_for(index, workers, bits)
+    assert sid == 0 or (0 < sid < 2**32 and sid % workers == index)
+
+
+def test_the_kernel_steers_as_the_program_says():
+    workers = 3
+    socks = []
+    port = 0
+    try:
+        for _ in range(workers):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+            port = s.getsockname()[1]
+            s.setblocking(False)
+        steering.attach(socks[0], steering.steering_program(workers))
+        got: dict[bytes, int] = {}
+
+        def drain() -> None:
+            for i, s in enumerate(socks):
+                while True:
+                    try:
+                        got[s.recv(2048)] = i
+                    except BlockingIOError:
+                        break
+
+        rng = random.Random(7)
+        sent = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for i in range(1500):
+                if i % 3 == 0:
+                    p = hello(
+                        f"dev-{rng.randrange(10**6)}"[: rng.randrange(1, 10)], rng.randbytes(12)
+                    )
+                else:
+                    p = session_datagram(
+                        rng.randrange(1, 2**32), body=rng.randbytes(rng.randrange(40))
+                    )
+                sent.append(p)
+                client.sendto(p, ("127.0.0.1", port))
+                if i % 50 == 49:
+                    time.sleep(0.002)
+                    drain()
+            deadline = time.monotonic() + 5
+            while len(got) < len({*sent}) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                drain()
+        assert len(got) == len(set(sent))
+        wrong = [p for p in sent if got[p] != steering.worker_for(p, workers)]
+        assert not wrong
+        assert len(set(got.values())) == workers
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_entry_ids_only_grow():
+    now = [1000.0]
+    ids = EntryIds(lambda: now[0])
+    a = ids.next()
+    b = ids.next()
+    now[0] = 999.0  # the clock steps back
+    c = ids.next()
+    ids.floor(b"5000000-3")  # what the stream held already (a restarted node)
+    d = ids.next()
+    keys = [tuple(map(int, x.split("-"))) for x in (a, b, c, d)]
+    assert keys == sorted(keys) and len(set(keys)) == 4
+    assert keys[-1] > (5000000, 3)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("ptgs"), st.integers(0, 9)), max_size=200),
+    st.integers(1, 20),
+)
+def test_the_outbox_counts_exactly_what_it_drops(ops, limit):
+    """Every entry put is exactly one of: waiting, in flight, sent, or dropped and counted;
+    the same for the readings they hold. Order is kept through failed batches."""
+    box = Outbox(limit)
+    put = put_readings = sent = sent_readings = 0
+    in_flight: list[tuple[str, str, bytes, int]] = []
+    for op, n in ops:
+        if op == "p":
+            box.put("s", f"{put:05d}", b"d", n)
+            put += 1
+            put_readings += n
+        elif op == "t" and not in_flight:
+            in_flight = box.take(n + 1)
+        elif op == "g":  # the batch failed: first in line again
+            box.give_back(in_flight)
+            in_flight = []
+        elif op == "s":  # the batch went out
+            sent += len(in_flight)
+            sent_readings += sum(e[3] for e in in_flight)
+            in_flight = []
+        assert len(box.entries) <= limit
+        assert put == len(box.entries) + len(in_flight) + sent + box.dropped
+        waiting = sum(e[3] for e in box.entries) + sum(e[3] for e in in_flight)
+        assert put_readings == waiting + sent_readings + box.dropped_readings
+        ids = [e[1] for e in box.entries]
+        assert ids == sorted(ids)
+
+
+def test_attach_refuses_nothing_it_builds():
+    prog = steering.steering_program(4)
+    assert len(steering.encode_program(prog)) == 8 * len(prog)
+    with pytest.raises(ValueError):
+        steering.steering_program(0)
