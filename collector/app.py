@@ -180,7 +180,7 @@ class Collector:
         )
         self.commands = CommandManager(
             self.registry,
-            known_device=lambda d: d in self.devices,
+            known_device=self._known_device,
             send_datagram=self.ingest.send_datagram,
             wall=wall,
             emit=self._emit,
@@ -611,6 +611,12 @@ class Collector:
         self._goodbye_udp(session, "kicked")
         self.registry.end(session, "kicked")
         return True
+
+    def _known_device(self, device_id: str) -> bool:
+        """In the credentials file, or (on a cluster) known to another node."""
+        return device_id in self.devices or (
+            self.cluster is not None and device_id in self.cluster.remote
+        )
 
     def supersede_local(self, session: Session) -> None:
         """The device registered again on another node: this node's session is the old one."""

@@ -552,22 +552,13 @@ async def _run_supervisor(sup: Supervisor) -> int:
                         sup.kill()
 
             nursery.start_soon(watch_signals)
-            await _wait_stopped(sup)
+            await sup.all_stopped.wait()
             nursery.cancel_scope.cancel()
     sup.merge_stats()
     print(sup.summary(trio.current_time() - start), flush=True)
     if sup.failure:
         raise options.UserError(sup.failure, 1)
     return 0
-
-
-async def _wait_stopped(sup: Supervisor) -> None:
-    while True:
-        if sup.stopping and all(
-            w.process is None or w.process.returncode is not None for w in sup.workers
-        ):
-            return
-        await trio.sleep(0.05)
 
 
 async def run_until_signalled(

@@ -28,6 +28,7 @@ import trio_websocket
 from collector.cluster.steering import worker_for
 from collector.device.client import open_device, open_device_failover, open_udp_device
 from collector.devices import DeviceRegistry
+from collector.wire.recording import decode_records
 
 from .test_openapi import validate
 from .test_steering import hello
@@ -121,14 +122,16 @@ class Node:
         return self.log.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
+        """Signal it (sig 0: only wait), and wait for it to exit."""
+        if sig and self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(30)
+            code = self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self.out.close()
+        if not self.out.closed:
+            self.out.close()
         return code
 
 
@@ -436,15 +439,10 @@ async def test_redis_stopped_for_10s_loses_only_what_the_buffer_could_not_hold(
     client = coredis.Redis.from_url(redis.url, decode_responses=False)
     async with client:
         entries = await client.xrange("collector:node:A:readings", "-", "+")
-    held = sum(len(row[3]) for e in entries for row in json.loads(e.field_values[b"d"])["rows"])
+    records = [r for e in entries for r in decode_records(e.field_values[b"r"], start=0)]
+    held = sum(len(r.readings) for r in records)
     assert held == published
-    ns = [
-        r[1]
-        for e in entries
-        for row in json.loads(e.field_values[b"d"])["rows"]
-        for r in row[3]
-        if r[0] == "n"
-    ]
+    ns = [value for r in records for name, value in r.readings if name == "n"]
     assert ns == sorted(ns) and len(ns) == len(set(ns))  # in order, once each
 
 
@@ -559,3 +557,17 @@ async def test_two_workers_steer_restart_and_shut_down(tmp_path, nodes):
     assert stats["box-0"]["rejected"].get("unknown_session", 0) == 0
     # no worker outlived its parent (they exit before it does)
     assert not [p for p in new_pids.values() if _running(p)]
+
+
+async def test_workers_that_cannot_start_stop_everything_with_one_error(tmp_path, nodes):
+    make_devices(tmp_path, ["d"])
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    node = Node(tmp_path, "W", None, "--workers", "2", "--record", str(not_a_dir))
+    nodes.append(node)
+    code = await trio.to_thread.run_sync(node.stop, 0)  # 0: no signal, wait for it to exit
+    text = node.text()
+    assert code == 1, text[-2000:]
+    assert "cannot create recording directory" in text
+    assert "exited with status 2 before it was ready, 3 times in a row" in text
+    assert "starting it again in 0.5s" in text and "starting it again in 1.0s" in text

@@ -291,3 +291,29 @@ def test_raw_datagrams_are_recorded_and_resent_byte_for_byte(tmp_path):
     assert [sink.recv(65536) for _ in range(3)] == sent
     none = tool("-m", "collector", "replay", "raw", tmp_path / "rec", "--from", "+5")
     assert none.returncode == 2 and "no raw datagrams" in none.stderr
+
+
+def test_the_recordings_of_several_nodes_are_read_merged_by_time(tmp_path, capsys):
+    """Each node of a cluster records its own directory; inspect and replay take several."""
+    from collector.core.segments import SegmentWriter, open_recording
+    from collector.tools import inspect_recording
+    from collector.wire.recording import ReadingsRecord, encode_readings_record
+
+    base = 1_790_000_000.0
+    for node, offset in (("node-a", 0.0), ("node-b", 0.5)):
+        writer = SegmentWriter(tmp_path / node, retain_seconds=None, retain_bytes=None)
+        writer.open(now=base)
+        for i in range(5):
+            t = base + i + offset
+            writer.write(encode_readings_record(t, f"{node}-dev", i + 1, 0, [("n", i)]), now=t)
+        writer.close()
+    reader = open_recording([tmp_path / "node-a", tmp_path / "node-b"])
+    records = [r for r in reader if isinstance(r, ReadingsRecord)]
+    assert [r.time for r in records] == sorted(r.time for r in records)
+    assert [r.device_id for r in records[:2]] == ["node-a-dev", "node-b-dev"]
+    assert len(records) == 10 and len(reader.segments) == 2
+    assert (
+        inspect_recording.main([str(tmp_path / "node-a"), str(tmp_path / "node-b"), "--json"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["segments"]) == 2

@@ -10,8 +10,10 @@ What a node puts on the bus (keys under `[cluster] prefix`, P):
     P:node:NAME:requests     stream commands, kicks and config pushes for this node
     P:devices                hash   device -> where it is: node, online, session, stats
 
-Every entry carries one JSON document (field `d`, through collector.wire.jsonio). A node's
-own entries get ids it makes itself (milliseconds-counter, increasing), so an XADD sent again
+An entry of a readings stream carries, in field `r`, the batch's READINGS records in the
+recording format (docs/RECORDING.md: the TELEMETRY payload as received, behind a CRC); every
+other entry one JSON document in field `d` (through collector.wire.jsonio). A node's own
+entries get ids it makes itself (milliseconds-counter, increasing), so an XADD sent again
 after a timeout is refused by Redis as a duplicate instead of being stored twice: what the
 node owes the bus reaches it exactly once.
 
@@ -58,6 +60,12 @@ from collector.core.events import (
 from collector.logs import RateLimitedLog
 from collector.wire.jsonio import JsonError, dumps_bytes
 from collector.wire.jsonio import loads_object as loads
+from collector.wire.recording import (
+    ReadingsRecord,
+    ScanReport,
+    decode_records,
+    encode_readings_record,
+)
 
 if TYPE_CHECKING:
     from collector.app import Collector
@@ -73,6 +81,11 @@ OP_TIMEOUT = 2.0
 BLOCK_MS = 1000
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 PUBLISH_BATCH = 500
+#: readings entries waiting together are sent as one, up to this size
+MERGE_BYTES = 256 * 1024
+#: the publisher sends at most once per this many seconds: what arrives meanwhile goes in
+#: the next round (an idle node sends at once)
+PUBLISH_INTERVAL = 0.002
 #: a node keeps following another's readings for this long after its last dashboard left
 READINGS_LINGER = 10.0
 #: readings of a node read back when this node starts following them (to fill values)
@@ -172,9 +185,24 @@ class Outbox:
             self.wake.set()
 
     def take(self, n: int) -> list[tuple[str, str, bytes, int]]:
-        out = []
+        """Up to `n` entries, in order; consecutive readings entries of one stream become one
+        (records concatenate), so that a busy node sends one XADD per round, not per batch."""
+        out: list[tuple[str, str, bytes, int]] = []
         while self.entries and len(out) < n:
-            out.append(self.entries.popleft())
+            entry = self.entries.popleft()
+            if (
+                out
+                and entry[3]
+                and out[-1][3]
+                and out[-1][0] == entry[0]
+                and entry[1] not in self.uncertain  # an entry Redis may hold already is
+                and out[-1][1] not in self.uncertain  # sent again exactly as it was
+                and len(out[-1][2]) + len(entry[2]) <= MERGE_BYTES
+            ):
+                stream, first_id, doc, readings = out[-1]
+                out[-1] = (stream, first_id, doc + entry[2], readings + entry[3])
+                continue
+            out.append(entry)
         return out
 
     def give_back(self, batch: list[tuple[str, str, bytes, int]]) -> None:
@@ -263,19 +291,24 @@ class ClusterBus:
     # -- listener: called synchronously from ingest and the session registry ------------------
 
     def on_telemetry(self, batch: Sequence[Telemetry]) -> None:
-        rows = [
-            [t.device_id, t.time, t.seq, [list(r) for r in t.readings]] for t in batch if t.readings
-        ]
-        if not rows:
+        # Readings travel as records of the recording format (docs/RECORDING.md): the
+        # TELEMETRY payload as received, behind a CRC; no JSON to build per reading.
+        parts = []
+        readings = 0
+        for t in batch:
+            if t.readings:
+                parts.append(
+                    encode_readings_record(
+                        t.time, t.device_id, t.seq, t.device_time_us, t.readings, t.payload
+                    )
+                )
+                readings += len(t.readings)
+        if not parts:
             return
-        try:
-            doc = dumps_bytes({"k": "r", "rows": rows})
-        except ValueError:  # pragma: no cover - readings are checked finite at the boundary
-            self.counters["encode_errors"] += 1
-            return
-        readings = sum(len(r[3]) for r in rows)
         self.counters["readings_queued"] += readings
-        self.outbox.put(self.stream(self.node, "readings"), self.ids.next(), doc, readings)
+        self.outbox.put(
+            self.stream(self.node, "readings"), self.ids.next(), b"".join(parts), readings
+        )
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, DeviceOnline):
@@ -642,6 +675,7 @@ class ClusterBus:
                 raise
             box.sent(batch)
             box.drained.set()
+            await trio.sleep(PUBLISH_INTERVAL)
 
     async def _publish(self, batch: list[tuple[str, str, bytes, int]], PureToken: Any) -> None:
         """XADD a batch with the node's own ids: an entry that reached Redis before (the
@@ -659,7 +693,7 @@ class ClusterBus:
                 for stream, entry_id, doc, _n in batch:
                     pipe.xadd(
                         stream,
-                        {b"d": doc},
+                        {b"r" if stream.endswith(":readings") else b"d": doc},
                         identifier=entry_id,
                         trim_strategy=PureToken.MAXLEN,
                         trim_operator=PureToken.APPROXIMATELY,
@@ -974,7 +1008,7 @@ class ClusterBus:
                 batch: list[Telemetry] = []
                 for entry in entries:
                     n.last_reading = entry.identifier
-                    self._rows_into(entry.field_values.get(b"d", b""), batch, name)
+                    self._rows_into(entry.field_values.get(b"r", b""), batch, name)
                 if batch:
                     self.app.hub.on_telemetry(batch)
 
@@ -985,24 +1019,25 @@ class ClusterBus:
         n.last_reading = entries[0].identifier if entries else b"0-0"
         batch: list[Telemetry] = []
         for entry in reversed(entries):
-            self._rows_into(entry.field_values.get(b"d", b""), batch, n.name)
+            self._rows_into(entry.field_values.get(b"r", b""), batch, n.name)
         if batch:
             self.app.hub.on_telemetry(batch)
 
     def _rows_into(self, raw: bytes, batch: list[Telemetry], node: str) -> None:
-        try:
-            doc = loads(raw)
-            for device_id, t, seq, readings in doc["rows"]:
-                batch.append(Telemetry(t, device_id, seq, 0, [tuple(r) for r in readings]))
-            self.counters["readings_received"] += sum(len(r[3]) for r in doc["rows"])
-        except (JsonError, KeyError, TypeError, ValueError) as exc:
+        report = ScanReport()
+        n = 0
+        for record in decode_records(raw, report, start=0):
+            if type(record) is ReadingsRecord:
+                batch.append(
+                    Telemetry(record.time, record.device_id, record.seq,
+                              record.device_time_us, record.readings)
+                )  # fmt: skip
+                n += len(record.readings)
+        self.counters["readings_received"] += n
+        if report.corrupt_regions or report.torn_tail or report.undecodable:
             self.counters["bad_entries"] += 1
             self.rlog.warning(
-                "bad_entry",
-                trio.current_time(),
-                "cluster: bad readings from node %s: %s",
-                node,
-                exc,
+                "bad_entry", trio.current_time(), "cluster: damaged readings from node %s", node
             )
 
     # -- requests: commands, kicks and config pushes across nodes ------------------------------------

@@ -170,6 +170,7 @@ class Worker:
     restarts: int = 0
     failed_starts: int = 0  # in a row, before ready
     ready: bool = False
+    done: bool = False  # no longer run (stopping, or given up)
     started_at: float = 0.0
     exit_codes: list[int] = attrs.Factory(list)
 
@@ -198,6 +199,7 @@ class Supervisor:
         self.addresses: dict[str, Any] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="collector-workers-"))
         self._all_ready = trio.Event()
+        self.all_stopped = trio.Event()  # set once stopping and every worker has exited
         self.failure: str | None = None
 
     def worker_node(self, index: int) -> str:
@@ -230,14 +232,23 @@ class Supervisor:
         """Run the workers until `stop()` and they all exit. Reports when every worker serves."""
         async with trio.open_nursery() as nursery:
             for w in self.workers:
-                nursery.start_soon(self._keep_running, w)
+                nursery.start_soon(self._supervise, w)
             with trio.move_on_after(READY_TIMEOUT) as wait:
                 await self._all_ready.wait()
             if wait.cancelled_caught or self.failure:
                 self.failure = self.failure or f"the workers were not ready in {READY_TIMEOUT:.0f}s"
                 self.stop()
+                task_status.started(None)
             else:
                 task_status.started(self.addresses)
+
+    async def _supervise(self, w: Worker) -> None:
+        try:
+            await self._keep_running(w)
+        finally:
+            w.done = True
+            if all(x.done for x in self.workers):
+                self.all_stopped.set()
 
     async def _keep_running(self, w: Worker) -> None:
         delay = BACKOFF_FIRST
@@ -256,6 +267,7 @@ class Supervisor:
                     )
                     log.error("%s: stopping every worker", self.failure)
                     self.stop()
+                    self._all_ready.set()  # wakes run(), which sees the failure
                     return
             if lived >= HEALTHY_AFTER:
                 delay = BACKOFF_FIRST
@@ -287,6 +299,8 @@ class Supervisor:
                 os.close(wfd)
             w.starts += 1
             log.info("worker %d started (pid %d)", w.index, w.process.pid)
+            if self.stopping:  # stop() came while it was being started
+                w.process.send_signal(signal.SIGTERM)
             async with trio.open_nursery() as nursery:
 
                 async def wait_ready() -> None:

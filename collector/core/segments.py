@@ -6,11 +6,12 @@ rotation, compression and retention. Plain synchronous file I/O; the record code
 from __future__ import annotations
 
 import gzip
+import heapq
 import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,53 @@ class RecordingReader:
                     f"{r.path.name}: {r.scan.undecodable} records verified but did not decode"
                 )
         return out
+
+
+class MergedReader:
+    """The records of several recording directories (the nodes of a cluster, each recording
+    its own: docs/SCALING.md), merged by time. The same interface as RecordingReader; each
+    segment's name in `reports` and `problems()` is that of its own directory's file."""
+
+    def __init__(self, directories: Sequence[str | Path]) -> None:
+        self.readers = [RecordingReader(d) for d in directories]
+        self.directory = self.readers[0].directory
+        self.segments = [s for r in self.readers for s in r.segments]
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.records()
+
+    def records(self) -> Iterator[Record]:
+        return heapq.merge(*(r.records() for r in self.readers), key=_record_time)
+
+    @property
+    def reports(self) -> list[SegmentReport]:
+        return [rep for r in self.readers for rep in r.reports]
+
+    @property
+    def corrupt_regions(self) -> int:
+        return sum(r.corrupt_regions for r in self.readers)
+
+    @property
+    def torn_tails(self) -> int:
+        return sum(r.torn_tails for r in self.readers)
+
+    @property
+    def damaged_segments(self) -> int:
+        return sum(r.damaged_segments for r in self.readers)
+
+    def problems(self) -> list[str]:
+        return [f"{r.directory}/{p}" for r in self.readers for p in r.problems()]
+
+
+def _record_time(record: Record) -> float:
+    return record.time
+
+
+def open_recording(directories: Sequence[str | Path]) -> RecordingReader | MergedReader:
+    """A reader of one recording directory, or of several merged by time."""
+    if len(directories) == 1:
+        return RecordingReader(directories[0])
+    return MergedReader(directories)
 
 
 # -- appending -------------------------------------------------------------------------------

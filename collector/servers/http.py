@@ -862,7 +862,12 @@ class HttpServer:
         return json_response(200, playback.status())
 
     def _known(self, device_id: str) -> None:
-        if device_id not in self.app.devices and device_id not in self.app.registry.devices:
+        cluster = self.app.cluster
+        if (
+            device_id not in self.app.devices
+            and device_id not in self.app.registry.devices
+            and (cluster is None or device_id not in cluster.remote)
+        ):
             raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
 
 

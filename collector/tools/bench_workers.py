@@ -31,7 +31,7 @@ from typing import Any
 from collector.device.bulk import register_udp
 from collector.devices import DeviceRegistry
 from collector.tools import options
-from collector.tools.common import free_port, proc_stat, rcvbuf_errors
+from collector.tools.common import free_port, proc_stat, rcvbuf_errors, wait_for_tcp
 from collector.wire import datagram as dg
 
 CONFIG = """
@@ -84,7 +84,33 @@ def _wait_healthy(port: int, workers: int, seconds: float = 60.0) -> None:
     raise RuntimeError(f"the collector did not answer on port {port} in {seconds:.0f}s")
 
 
-def run_round(workers: int, datagrams: int, devices: int, rcvbuf: int) -> dict[str, Any]:
+def _spin(n: int) -> None:
+    x = 0
+    for i in range(n):
+        x += i * i % 7
+
+
+def machine_ratio(processes: int, n: int = 20_000_000) -> float:
+    """How much faster `processes` processes do the same pure-Python work than one: what this
+    machine's cores give at most (two hyperthreads of one core give far less than 2)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    _spin(n)
+    one = time.perf_counter() - t0
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_spin, args=(n // processes,)) for _ in range(processes)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return one / (time.perf_counter() - t0)
+
+
+def run_round(
+    workers: int, datagrams: int, devices: int, rcvbuf: int, *, bus: bool = False
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     reg = DeviceRegistry({})
     secrets = {f"w-{i:05d}": reg.add(f"w-{i:05d}") for i in range(devices)}
@@ -98,6 +124,16 @@ def run_round(workers: int, datagrams: int, devices: int, rcvbuf: int) -> dict[s
            "--stats-json", str(stats)]  # fmt: skip
     if workers > 1:
         cmd += ["--workers", str(workers)]
+    redis = None
+    if bus and workers == 1:  # one process, but on a bus as the workers are
+        rport = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_tcp(rport)
+        cmd += ["--redis", f"redis://127.0.0.1:{rport}/0"]
     log = open(tmp / "collector.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -125,6 +161,8 @@ def run_round(workers: int, datagrams: int, devices: int, rcvbuf: int) -> dict[s
             else [proc.pid]
         )
         redis_pids = [p for p in kids if p not in collector_pids]
+        if redis is not None:
+            redis_pids.append(redis.pid)
         for p in collector_pids:
             os.kill(p, signal.SIGSTOP)
         drops = rcvbuf_errors()
@@ -148,11 +186,15 @@ def run_round(workers: int, datagrams: int, devices: int, rcvbuf: int) -> dict[s
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
     doc = json.loads(stats.read_text())
     per = doc["workers"].values() if workers > 1 else [doc]
     accepted = sum(s["datagrams_accepted"] for s in per)
     return {
         "workers": workers,
+        "bus": bus or workers > 1,
         "datagrams": datagrams,
         "seconds": elapsed,
         "rate": datagrams / elapsed,
@@ -190,6 +232,11 @@ def build_parser(prog: str = "collector bench workers") -> argparse.ArgumentPars
         default=1 << 30,
         help="bytes of receive buffer per socket (default 1 GiB)",
     )
+    p.add_argument(
+        "--bus",
+        action="store_true",
+        help="also run one process on a Redis bus (what the bus costs)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every round's figures")
     return p  # fmt: skip
 
@@ -197,27 +244,41 @@ def build_parser(prog: str = "collector bench workers") -> argparse.ArgumentPars
 def main(argv: list[str] | None = None, prog: str = "collector bench workers") -> int:
     args = build_parser(prog).parse_args(argv)
     results: list[dict[str, Any]] = []
+    machine = []
+    arms = [(1, False), *([(1, True)] if args.bus else []), (args.workers, True)]
     for r in range(args.rounds):
-        for workers in (1, args.workers):
-            res = run_round(workers, args.datagrams, args.devices, args.rcvbuf)
+        machine.append(machine_ratio(args.workers))
+        print(f"round {r + 1}: this machine runs {args.workers} processes of pure Python "
+              f"{machine[-1]:.2f}x as fast as one", flush=True)  # fmt: skip
+        for workers, bus in arms:
+            res = run_round(workers, args.datagrams, args.devices, args.rcvbuf, bus=bus)
             results.append(res)
             print(
-                f"round {r + 1}, {workers} worker{'s' if workers > 1 else ''}: "
+                f"round {r + 1}, {workers} worker{'s' if workers > 1 else ''}"
+                f"{' on a bus' if bus and workers == 1 else ''}: "
                 f"{res['rate']:,.0f} datagrams/s ({res['seconds']:.2f} s), accepted "
                 f"{res['accepted']:,} of {res['datagrams']:,}, kernel drops {res['kernel_drops']}, "
                 f"collector CPU {res['collector_cpu']:.2f} s, redis CPU {res['redis_cpu']:.2f} s"
                 + (f", per worker {res['per_worker_accepted']}" if workers > 1 else ""),
                 flush=True,
             )
-    one = [x["rate"] for x in results if x["workers"] == 1]
+    one = [x["rate"] for x in results if x["workers"] == 1 and not x["bus"]]
     many = [x["rate"] for x in results if x["workers"] == args.workers]
     ratios = [m / o for o, m in zip(one, many, strict=True)]
     print(
         f"median: 1 worker {statistics.median(one):,.0f}/s, {args.workers} workers "
         f"{statistics.median(many):,.0f}/s; ratio per round "
         + ", ".join(f"{x:.2f}" for x in ratios)
-        + f" (median {statistics.median(ratios):.2f})"
+        + f" (median {statistics.median(ratios):.2f}); the machine's own ratio "
+        + ", ".join(f"{x:.2f}" for x in machine)
     )
+    if args.bus:
+        on_bus = [x["rate"] for x in results if x["workers"] == 1 and x["bus"]]
+        print(
+            "one process on a bus: "
+            + ", ".join(f"{b / o:.2f}" for o, b in zip(one, on_bus, strict=True))
+            + " of one process without"
+        )
     bad = [x for x in results if x["accepted"] < x["datagrams"]]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

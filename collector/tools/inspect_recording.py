@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from collector.core.segments import RecordingReader
+from collector.core.segments import RecordingReader, open_recording
 from collector.tools import options
 from collector.tools.playback import select
 from collector.wire.recording import (
@@ -247,7 +247,12 @@ def export_parquet(records: list[Record], path: str) -> int:
 
 def build_parser(prog: str = "collector inspect") -> argparse.ArgumentParser:
     p = options.parser(prog, __doc__)
-    p.add_argument("recording", metavar="DIR", help="a recording directory")
+    p.add_argument(
+        "recording",
+        metavar="DIR",
+        nargs="+",
+        help="a recording directory; several (the nodes of a cluster) are merged by time",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
         "--gap",
@@ -273,13 +278,13 @@ def main(argv: list[str] | None = None, prog: str = "collector inspect") -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        reader = RecordingReader(args.recording)
+        reader = open_recording(args.recording)
         records = list(reader)
     except RecordingError as exc:
         raise options.UserError(str(exc)) from None
     if not reader.segments:
         raise options.UserError(
-            f"{args.recording} is not a recording: it holds no segment files (seg-NNNNNN.rec)"
+            f"{' '.join(args.recording)} is not a recording: it holds no segment files (seg-NNNNNN.rec)"
         )
     if args.parquet:
         options.require("pyarrow", "parquet", "--parquet")

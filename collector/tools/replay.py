@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from collector.core.segments import RecordingReader
+from collector.core.segments import open_recording
 from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import setup_logging
 from collector.tools import options
@@ -70,7 +70,12 @@ def build_parser(prog: str = "collector replay") -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("recording", metavar="DIR", help="a recording directory")
+        q.add_argument(
+            "recording",
+            metavar="DIR",
+            nargs="+",
+            help="a recording directory; several (the nodes of a cluster) are merged by time",
+        )
         q.add_argument(
             "--speed",
             type=options.speed,
@@ -145,14 +150,16 @@ def main(argv: list[str] | None = None, prog: str = "collector replay") -> int:
 
 def _main(args: argparse.Namespace, prog: str) -> int:
     try:
-        reader = RecordingReader(args.recording)
+        reader = open_recording(args.recording)
         everything = list(reader)
     except RecordingError as exc:
         raise options.UserError(str(exc)) from None
     for problem in reader.problems():
         print(f"{prog}: note: {problem}", file=sys.stderr)
     if not everything:
-        raise options.UserError(f"{args.recording} holds no records: is it a recording directory?")
+        raise options.UserError(
+            f"{' '.join(args.recording)} holds no records: is it a recording directory?"
+        )
     start = everything[0].time
     if args.mode == "raw":
         return _raw(args, everything, start, prog)
