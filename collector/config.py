@@ -598,7 +598,7 @@ SETTINGS: tuple[Setting, ...] = (
         "cluster",
         "stream_maxlen",
         "cluster_stream_maxlen",
-        "entries kept in each node's Redis streams (one entry per ingest batch; XADD MAXLEN ~)",
+        "entries kept in each node's readings stream on Redis (one entry per publish round; XADD MAXLEN ~); its events and requests streams keep 1000",
     ),
     Setting(
         "cluster",

@@ -81,6 +81,10 @@ OP_TIMEOUT = 2.0
 BLOCK_MS = 1000
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 PUBLISH_BATCH = 500
+#: entries kept in a node's events and requests streams (heartbeats carry the statistics of
+#: every device that changed, so they are big; a node that falls behind rereads where every
+#: device is instead)
+EVENTS_MAXLEN = 1000
 #: readings entries waiting together are sent as one, up to this size
 MERGE_BYTES = 256 * 1024
 #: the publisher sends at most once per this many seconds: what arrives meanwhile goes in
@@ -697,7 +701,7 @@ class ClusterBus:
                         identifier=entry_id,
                         trim_strategy=PureToken.MAXLEN,
                         trim_operator=PureToken.APPROXIMATELY,
-                        threshold=self.maxlen,
+                        threshold=self.maxlen if stream.endswith(":readings") else EVENTS_MAXLEN,
                     )
                 if device_states:
                     pipe.hset(self.key("devices"), device_states)
@@ -754,7 +758,7 @@ class ClusterBus:
                         identifier=self.ids.next(),
                         trim_strategy=PureToken.MAXLEN,
                         trim_operator=PureToken.APPROXIMATELY,
-                        threshold=self.maxlen,
+                        threshold=EVENTS_MAXLEN,
                     )
                     if states:
                         pipe.hset(self.key("devices"), states)

@@ -300,10 +300,13 @@ class CommandManager:
         cmd.transport = f"via {node}"
         remaining = max(0.0, cmd.expires_at - trio.current_time())
         self.remote.forward_command(cmd, node, remaining)
-        with trio.move_on_after(remaining + cmd.timeout + 5.0):
-            await cmd.done.wait()
-        if not cmd.final:
-            self._finish(cmd, "timed_out", error=f"no answer from node {node}")
+        try:
+            with trio.move_on_after(remaining + cmd.timeout + 5.0):
+                await cmd.done.wait()
+            if not cmd.final:
+                self._finish(cmd, "timed_out", error=f"no answer from node {node}")
+        finally:
+            self.remote.forwarded.pop(cmd.id, None)
 
     def finish_remote(
         self, cmd: CommandRecord, state: str, *, result: Any = None, error: str | None = None

@@ -230,7 +230,7 @@ class MergedReader:
         return self.records()
 
     def records(self) -> Iterator[Record]:
-        return heapq.merge(*(r.records() for r in self.readers), key=_record_time)
+        return heapq.merge(*(r.records() for r in self.readers), key=_time_of)
 
     @property
     def reports(self) -> list[SegmentReport]:
@@ -252,7 +252,7 @@ class MergedReader:
         return [f"{r.directory}/{p}" for r in self.readers for p in r.problems()]
 
 
-def _record_time(record: Record) -> float:
+def _time_of(record: Record) -> float:
     return record.time
 
 
