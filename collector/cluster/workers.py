@@ -40,7 +40,7 @@ import trio
 from collector.cluster import steering
 from collector.config import Config
 from collector.servers.serving import bind_error
-from collector.servers.udp import SO_RCVBUFFORCE
+from collector.servers.udp import set_rcvbuf
 
 log = logging.getLogger("collector.workers")
 
@@ -104,12 +104,7 @@ def _reuseport(kind: int, host: str, port: int, what: str, *, rcvbuf: int = 0) -
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:
-            try:
-                if SO_RCVBUFFORCE is None:
-                    raise PermissionError
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            set_rcvbuf(sock, rcvbuf)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -53,19 +53,24 @@ def kernel_drops(sock: socket.socket) -> int | None:
     return None
 
 
+def set_rcvbuf(sock: socket.socket, rcvbuf: int) -> None:
+    """Ask for a receive buffer of `rcvbuf` bytes: SO_RCVBUFFORCE (root) may exceed
+    net.core.rmem_max; without it, SO_RCVBUF (capped by the kernel)."""
+    try:
+        if SO_RCVBUFFORCE is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+
 def open_udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if rcvbuf:
-            # SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; fall back to SO_RCVBUF.
-            try:
-                if SO_RCVBUFFORCE is None:
-                    raise PermissionError
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            set_rcvbuf(sock, rcvbuf)
         try:
             sock.bind((host, port))
         except OSError as exc:

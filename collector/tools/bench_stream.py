@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from collector.tools.common import (
     mosquitto_path,
     proc_stat,
     scrape,
+    start_redis,
     wait_for_tcp,
 )
 
@@ -236,15 +238,11 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     redis: subprocess.Popen[bytes] | None = None
     node_b: subprocess.Popen[str] | None = None
     cluster_args: list[str] = []
+    redis_port = 0
     if args.cluster:
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(work)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_tcp(redis_port)
-        cluster_args = ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
+        redis, redis_url = start_redis(work)
+        redis_port = urllib.parse.urlsplit(redis_url).port
+        cluster_args = ["--redis", redis_url]
     collector = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp),
          "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
                 redis_info.append(
                     (
                         time.time(),
-                        _redis_stats(int(cluster_args[1].rsplit(":", 1)[1].split("/")[0])),
+                        _redis_stats(redis_port),
                     )
                 )
         time.sleep(0.5)

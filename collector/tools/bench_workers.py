@@ -31,7 +31,7 @@ from typing import Any
 from collector.device.bulk import register_udp
 from collector.devices import DeviceRegistry
 from collector.tools import options
-from collector.tools.common import free_port, proc_stat, rcvbuf_errors, wait_for_tcp
+from collector.tools.common import free_port, proc_stat, rcvbuf_errors, start_redis
 from collector.wire import datagram as dg
 
 CONFIG = """
@@ -126,14 +126,8 @@ def run_round(
         cmd += ["--workers", str(workers)]
     redis = None
     if bus and workers == 1:  # one process, but on a bus as the workers are
-        rport = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_tcp(rport)
-        cmd += ["--redis", f"redis://127.0.0.1:{rport}/0"]
+        redis, redis_url = start_redis(tmp)
+        cmd += ["--redis", redis_url]
     log = open(tmp / "collector.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:

@@ -113,3 +113,15 @@ def slope(points: list[tuple[float, float]]) -> float:
     my = sum(y for _, y in points) / n
     var = sum((x - mx) ** 2 for x, _ in points)
     return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of its own on a free port (nothing saved), and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for_tcp(port)
+    return proc, f"redis://127.0.0.1:{port}/0"
