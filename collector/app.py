@@ -384,7 +384,9 @@ class Collector:
         those of removed devices, and of devices with a new secret, end with reason `revoked`.
         Returns one line per thing that changed."""
         changed: list[str] = []
-        if self.devices_file is not None and isinstance(self.devices, DeviceRegistry):
+        if self.cluster is not None and self.cluster.shared_devices:
+            log.info("reload: the devices are shared on Redis; the devices file is only a cache")
+        elif self.devices_file is not None and isinstance(self.devices, DeviceRegistry):
             try:
                 diff = self.devices.reload(self.devices_file)
             except DevicesError as exc:
@@ -473,6 +475,7 @@ class Collector:
     def add_device(self, device_id: str) -> str:
         """A new device with a generated secret (saved to the devices file); returns the secret."""
         registry = self._devices_registry()
+        self._may_change_devices(device_id)
         secret = registry.add(device_id)
         try:
             self._save_devices()
@@ -480,12 +483,13 @@ class Collector:
             registry.remove(device_id)
             raise
         log.info("device %s added", device_id)
-        self._devices_changed()
+        self._devices_changed(device_id, secret)
         return secret
 
     def remove_device(self, device_id: str) -> bool:
         """Remove a device (from the devices file too); its session ends `revoked`."""
         registry = self._devices_registry()
+        self._may_change_devices(device_id)
         secret = registry[device_id] if device_id in registry else None
         registry.remove(device_id)
         try:
@@ -494,12 +498,13 @@ class Collector:
             registry.add(device_id, secret)
             raise
         log.info("device %s removed", device_id)
-        self._devices_changed()
+        self._devices_changed(device_id, None)
         return self.revoke(device_id)
 
     def rotate_device(self, device_id: str) -> str:
         """A new secret for a device (saved); its session, on the old one, ends `revoked`."""
         registry = self._devices_registry()
+        self._may_change_devices(device_id)
         old = registry[device_id] if device_id in registry else None
         secret = registry.rotate(device_id)
         try:
@@ -509,13 +514,28 @@ class Collector:
             registry.add(device_id, old)
             raise
         log.info("device %s has a new secret", device_id)
-        self._devices_changed()
+        self._devices_changed(device_id, secret)
         self.revoke(device_id)
         return secret
 
-    def _devices_changed(self) -> None:
-        if self.cluster is not None:
+    def _may_change_devices(self, device_id: str) -> None:
+        if self.cluster is not None and self.cluster.shared_devices:
+            self.cluster.check_credentials_backlog(device_id)
+
+    def _devices_changed(self, device_id: str, secret: str | None) -> None:
+        if self.cluster is None:
+            return
+        if self.cluster.shared_devices:
+            self.cluster.credential_changed(device_id, secret)  # to Redis, then every node
+        else:
             self.cluster.broadcast_devices_changed()  # the other nodes read the file again
+
+    def save_devices_cache(self) -> None:
+        """[cluster] shared_devices: keep the devices file as this node's copy of Redis's."""
+        try:
+            self._save_devices()
+        except OSError as exc:
+            log.error("could not save the devices file %s: %s", self.devices_file, exc)
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:

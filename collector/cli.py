@@ -35,7 +35,7 @@ from collector.cluster.redis_server import private_redis
 from collector.cluster.workers import Supervisor, WorkerSpec, die_with_parent
 from collector.config import Config, ConfigError, load_config, render_markdown, render_toml
 from collector.core.statistics import statistics_to_json
-from collector.devices import DeviceRegistry, DevicesError, generate_secret
+from collector.devices import DeviceRegistry, DevicesError, check_device_id, generate_secret
 from collector.logs import setup_logging
 from collector.tools import options
 from collector.wire.recording import RecordingError
@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="add, remove, rotate and list device credentials",
         description="Manage the devices file. With --url, change a running collector through its "
         "API (it saves its devices file itself); without, edit the file (a running collector "
-        "takes it on SIGHUP: systemctl reload, or kill -HUP). Comments in the file are kept.",
+        "takes it on SIGHUP: systemctl reload, or kill -HUP). Comments in the file are kept. "
+        "With --redis, change the devices a cluster shares on Redis ([cluster] shared_devices, "
+        "docs/SCALING.md): every node takes the change at once.",
     )
     dsub = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
 
@@ -250,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="a command token for --url (default $COLLECTOR_TOKEN)",
         )
         q.add_argument("--ca", metavar="FILE", help="verify an https:// --url with this CA bundle")
+        q.add_argument(
+            "--redis",
+            metavar="URL",
+            help="change the devices shared on a cluster's Redis instead ([cluster] "
+            "shared_devices): every node takes the change at once",
+        )
+        q.add_argument(
+            "--prefix",
+            default="collector",
+            help="the cluster's [cluster] prefix (default collector)",
+        )
 
     for name, text in (
         ("add", "create a device with a generated secret (printed once)"),
@@ -322,11 +335,16 @@ def _with_user_errors(
 
 def _devices(args: argparse.Namespace) -> int:
     action = args.devices_command
+    if sum(bool(x) for x in (args.devices, args.url, args.redis)) > 1:
+        raise options.UserError("say one of --devices, --url and --redis")
     if args.url:
         return _devices_api(args, action)
+    if args.redis:
+        return trio.run(_devices_redis, args, action)
     if not args.devices:
         raise options.UserError(
-            "say which devices: --devices FILE, or --url URL of a running collector"
+            "say which devices: --devices FILE, --url URL of a running collector, or --redis "
+            "URL of a cluster with shared devices"
         )
     if action == "list":
         for device_id in DeviceRegistry.load(args.devices):
@@ -355,6 +373,58 @@ def _devices(args: argparse.Namespace) -> int:
     print(
         "a running collector takes the change on SIGHUP (systemctl reload trio-collector, or kill -HUP PID)"
     )
+    return 0
+
+
+async def _devices_redis(args: argparse.Namespace, action: str) -> int:
+    import coredis
+    from coredis.retry import NoRetryPolicy
+
+    from collector.cluster import credentials
+
+    keys = credentials.Keys(args.prefix)
+    where = f"the shared devices on {args.redis}"
+    try:
+        with trio.fail_after(10):
+            async with coredis.Redis.from_url(
+                args.redis, decode_responses=False, connect_timeout=5, retry_policy=NoRetryPolicy()
+            ) as c:
+                if await credentials.seeded_by(c, keys) is None:
+                    raise options.UserError(
+                        f"no node with [cluster] shared_devices has joined {args.redis} "
+                        f"(prefix {args.prefix!r}) yet: the first one seeds the shared devices "
+                        "with its devices file; until then, change that file (--devices)"
+                    )
+                if action == "list":
+                    found, problems = await credentials.read_all(c, keys)
+                    for device_id in sorted(found):
+                        print(device_id)
+                    for problem in problems:
+                        print(f"skipped: {problem}", file=sys.stderr)
+                    return 0
+                check_device_id(args.device_id)
+                exists = await c.hexists(keys.hash, args.device_id)
+                if action == "add" and exists:
+                    raise DevicesError(f"device {args.device_id!r} already exists", "exists")
+                if action != "add" and not exists:
+                    raise DevicesError(f"no device {args.device_id!r}", "unknown_device")
+                secret = None if action == "remove" else generate_secret()
+                await credentials.write(c, keys, {args.device_id: secret}, "cli")
+    except (OSError, trio.TooSlowError) as exc:
+        raise options.UserError(
+            f"cannot reach {args.redis}: {exc or 'no answer within 10 s'}",
+            options.EXIT_ENVIRONMENT,
+        ) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("coredis"):
+            raise options.UserError(f"{args.redis}: {exc}", options.EXIT_ENVIRONMENT) from None
+        raise
+    verb = {"add": "added device", "remove": "removed device", "rotate": "new secret for device"}
+    print(f"{verb[action]} {args.device_id} in {where}")
+    if secret is not None:
+        print(f"secret: {secret}")
+        print("(shown once; the device proves it knows it, it never sends it)")
+    print("every node takes the change now; a session on an old secret ends (revoked)")
     return 0
 
 

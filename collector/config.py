@@ -164,6 +164,7 @@ class Config:
     cluster_stream_maxlen: int = 10_000
     cluster_buffer: int = 10_000
     cluster_prefix: str = "collector"
+    cluster_shared_devices: bool = False
     # [[device_config]]
     device_config: tuple[DeviceConfigRule, ...] = ()
 
@@ -236,6 +237,10 @@ class Config:
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             problems.append(
                 f"[cluster] redis must be a redis://, rediss:// or unix:// URL, not {self.redis!r}"
+            )
+        if self.cluster_shared_devices and not self.redis and self.workers == 1:
+            problems.append(
+                "[cluster] shared_devices needs a cluster bus: redis, or workers above 1"
             )
         if self.workers > 1 and (
             self.tls_plaintext_tcp_port >= 0 or self.tls_plaintext_http_port >= 0
@@ -607,6 +612,12 @@ SETTINGS: tuple[Setting, ...] = (
         "entries a node holds for the bus while Redis is away; beyond that the oldest are dropped and counted",
     ),
     Setting("cluster", "prefix", "cluster_prefix", "the prefix of every Redis key"),
+    Setting(
+        "cluster",
+        "shared_devices",
+        "cluster_shared_devices",
+        "device credentials live in Redis: a device added, removed or rotated on any node (API, or `collector devices --redis`) reaches every node without a restart; the first node to join seeds them with its devices file, which is from then on this node's cache of them",
+    ),
     Setting("logging", "level", "log_level", "DEBUG, INFO, WARNING or ERROR"),
     Setting("logging", "format", "log_format", 'or "json": one JSON object per line'),
     Setting(

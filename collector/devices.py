@@ -163,12 +163,30 @@ class DeviceRegistry(Mapping[str, str]):
     def reload(self, path: str | Path) -> Changes:
         """Read the file again and take what it says now; returns what changed."""
         found, doc = self._parse(path)
-        added = tuple(d for d in found if d not in self._secrets)
-        removed = tuple(d for d in self._secrets if d not in found)
-        rotated = tuple(d for d in found if d in self._secrets and found[d] != self._secrets[d])
-        self._secrets = dict(found)
+        changes = self.replace(found)
         self._doc = doc
-        return Changes(added, removed, rotated)
+        return changes
+
+    def replace(self, found: Mapping[str, str]) -> Changes:
+        """Take `found` (checked already) as the whole set of devices; returns what changed."""
+        return self.update({**dict.fromkeys(self._secrets), **found})
+
+    def update(self, changes: Mapping[str, str | None]) -> Changes:
+        """Apply device -> secret (None: remove it), checked already; returns what changed."""
+        added, removed, rotated = [], [], []
+        for device_id, secret in changes.items():
+            old = self._secrets.get(device_id)
+            if secret is None:
+                if old is not None:
+                    del self._secrets[device_id]
+                    removed.append(device_id)
+            elif old is None:
+                self._secrets[device_id] = secret
+                added.append(device_id)
+            elif old != secret:
+                self._secrets[device_id] = secret
+                rotated.append(device_id)
+        return Changes(tuple(added), tuple(removed), tuple(rotated))
 
     def to_toml(self) -> str:
         doc = self._doc

@@ -76,7 +76,7 @@ BAD_INPUT = [
     (("demo", "--sensors", "-1"), 2, "a whole number of 0 or more"),
     (("devices", "add", "bad id!", "--devices", "{tmp}/d.toml"), 2, "bad device id"),
     (("devices", "remove", "ghost", "--devices", "{tmp}/d.toml"), 2, "does not exist"),
-    (("devices", "rotate", "x"), 2, "--devices FILE, or --url URL"),
+    (("devices", "rotate", "x"), 2, "--devices FILE, --url URL"),
     (("devices", "list", "--url", "http://127.0.0.1:1/"), 3, "cannot reach"),
     (("config", "check", "{tmp}/missing.toml"), 2, "cannot read config"),
     (("config", "bogus"), 2, "invalid choice"),

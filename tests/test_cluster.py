@@ -26,7 +26,12 @@ import trio
 import trio_websocket
 
 from collector.cluster.steering import worker_for
-from collector.device.client import open_device, open_device_failover, open_udp_device
+from collector.device.client import (
+    RegistrationError,
+    open_device,
+    open_device_failover,
+    open_udp_device,
+)
 from collector.devices import DeviceRegistry
 from collector.wire.recording import decode_records
 
@@ -571,3 +576,95 @@ async def test_workers_that_cannot_start_stop_everything_with_one_error(tmp_path
     assert "cannot create recording directory" in text
     assert "exited with status 2 before it was ready, 3 times in a row" in text
     assert "starting it again in 0.5s" in text and "starting it again in 1.0s" in text
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "collector", *args],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+
+
+def secret_from(out: str) -> str:
+    return next(line.split()[1] for line in out.splitlines() if line.startswith("secret: "))
+
+
+async def registers(node: Node, device_id: str, secret: str) -> bool:
+    try:
+        async with open_device(
+            "127.0.0.1", device_id, secret, tcp_port=node.tcp, register_timeout=5
+        ):
+            return True
+    except RegistrationError:
+        return False
+
+
+async def test_shared_devices_reach_every_node_without_a_restart(tmp_path, redis, nodes):
+    """[cluster] shared_devices: the credentials live in Redis. Each node has its own devices
+    file (its cache); a change through the API of one node, or `collector devices --redis`,
+    reaches the others at once, and a node that was away takes what it missed when it joins."""
+    shared = "shared_devices = true"
+    dir_a, dir_b = tmp_path / "a", tmp_path / "b"
+    dir_a.mkdir()
+    dir_b.mkdir()
+    seeded = make_devices(dir_a, ["seed-1", "seed-2"])
+    make_devices(dir_b, [])
+    # Before any node joined, the CLI has nothing to change (and says why).
+    early = cli("devices", "add", "early", "--redis", redis.url)
+    assert early.returncode == 2 and "no node with [cluster] shared_devices" in early.stderr
+    a = Node(dir_a, "A", redis.url, extra=shared)
+    nodes.append(a)
+    await wait_cluster([a], ["A"])
+    b = Node(dir_b, "B", redis.url, extra=shared)
+    nodes.append(b)
+    await wait_cluster([a, b], ["A", "B"])
+
+    # A seeded the shared devices with its file; B, whose file was empty, has them.
+    assert await registers(b, "seed-1", seeded["seed-1"])
+    assert set(DeviceRegistry.load(dir_b / "devices.toml")) == {"seed-1", "seed-2"}
+    listed = cli("devices", "list", "--redis", redis.url)
+    assert listed.returncode == 0 and listed.stdout.split() == ["seed-1", "seed-2"]
+
+    # Added through A's API: B lets it register, with no restart and no SIGHUP.
+    status, body = await ahttp("POST", a.url("/api/devices"), {"id": "new-1"})
+    assert status == 201
+    await eventually(lambda: registers(b, "new-1", body["secret"]), "B takes a device added on A")
+
+    # Rotated from the command line: the session on the old secret, on B, ends revoked.
+    async with open_device(
+        "127.0.0.1", "new-1", body["secret"], tcp_port=b.tcp, register_timeout=5
+    ) as dev:
+        rotated = cli("devices", "rotate", "new-1", "--redis", redis.url)
+        assert rotated.returncode == 0, rotated.stderr
+        with trio.fail_after(30):
+            await dev.ended.wait()
+        assert dev.end_reason == "revoked"
+    new_secret = secret_from(rotated.stdout)
+    assert await registers(a, "new-1", new_secret)
+    assert not await registers(b, "new-1", body["secret"])
+    assert await registers(b, "new-1", new_secret)
+
+    # Removed while B is away: B learns it when it joins again (and its cache forgets it).
+    assert b.stop() == 0
+    removed = cli("devices", "remove", "seed-2", "--redis", redis.url)
+    assert removed.returncode == 0, removed.stderr
+    status, _ = await ahttp("DELETE", a.url("/api/devices/seed-1"))
+    assert status == 200
+    b2 = Node(dir_b, "B", redis.url, extra=shared)
+    nodes.append(b2)
+    await wait_cluster([a, b2], ["A", "B"])
+    assert not await registers(b2, "seed-2", seeded["seed-2"])
+    assert set(DeviceRegistry.load(dir_b / "devices.toml")) == {"new-1"}
+    await eventually(
+        lambda: set(DeviceRegistry.load(dir_a / "devices.toml")) == {"new-1"}, "A's cache"
+    )
+    assert cli("devices", "list", "--redis", redis.url).stdout.split() == ["new-1"]
+    # The CLI's refusals are clear.
+    again = cli("devices", "add", "new-1", "--redis", redis.url)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    gone = cli("devices", "rotate", "seed-2", "--redis", redis.url)
+    assert gone.returncode == 2 and "no device" in gone.stderr
+    _, metrics = await trio.to_thread.run_sync(
+        lambda: (0, urllib.request.urlopen(a.url("/metrics"), timeout=10).read().decode())
+    )
+    assert "collector_cluster_credentials_written_total 2" in metrics

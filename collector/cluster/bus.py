@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from collector.cluster import credentials
 from collector.core.events import (
     CommandUpdate,
     DeviceOffline,
@@ -57,6 +58,7 @@ from collector.core.events import (
     Event,
     Telemetry,
 )
+from collector.devices import DeviceRegistry, DevicesError
 from collector.logs import RateLimitedLog
 from collector.wire.jsonio import JsonError, dumps_bytes
 from collector.wire.jsonio import loads_object as loads
@@ -95,6 +97,8 @@ READINGS_LINGER = 10.0
 #: readings of a node read back when this node starts following them (to fill values)
 PREFILL = 200
 MAX_REMOTE_DEVICES = 1_000_000
+#: changes to shared credentials a node holds while Redis is away (one per device)
+MAX_PENDING_CREDENTIALS = 10_000
 MAX_NODES = 1024
 
 CAS_SCRIPT = """
@@ -283,6 +287,13 @@ class ClusterBus:
         self.forwarded: dict[str, str] = {}
         self._wait_remote: dict[str, trio.Event] = {}
         self._requests_from: bytes | None = None
+        #: [cluster] shared_devices: the credentials live in Redis (collector/cluster/credentials.py)
+        self.shared_devices = cfg.cluster_shared_devices and isinstance(app.devices, DeviceRegistry)
+        self.credential_keys = credentials.Keys(self.prefix)
+        #: this node's changes not yet in Redis: device -> secret (None: removed)
+        self._credentials_owed: dict[str, str | None] = {}
+        self._credentials_wake = trio.Event()
+        self._credentials_from: bytes | None = None
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -490,6 +501,8 @@ class ClusterBus:
                         nursery.start_soon(self._guard, self._follow_events, readers[0])
                         nursery.start_soon(self._guard, self._follow_readings, readers[1])
                         nursery.start_soon(self._guard, self._follow_requests, readers[2])
+                        if self.shared_devices:
+                            nursery.start_soon(self._guard, self._credentials_writer)
             except* _RedisFailed as group:
                 failed = _first(group)
                 self._down(failed.what, failed.cause)
@@ -581,6 +594,8 @@ class ClusterBus:
             ):
                 await self._mark_lost(device_id, raw, r)
             self.remote[device_id] = r
+        if self.shared_devices:
+            await self._sync_credentials()
 
     async def _last_id(self, c: Any, stream: str) -> bytes:
         last = await self._call(c.xrevrange, stream, "+", "-", count=1)
@@ -862,6 +877,9 @@ class ClusterBus:
                 for n in self.nodes.values()
                 if n.last_event is not None
             }
+            changes = self.credential_keys.changes
+            if self._credentials_from is not None:
+                streams[changes] = self._credentials_from
             if not streams:
                 await trio.sleep(self.heartbeat)
                 continue
@@ -870,6 +888,9 @@ class ClusterBus:
             )
             now = trio.current_time()
             for raw_stream, entries in (got or {}).items():
+                if raw_stream.decode() == changes:
+                    await self._credentials_changed(c, entries)
+                    continue
                 name = raw_stream.decode().split(":")[-2]
                 n = self.nodes.get(name)
                 if n is None:
@@ -1149,6 +1170,103 @@ class ClusterBus:
                     }
                 )
 
+    # -- shared credentials ([cluster] shared_devices) -----------------------------------------
+
+    def check_credentials_backlog(self, device_id: str) -> None:
+        """Refuse a change to the devices while too many wait for Redis (it is away)."""
+        owed = self._credentials_owed
+        if len(owed) >= MAX_PENDING_CREDENTIALS and device_id not in owed:
+            raise DevicesError(
+                f"{len(owed)} changes to the devices wait for Redis, which is not answering; "
+                "try again when it is back",
+                "cluster_backlog",
+            )
+
+    def credential_changed(self, device_id: str, secret: str | None) -> None:
+        """A change made here (the API): written to Redis at once, or when Redis is back."""
+        self._credentials_owed[device_id] = secret
+        self._credentials_wake.set()
+
+    async def _credentials_writer(self) -> None:
+        while True:
+            await self._credentials_wake.wait()
+            self._credentials_wake = trio.Event()
+            await self._write_owed_credentials()
+
+    async def _write_owed_credentials(self) -> None:
+        owed, self._credentials_owed = self._credentials_owed, {}
+        if not owed:
+            return
+        try:
+            with trio.fail_after(OP_TIMEOUT):
+                await credentials.write(self.client, self.credential_keys, owed, self.node)
+        except BaseException:
+            for device_id, secret in owed.items():  # newer changes made meanwhile win
+                self._credentials_owed.setdefault(device_id, secret)
+            raise
+        self.counters["credentials_written"] += len(owed)
+
+    async def _sync_credentials(self) -> None:
+        """At every join: write what this node owes, seed the hash if no node has, then take
+        all of it (changes missed while away included)."""
+        c, keys = self.client, self.credential_keys
+        await self._write_owed_credentials()
+        registry = self.app.devices
+        assert isinstance(registry, DeviceRegistry)
+        with trio.fail_after(OP_TIMEOUT * 4):
+            if await credentials.seed(c, keys, dict(registry), self.node):
+                log.info(
+                    "redis: shared devices seeded with the %d devices of this node's devices file",
+                    len(registry),
+                )
+            self._credentials_from = await self._last_id(c, keys.changes)
+            found, problems = await credentials.read_all(c, keys)
+        self._bad_credentials(problems)
+        self._apply_credentials(registry.replace(found), "joined")
+
+    async def _credentials_changed(self, c: Any, entries: Sequence[Any]) -> None:
+        wanted: list[str] = []
+        origins: set[str] = set()
+        for entry in entries:
+            self._credentials_from = entry.identifier
+            try:
+                doc = loads(entry.field_values[b"d"])
+                device_id, origin = doc["device"], doc["from"]
+            except (JsonError, KeyError, TypeError) as exc:
+                self._bad_credentials([f"a bad change entry: {exc}"])
+                continue
+            # This node's own changes are applied already; one it still owes is newer.
+            if origin != self.node and device_id not in self._credentials_owed:
+                wanted.append(str(device_id))
+                origins.add("the command line" if origin == "cli" else f"node {origin}")
+        if not wanted:
+            return
+        found, problems = await self._call(
+            credentials.read_some, c, self.credential_keys, list(dict.fromkeys(wanted))
+        )
+        self._bad_credentials(problems)
+        registry = self.app.devices
+        assert isinstance(registry, DeviceRegistry)
+        self._apply_credentials(registry.update(found), f"changed by {', '.join(sorted(origins))}")
+
+    def _apply_credentials(self, diff: Any, why: str) -> None:
+        if not diff:
+            return
+        self.counters["credentials_applied"] += (
+            len(diff.added) + len(diff.removed) + len(diff.rotated)
+        )
+        log.info("shared devices %s: %s", why, diff.describe())
+        for device_id in (*diff.removed, *diff.rotated):
+            self.app.revoke(device_id)
+        self.app.save_devices_cache()
+
+    def _bad_credentials(self, problems: list[str]) -> None:
+        for problem in problems:
+            self.counters["bad_entries"] += 1
+            self.rlog.warning(
+                "bad_credential", trio.current_time(), "redis: shared devices: %s", problem
+            )
+
     def publish_command_refused(self, doc: dict[str, Any], code: str, message: str) -> None:
         update = CommandUpdate(
             self.app.wall(), doc["device"], doc["id"], doc["name"], "failed", None,
@@ -1162,9 +1280,18 @@ class ClusterBus:
             while self.outbox.entries and self.redis_up:
                 self.outbox.drained = trio.Event()
                 await self.outbox.drained.wait()
+            if self._credentials_owed and self.redis_up:
+                with contextlib.suppress(Exception):  # failed: they stay owed, and are named
+                    await self._write_owed_credentials()
         if self.outbox.entries:
             log.warning(
                 "cluster: %d entries for the bus not sent at shutdown", len(self.outbox.entries)
+            )
+        if self._credentials_owed:
+            log.warning(
+                "cluster: %d changes to the shared devices not written to Redis at shutdown "
+                "(this node's devices file has them)",
+                len(self._credentials_owed),
             )
 
 

@@ -902,7 +902,10 @@ def _split_target(target: bytes) -> tuple[str, dict[str, list[str]]]:
     return urllib.parse.unquote(path), query
 
 
-_DEVICES_ERROR_STATUS = {"bad_device": 400, "unknown_device": 404, "exists": 409, "read_only": 409}
+_DEVICES_ERROR_STATUS = {
+    "bad_device": 400, "unknown_device": 404, "exists": 409, "read_only": 409,
+    "cluster_backlog": 503,
+}  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -325,6 +325,8 @@ def cluster_metrics(c: Mapping[str, Any], counter: Any, gauge: Any) -> Iterator[
         ("devices_lost", "Devices of lost nodes marked offline (reason node_lost)."),
         ("redis_errors", "Redis commands that failed or timed out."),
         ("bad_entries", "Entries on the bus that could not be read."),
+        ("credentials_written", "Changes to the shared devices this node wrote to Redis."),
+        ("credentials_applied", "Changes to the shared devices this node took from Redis."),
     ):
         yield counter(f"cluster_{key}", doc, c.get(key, 0))
 
