@@ -377,16 +377,16 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 async def _devices_redis(args: argparse.Namespace, action: str) -> int:
-    import coredis
     from coredis.retry import NoRetryPolicy
 
     from collector.cluster import credentials
+    from collector.cluster.connect import redis_client
 
     keys = credentials.Keys(args.prefix)
     where = f"the shared devices on {args.redis}"
     try:
         with trio.fail_after(10):
-            async with coredis.Redis.from_url(
+            async with redis_client(
                 args.redis, decode_responses=False, connect_timeout=5, retry_policy=NoRetryPolicy()
             ) as c:
                 if await credentials.seeded_by(c, keys) is None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from collector.cluster.connect import BadRedisUrl, check_url
 from collector.wire.datagram import MAX_DATAGRAM, MIN_HELLO_LEN
 from collector.wire.jsonio import JsonError, check_value
 
@@ -234,10 +235,11 @@ class Config:
             problems.append("[cluster] node_timeout must be at least 2 node heartbeats")
         if self.node and not NODE_NAME.fullmatch(self.node):
             problems.append(f"[cluster] node must be 1-48 of A-Z a-z 0-9 _ . -, not {self.node!r}")
-        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
-            problems.append(
-                f"[cluster] redis must be a redis://, rediss:// or unix:// URL, not {self.redis!r}"
-            )
+        if self.redis:
+            try:
+                check_url(self.redis)
+            except BadRedisUrl as exc:
+                problems.append(str(exc))
         if self.cluster_shared_devices and not self.redis and self.workers == 1:
             problems.append(
                 "[cluster] shared_devices needs a cluster bus: redis, or workers above 1"
@@ -585,7 +587,7 @@ SETTINGS: tuple[Setting, ...] = (
         "cluster",
         "redis",
         "redis",
-        'the cluster bus: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS) or unix:///PATH ("" = none)',
+        'the cluster bus: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS), unix:///PATH, or redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (the primary that Redis Sentinel names; "" = none)',
     ),
     Setting(
         "cluster",

@@ -65,11 +65,12 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 class RedisServer:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *args: str) -> None:
         self.port = free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
+             "--appendonly", "no", "--dir", str(tmp), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -89,6 +90,14 @@ class RedisServer:
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def info(self, section: str) -> bytes:
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(b"INFO " + section.encode() + b"\r\n")
+                time.sleep(0.05)
+                return s.recv(65536)
+        return b""
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -668,3 +677,88 @@ async def test_shared_devices_reach_every_node_without_a_restart(tmp_path, redis
         lambda: (0, urllib.request.urlopen(a.url("/metrics"), timeout=10).read().decode())
     )
     assert "collector_cluster_credentials_written_total 2" in metrics
+
+
+class Sentinel:
+    """A primary, its replica and one Sentinel watching them (quorum 1, down after 1 s)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.primary = RedisServer(tmp / "primary")
+        self.replica = RedisServer(
+            tmp / "replica", "--replicaof", "127.0.0.1", str(self.primary.port)
+        )
+        deadline = time.monotonic() + 30
+        while b"master_link_status:up" not in self.replica.info("replication"):
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        self.port = free_port()
+        conf = tmp / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {tmp}\n"
+            f"sentinel monitor svc 127.0.0.1 {self.primary.port} 1\n"
+            "sentinel down-after-milliseconds svc 1000\nsentinel failover-timeout svc 10000\n"
+        )
+        self.proc = subprocess.Popen(
+            [REDIS, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        while b"slaves=1" not in self.ask(b"INFO sentinel"):
+            assert self.proc.poll() is None, "the Sentinel exited"
+            assert time.monotonic() < deadline, "the Sentinel does not see the replica"
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/svc"
+
+    def ask(self, command: bytes) -> bytes:
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(command + b"\r\n")
+                time.sleep(0.05)
+                return s.recv(65536)
+        return b""
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        for server in (self.replica, self.primary):
+            if server.proc.poll() is None:
+                server.stop()
+
+
+async def test_nodes_reach_redis_through_sentinel_and_follow_a_failover(tmp_path, nodes):
+    """`redis+sentinel://`: the nodes ask Sentinel for the primary; when the primary is killed
+    and Sentinel promotes the replica, they join the new primary and the bus works again."""
+    sentinel = Sentinel(tmp_path)
+    try:
+        secrets = make_devices(tmp_path, ["before", "after"])
+        a, b = (Node(tmp_path, name, sentinel.url) for name in "AB")
+        nodes += [a, b]
+        await wait_cluster([a, b], ["A", "B"])
+
+        async def seen_on_b(device: str) -> bool:
+            status, body = await ahttp("GET", b.url(f"/api/devices/{device}"))
+            return status == 200 and body.get("online") and body.get("node") == "A"
+
+        async with open_device("127.0.0.1", "before", secrets["before"], tcp_port=a.tcp):
+            await eventually(lambda: seen_on_b("before"), "B sees a device of A")
+            os.kill(sentinel.primary.proc.pid, signal.SIGKILL)
+            sentinel.primary.proc.wait()
+            replica = sentinel.replica
+
+            def promoted() -> bool:
+                return b"role:master" in replica.info("replication")
+
+            await eventually(promoted, "Sentinel promotes the replica", within=60)
+
+            async def rejoined(node: Node) -> bool:
+                c = (await health(node)).get("cluster", {})
+                return c.get("redis") == "up" and "redis: up again" in node.text()
+
+            for node in (a, b):
+                await eventually(lambda n=node: rejoined(n), f"{node.name} rejoins", within=60)
+            async with open_device("127.0.0.1", "after", secrets["after"], tcp_port=a.tcp):
+                await eventually(lambda: seen_on_b("after"), "B sees a device of A after")
+    finally:
+        sentinel.stop()

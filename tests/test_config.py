@@ -157,3 +157,27 @@ def test_config_check_prints_the_effective_configuration(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "udp_port" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sentinel_urls_are_parsed_and_bad_ones_refused():
+    from collector.cluster.connect import BadRedisUrl, SentinelTarget, parse_sentinel
+
+    assert parse_sentinel("redis+sentinel://h1:26379,[::1]:26380/svc/3") == SentinelTarget(
+        (("h1", 26379), ("::1", 26380)), "svc", 3
+    )
+    assert parse_sentinel("redis+sentinel://u:p%40ss@h:1/main") == SentinelTarget(
+        (("h", 1),), "main", 0, "u", "p@ss"
+    )
+    for bad in (
+        "redis+sentinel://h:26379",  # no service
+        "redis+sentinel://h/svc",  # no port
+        "redis+sentinel://h:0/svc",
+        "redis+sentinel://h:1/svc/x",
+    ):
+        with pytest.raises(BadRedisUrl):
+            parse_sentinel(bad)
+        with pytest.raises(ConfigError, match=r"(?i)sentinel"):
+            Config(redis=bad)
+    with pytest.raises(ConfigError, match="redis must be a redis://"):
+        Config(redis="http://h/")
+    assert Config(redis="redis+sentinel://h:1/svc").redis

@@ -51,6 +51,7 @@ import attrs
 import trio
 
 from collector.cluster import credentials
+from collector.cluster.connect import redis_client
 from collector.core.events import (
     CommandUpdate,
     DeviceOffline,
@@ -444,10 +445,9 @@ class ClusterBus:
         another command in flight on a shared one), and every (re)join makes new ones: coredis
         6.9 loses a pool slot for each blocking read that is interrupted, which happens each
         time Redis goes away."""
-        import coredis  # only a clustered collector needs it
-        from coredis.retry import NoRetryPolicy
+        from coredis.retry import NoRetryPolicy  # only a clustered collector needs coredis
 
-        return coredis.Redis.from_url(
+        return redis_client(
             self.url,
             decode_responses=False,
             connect_timeout=OP_TIMEOUT,
