@@ -43,6 +43,7 @@ from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRegistry
 from collector.core.statistics import CollectorStatistics, DeviceStatistics
 from collector.devices import DeviceRegistry, DevicesError
+from collector.outputs.runner import Output
 from collector.servers.http import HttpServer
 from collector.servers.tcp import ControlServer
 from collector.servers.tls import TlsContexts
@@ -221,6 +222,22 @@ class Collector:
             self.ingest.heartbeats_to_listeners = True
             if config.record_raw:
                 self.ingest.raw_sink = self.recorder.on_datagram
+        #: [outputs.NAME]: readings on to databases (docs/OUTPUTS.md)
+        self.outputs: list[Output] = []
+        if ingest:
+            for out_cfg in config.outputs:
+                output = Output(
+                    out_cfg,
+                    recorder=self.recorder,
+                    record_dir=config.record_dir,
+                    wall=wall,
+                    log_rate=config.log_rate_limit,
+                )
+                self.outputs.append(output)
+                if self.recorder is None:
+                    self.listeners.append(output)  # a bounded buffer in memory
+                else:
+                    self.recorder.outputs.append(output)
         #: the cluster bus: other nodes' devices, commands across nodes (docs/SCALING.md)
         self.cluster: ClusterBus | None = None
         redis = worker.redis if worker is not None else config.redis
@@ -281,6 +298,8 @@ class Collector:
             await nursery.start(self.hub.serve)
             if self.cluster is not None:
                 await nursery.start(self.cluster.serve)
+            for output in self.outputs:
+                await nursery.start(output.serve, self.boundary)
             if self.http is not None:
                 self.http_address = await nursery.start(
                     functools.partial(

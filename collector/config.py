@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from collector.cluster.connect import BadRedisUrl, check_url
+from collector.outputs.config import OUTPUT_KEYS, OutputConfig, OutputConfigError, parse_outputs
 from collector.wire.datagram import MAX_DATAGRAM, MIN_HELLO_LEN
 from collector.wire.jsonio import JsonError, check_value
 
@@ -168,6 +169,8 @@ class Config:
     cluster_shared_devices: bool = False
     # [[device_config]]
     device_config: tuple[DeviceConfigRule, ...] = ()
+    # [outputs.NAME]
+    outputs: tuple[OutputConfig, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -682,6 +685,12 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: Any) -> Config:
                     ) from None
                 rules.append(DeviceConfigRule(rule["match"], rule["config"]))
             continue
+        if section == "outputs":
+            try:
+                kwargs["outputs"] = parse_outputs(body)
+            except OutputConfigError as exc:
+                raise ConfigError(str(exc)) from None
+            continue
         keys = _SECTIONS.get(section)
         if keys is None:
             raise ConfigError(f"unknown section [{section}]")
@@ -740,6 +749,16 @@ config = { report_interval = 5.0, unit = "C" }
 """
 
 
+_OUTPUTS_EXAMPLE = """\
+# Outputs: what the collector records, sent on to a database (docs/OUTPUTS.md). Each reads the
+# recording from its checkpoint, so an outage or a restart loses nothing. Uncomment to use.
+# [outputs.history]
+# type = "influx"
+# url = "http://127.0.0.1:8428"      # VictoriaMetrics; InfluxDB 1.x listens on 8086
+# database = "telemetry"
+"""
+
+
 def _toml_value(value: Any) -> str:
     """One TOML value on one line: tables inline, at any depth."""
     return _toml_item(value).as_string()
@@ -784,6 +803,16 @@ def render_toml(config: Config | None = None, *, example: bool = True) -> str:
         for rule in config.device_config:
             out += ["[[device_config]]", f"match = {_toml_value(rule.match)}",
                     f"config = {_toml_value(dict(rule.config))}", ""]  # fmt: skip
+    if example and not config.outputs:
+        out.append(_OUTPUTS_EXAMPLE)
+    for output in config.outputs:
+        out.append(f"[outputs.{output.name}]")
+        defaults = OutputConfig(output.name)
+        for key in OUTPUT_KEYS:
+            value = getattr(output, key)
+            if key == "type" or value != getattr(defaults, key):
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -836,7 +865,19 @@ def render_markdown() -> str:
         _DEVICE_CONFIG_EXAMPLE.rstrip(),
         "```",
         "",
+        "## [outputs.NAME]",
+        "",
+        "Outputs send what the collector records to a database (docs/OUTPUTS.md): one table per",
+        "output, named by you, several of one type allowed. Not live: a restart applies them.",
+        "",
+        "| key | default | what it does |",
+        "|---|---|---|",
     ]
+    output_defaults = OutputConfig("NAME")
+    for key, doc in OUTPUT_KEYS.items():
+        default = _toml_value(getattr(output_defaults, key)).replace("|", "\\|")
+        out.append(f"| `{key}` | `{default}` | {doc.replace('|', chr(92) + '|')} |")
+    out.append("")
     return "\n".join(out)
 
 

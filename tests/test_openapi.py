@@ -60,6 +60,7 @@ ROUTES = {
     "/api/commands/{id}": {"get"},
     "/api/config": {"post"},
     "/api/replay": {"get", "post"},
+    "/api/outputs": {"get"},
 }
 
 
@@ -539,6 +540,7 @@ async def a_live_collector(answers: Answers, monkeypatch, tmp_path) -> None:
             ("POST", "/", "GET, HEAD"),
             ("POST", "/static/app.js", "GET, HEAD"),
             ("DELETE", "/api/openapi.json", "GET, HEAD"),
+            ("POST", "/api/outputs", "GET, HEAD"),
         ]:
             _, headers = await expect(method, path, 405, "method_not_allowed")
             assert headers["allow"] == allow, (method, path)
@@ -592,6 +594,34 @@ async def a_live_collector(answers: Answers, monkeypatch, tmp_path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def a_collector_with_outputs(answers: Answers) -> None:
+    """No outputs: an empty list; one whose database does not answer: retrying."""
+    from collector.outputs.config import OutputConfig
+
+    async with trio.open_nursery() as nursery:
+        collector, _ = await start_collector(nursery, http_port=0)
+        expect = functools.partial(answers.expect, collector)
+        assert (await expect("GET", "/api/outputs", 200))[0]["outputs"] == []
+        await expect("HEAD", "/api/outputs", 200)
+        await collector.shutdown()
+    down = OutputConfig("db", url="http://127.0.0.1:9", retry_max=1.0, timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        collector, _ = await start_collector(nursery, http_port=0, outputs=(down,))
+        expect = functools.partial(answers.expect, collector)
+        async with open_device(
+            "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+        ) as dev:
+            await dev.send_readings({"temperature": 21.5})
+            await trio.sleep(5)
+        listing, _ = await expect("GET", "/api/outputs", 200)
+        (out,) = listing["outputs"]
+        assert (out["state"], out["source"], out["checkpoint"]) == ("retrying", "memory", None)
+        assert out["retries"] >= 1 and out["acknowledged"] == 0
+        health, _ = await expect("GET", "/healthz", 200)
+        assert health["outputs"] == {"db": "retrying"}
+        await collector.shutdown()
+
+
 async def a_collector_with_tokens(answers: Answers) -> None:
     async with trio.open_nursery() as nursery:
         collector, _ = await start_collector(
@@ -603,6 +633,7 @@ async def a_collector_with_tokens(answers: Answers) -> None:
             assert headers["www-authenticate"] == "Bearer"
         await expect("GET", "/api/commands/c000001", 401, "unauthorized", token="wrong")
         await expect("GET", "/api/replay", 401, "unauthorized")
+        await expect("GET", "/api/outputs", 401, "unauthorized")
         await expect("POST", "/api/config", 401, "unauthorized", body={"match": "*", "config": {}})
         await expect("GET", "/api/devices?token=r-token", 200)
         await expect("GET", "/metrics", 200, token="r-token")
@@ -745,6 +776,7 @@ async def test_every_answer_matches_the_document(nursery, autojump_clock, monkey
     await a_live_collector(answers, monkeypatch, tmp_path)
     await a_collector_with_tokens(answers)
     await a_stand_in_collector(answers)
+    await a_collector_with_outputs(answers)
     await collectors_at_their_limits(answers)
 
     documented = {(t, m) for t, item in DOC["paths"].items() for m in item if m in OPERATIONS}

@@ -85,12 +85,20 @@ class Recorder:
         self._open_written_version = 0
         self._open_written_snapshot: list[dict[str, Any]] = []
         self.sessions_closed_at_start = 0
+        #: set (and replaced) after every write: outputs reading the recording wait on it
+        self.flushed = trio.Event()
+        #: receive time of the newest readings record written (outputs' lag is measured to it)
+        self.last_record_time: float | None = None
+        self._pending_last_time: float | None = None
+        #: outputs reading the recording (collector/outputs): retention keeps what they need
+        self.outputs: list[Any] = []
 
     # -- listener (synchronous, from ingest) --------------------------------------------------
 
     def on_telemetry(self, batch: Sequence[Telemetry]) -> None:
         for t in batch:
             if t.readings:
+                self._pending_last_time = t.time
                 self._append(
                     recording.encode_readings_record(
                         t.time, t.device_id, t.seq, t.device_time_us, t.readings, t.payload
@@ -247,6 +255,7 @@ class Recorder:
             return
         data = bytes(self.buffer)
         n = self.pending
+        last_time, self._pending_last_time = self._pending_last_time, None
         self.buffer.clear()
         self.pending = 0
         preamble = self._preamble()
@@ -271,6 +280,10 @@ class Recorder:
         self.flushes += 1
         self.records += n
         self.bytes += len(data)
+        if last_time is not None:
+            self.last_record_time = last_time
+        self.flushed.set()
+        self.flushed = trio.Event()
         if closed:
             await self._after_rotation(closed)
 
@@ -278,12 +291,23 @@ class Recorder:
         self.segments_closed += len(closed)
         writer = self.writer
         now = self.wall()
+        # What outputs still need (their checkpoints) is kept from age-based retention; the
+        # size limit may still force it out, and then what each output loses is counted.
+        needs = [(o, o.needs()) for o in self.outputs]
+        needs = [(o, p) for o, p in needs if p is not None]
+        keep_from = min((p.segment for _, p in needs), default=None)
+        losses: list[tuple[Any, str, int]] = []
+
+        def forced(path: Path, segment: int) -> None:
+            for output, pos in needs:
+                if pos.segment <= segment:
+                    losses.append((output, path.name, output.lost_to_retention(path, segment, pos)))
 
         def work() -> list[Path]:
             for path in closed:
                 if writer.compress:
                     writer.compress_segment(path)
-            return writer.apply_retention(now)
+            return writer.apply_retention(now, keep_from=keep_from, forced=forced)
 
         try:
             removed = await trio.to_thread.run_sync(work)
@@ -292,6 +316,15 @@ class Recorder:
             return
         for path in removed:
             log.info("recording retention: removed %s", path.name)
+        for output, name, lost in losses:
+            output.counters["dropped"] += lost
+            log.error(
+                "recording retention: the disk limit removed %s before output %s sent it: "
+                "%d readings lost to that output",
+                name,
+                output.name,
+                lost,
+            )
 
     async def aclose(self) -> None:
         """Write everything buffered, a closing marker, and close the file."""

@@ -512,22 +512,36 @@ class SegmentWriter:
         path.unlink()
         return target
 
-    def apply_retention(self, now: float | None = None) -> list[Path]:
-        """Delete the oldest closed segments beyond the age and total-size limits."""
+    def apply_retention(
+        self,
+        now: float | None = None,
+        *,
+        keep_from: int | None = None,
+        forced: Callable[[Path, int], None] | None = None,
+    ) -> list[Path]:
+        """Delete the oldest closed segments beyond the age and total-size limits.
+
+        Segments numbered `keep_from` and later (what outputs have not sent yet) are kept
+        from the age limit; the size limit deletes them too when it must, calling
+        `forced(path, number)` first."""
         now = time.time() if now is None else now
-        segments = [p for _, p in list_segments(self.directory) if p != self.path]
+        segments = [(n, p) for n, p in list_segments(self.directory) if p != self.path]
         removed = []
         if self.retain_seconds is not None:
-            for p in list(segments):
+            for n, p in list(segments):
+                if keep_from is not None and n >= keep_from:
+                    continue
                 if now - p.stat().st_mtime > self.retain_seconds:
                     p.unlink()
                     removed.append(p)
-                    segments.remove(p)
+                    segments.remove((n, p))
         if self.retain_bytes is not None:
-            total = sum(p.stat().st_size for p in segments) + self.size
+            total = sum(p.stat().st_size for _, p in segments) + self.size
             while segments and total > self.retain_bytes:
-                p = segments.pop(0)
+                n, p = segments.pop(0)
                 total -= p.stat().st_size
+                if forced is not None and keep_from is not None and n >= keep_from:
+                    forced(p, n)
                 p.unlink()
                 removed.append(p)
         return removed

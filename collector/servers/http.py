@@ -15,6 +15,7 @@ Routes (docs/STREAM.md has the details):
     POST /api/devices/<id>/commands      {"name", "args", "timeout", "expires_in"} (command)
     POST /api/devices/<id>/kick          end the device's session            (command)
     POST /api/config                     {"match": glob, "config": {...}}    (command)
+    GET  /api/outputs                    each output: state, checkpoint, counts, lag (read)
     GET  /api/replay                     replay position, speed, pause (stand-in only) (read)
     POST /api/replay                     {"action": "pause"|"resume"|"speed"|"seek", ...} (command)
     GET  /stream                         WebSocket upgrade                   (read)
@@ -727,6 +728,11 @@ class HttpServer:
                 "devices_known": len(self.app.devices),
                 "stream_subscribers": len(self.hub.subscribers),
                 **({"cluster": self._cluster_health()} if self.app.cluster is not None else {}),
+                **(
+                    {"outputs": {o.name: o.state for o in self.app.outputs}}
+                    if self.app.outputs
+                    else {}
+                ),
             },
         )
 
@@ -817,6 +823,11 @@ class HttpServer:
             return json_response(200, command_json(cmd))
         if parts == ["api", "replay"]:
             return self._replay(method, body)
+        if parts == ["api", "outputs"]:
+            _only(method, "GET")
+            return json_response(
+                200, {"time": app.wall(), "outputs": [o.status() for o in app.outputs]}
+            )
         if parts == ["api", "config"]:
             _only(method, "POST")
             req = _json_body(body)
@@ -940,6 +951,7 @@ def path_route(path: str) -> str:
         "api/commands/{id}",
         "api/config",
         "api/replay",
+        "api/outputs",
         "api/openapi.json",
     }
     route = "/".join(parts)

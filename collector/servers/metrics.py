@@ -285,6 +285,51 @@ class CollectorMetrics(PromCollector):
         cluster = getattr(app, "cluster", None)
         if cluster is not None:
             yield from cluster_metrics(cluster.status(), counter, gauge)
+        outputs = getattr(app, "outputs", None)
+        if outputs:
+            yield from output_metrics([o.status() for o in outputs])
+
+
+def output_metrics(statuses: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    """[outputs.NAME] (collector/outputs): what each output sent, had confirmed, and owes."""
+    for key, doc in (
+        ("sent", "Readings sent (a batch sent again counts again)."),
+        ("acknowledged", "Readings the destination confirmed."),
+        ("retries", "Batches sent again after an error, a timeout or a 5xx/429 answer."),
+        ("rejected", "Readings in batches the destination refused as bad (4xx): skipped."),
+        (
+            "dropped",
+            "Readings the output lost: its memory buffer was full, or retention forced out a segment it had not sent.",
+        ),
+        ("filtered", "Readings its device and metric globs left out."),
+        ("restarts", "Times the output stopped on an error it did not expect and started again."),
+    ):
+        family = CounterMetricFamily(f"collector_output_{key}", doc, labels=["output"])
+        for s in statuses:
+            family.add_metric([s["name"]], s[key])
+        yield family
+    lag = GaugeMetricFamily(
+        "collector_output_lag_seconds",
+        "Receive time of the newest recorded reading minus that of the last one confirmed.",
+        labels=["output"],
+    )
+    up = GaugeMetricFamily(
+        "collector_output_up", "1 while the destination answers, 0 while retrying or failed.",
+        labels=["output"],
+    )  # fmt: skip
+    buffered = GaugeMetricFamily(
+        "collector_output_buffered",
+        "Readings waiting in memory (outputs of a collector that does not record).",
+        labels=["output"],
+    )
+    for s in statuses:
+        if s["lag_seconds"] is not None:
+            lag.add_metric([s["name"]], s["lag_seconds"])
+        up.add_metric([s["name"]], 1 if s["state"] in ("sending", "starting") else 0)
+        buffered.add_metric([s["name"]], s["buffered"])
+    yield lag
+    yield up
+    yield buffered
 
 
 def cluster_metrics(c: Mapping[str, Any], counter: Any, gauge: Any) -> Iterator[Metric]:
