@@ -43,6 +43,7 @@ from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRegistry
 from collector.core.statistics import CollectorStatistics, DeviceStatistics
 from collector.devices import DeviceRegistry, DevicesError
+from collector.outputs.gauges import Gauges
 from collector.outputs.runner import Output
 from collector.servers.http import HttpServer
 from collector.servers.tcp import ControlServer
@@ -223,9 +224,14 @@ class Collector:
             if config.record_raw:
                 self.ingest.raw_sink = self.recorder.on_datagram
         #: [outputs.NAME]: readings on to databases (docs/OUTPUTS.md)
-        self.outputs: list[Output] = []
+        self.outputs: list[Output | Gauges] = []
         if ingest:
             for out_cfg in config.outputs:
+                if out_cfg.type == "prometheus":
+                    gauges = Gauges(out_cfg)
+                    self.outputs.append(gauges)
+                    self.listeners.append(gauges)
+                    continue
                 output = Output(
                     out_cfg,
                     recorder=self.recorder,

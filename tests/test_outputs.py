@@ -41,7 +41,7 @@ from collector.wire.recording import (
     encode_readings_record,
 )
 
-from .helpers import SECRETS, start_collector
+from .helpers import SECRETS, api, http, start_collector
 
 ROOT = Path(__file__).resolve().parent.parent
 VM = shutil.which("victoria-metrics")
@@ -473,3 +473,41 @@ async def test_every_recorded_reading_reaches_the_database_once_through_kills_an
         assert "ReadTimeout" in log and "answers again" in log  # the outage was one
     finally:
         collector.kill()
+
+
+# -- last-value gauges on /metrics -------------------------------------------------------------
+
+
+async def test_prometheus_gauges_hold_last_values_up_to_a_cap(nursery, autojump_clock):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges = OutputConfig("last", type="prometheus", max_series=3, metrics=("t*", "door", "mode"))
+    collector, _ = await start_collector(nursery, http_port=0, outputs=(gauges,))
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ) as dev:
+        await dev.send_readings({"t1": 20.0, "door": True, "other": 1})
+        await dev.send_readings({"t1": 21.5, "mode": "eco"})  # text: not a number
+        await dev.send_readings({"t2": 1, "t3": 2})  # t3 is a 4th series: refused
+        await trio.sleep(0.5)
+    status, _, raw = await http(collector, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    values = {
+        (s.labels["device"], s.labels["metric"]): s.value
+        for s in families["collector_reading"].samples
+    }
+    assert values == {("dev-1", "t1"): 21.5, ("dev-1", "door"): 1.0, ("dev-1", "t2"): 1.0}
+    refused = {
+        s.labels["reason"]: s.value
+        for s in families["collector_reading_refused"].samples
+        if s.name.endswith("_total")
+    }
+    assert refused == {"max_series": 1.0, "not_a_number": 1.0}
+    assert "collector_output_sent" not in families  # no influx output: no such families
+    _, listing = await api(collector, "GET", "/api/outputs")
+    assert listing["outputs"] == [
+        {"name": "last", "type": "prometheus", "destination": "/metrics", "state": "sending",
+         "series": 3, "max_series": 3, "refused": {"not_a_number": 1, "max_series": 1}},
+    ]  # fmt: skip
+    await collector.shutdown()

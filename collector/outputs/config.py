@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}")
-TYPES = ("influx",)
+TYPES = ("influx", "prometheus")
 
 
 class OutputConfigError(ValueError):
@@ -46,11 +46,15 @@ class OutputConfig:
     timeout: float = 10.0
     retry_max: float = 30.0
     buffer: int = 100_000
+    #: prometheus: series kept at most
+    max_series: int = 10_000
 
 
 #: key -> what it does (docs/CONFIGURATION.md and docs/OUTPUTS.md are made from this)
 OUTPUT_KEYS: dict[str, str] = {
-    "type": '"influx": InfluxDB line protocol over HTTP (InfluxDB 1.x, 2, 3; VictoriaMetrics)',
+    "type": '"influx": InfluxDB line protocol over HTTP (InfluxDB 1.x, 2, 3; VictoriaMetrics); "prometheus": last-value gauges collector_reading{output,device,metric} on /metrics',
+    "devices": "globs of the device ids sent",
+    "metrics": "globs of the metric names sent",
     "url": "the database's base URL (http:// or https://)",
     "api": '"v1": POST /write?db=DATABASE (InfluxDB 1.x, VictoriaMetrics); "v2": POST /api/v2/write?org=ORG&bucket=BUCKET (InfluxDB 2 and 3)',
     "database": "v1: the database",
@@ -63,8 +67,6 @@ OUTPUT_KEYS: dict[str, str] = {
     "layout": '"fields": one line per datagram, a field per metric; "metric": one line per reading, tag metric, field value',
     "device_time": "add the device's own time as an integer field device_time_us",
     "gzip": "send request bodies gzip-compressed",
-    "devices": "globs of the device ids sent",
-    "metrics": "globs of the metric names sent",
     "checkpoint": 'the checkpoint file ("" = DIR/outputs/NAME.checkpoint in the recording directory)',
     "start": 'where an output with no checkpoint starts: "now" (the end of the recording) or "oldest" (all of it)',
     "batch_size": "readings per request at most",
@@ -73,6 +75,13 @@ OUTPUT_KEYS: dict[str, str] = {
     "timeout": "seconds a request may take before it is retried",
     "retry_max": "the longest wait between retries, in seconds (backoff from 0.5 s, doubling, with jitter)",
     "buffer": "readings held in memory when the collector does not record (beyond: dropped and counted)",
+    "max_series": "prometheus: series kept at most; readings of new series beyond are refused and counted",
+}
+
+#: the keys each type takes besides type, devices and metrics
+TYPE_KEYS: dict[str, frozenset[str]] = {
+    "influx": frozenset(OUTPUT_KEYS) - {"type", "devices", "metrics", "max_series"},
+    "prometheus": frozenset({"max_series"}),
 }
 
 
@@ -109,6 +118,10 @@ def parse_outputs(body: Any) -> tuple[OutputConfig, ...]:
                 )
             kwargs[key] = value
         cfg = OutputConfig(name, **kwargs)
+        kind = cfg.type if cfg.type in TYPE_KEYS else "influx"
+        for key in kwargs:
+            if key not in ("type", "devices", "metrics") and key not in TYPE_KEYS[kind]:
+                raise OutputConfigError(f"{where}: {key!r} is not a key of {kind} outputs")
         check(cfg, where)
         out.append(cfg)
     return tuple(out)
@@ -130,7 +143,7 @@ def check(cfg: OutputConfig, where: str) -> None:
         problems.append(f'start must be "now" or "oldest", not {cfg.start!r}')
     if not cfg.measurement:
         problems.append("measurement must not be empty")
-    for key in ("batch_size", "buffer"):
+    for key in ("batch_size", "buffer", "max_series"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key} must be at least 1")
     for key in ("flush_interval", "timeout", "retry_max"):

@@ -287,11 +287,42 @@ class CollectorMetrics(PromCollector):
             yield from cluster_metrics(cluster.status(), counter, gauge)
         outputs = getattr(app, "outputs", None)
         if outputs:
-            yield from output_metrics([o.status() for o in outputs])
+            yield from output_metrics([o.status() for o in outputs if o.cfg.type != "prometheus"])
+            yield from reading_gauges([o for o in outputs if o.cfg.type == "prometheus"])
+
+
+def reading_gauges(outputs: list[Any]) -> Iterator[Metric]:
+    """[outputs.NAME] type = "prometheus": the last value of each device's metrics."""
+    if not outputs:
+        return
+    values = GaugeMetricFamily(
+        "collector_reading",
+        "The last value of a device's metric (a bool is 1 or 0), by output, device and metric.",
+        labels=["output", "device", "metric"],
+    )
+    refused = CounterMetricFamily(
+        "collector_reading_refused",
+        "Readings a prometheus output left out: a new series beyond max_series, or text.",
+        labels=["output", "reason"],
+    )
+    series = GaugeMetricFamily(
+        "collector_reading_series", "Series a prometheus output holds.", labels=["output"]
+    )
+    for o in outputs:
+        for (device, metric), (value, _t) in list(o.values.items()):
+            values.add_metric([o.name, device, metric], value)
+        for reason in ("max_series", "not_a_number"):
+            refused.add_metric([o.name, reason], o.refused.get(reason, 0))
+        series.add_metric([o.name], len(o.values))
+    yield values
+    yield refused
+    yield series
 
 
 def output_metrics(statuses: list[Mapping[str, Any]]) -> Iterator[Metric]:
     """[outputs.NAME] (collector/outputs): what each output sent, had confirmed, and owes."""
+    if not statuses:
+        return
     for key, doc in (
         ("sent", "Readings sent (a batch sent again counts again)."),
         ("acknowledged", "Readings the destination confirmed."),
