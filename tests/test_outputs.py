@@ -511,3 +511,134 @@ async def test_prometheus_gauges_hold_last_values_up_to_a_cap(nursery, autojump_
          "series": 3, "max_series": 3, "refused": {"not_a_number": 1, "max_series": 1}},
     ]  # fmt: skip
     await collector.shutdown()
+
+
+# -- MQTT: a real Mosquitto, restarted under the output ------------------------------------------
+
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+)
+
+
+class Mosquitto:
+    """mosquitto on a free port, persistent (a restart keeps the subscriber's session and the
+    messages queued for it, as a production broker does)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.conf = tmp / "mosquitto.conf"
+        (tmp / "mq").mkdir()
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {tmp / 'mq'}/\nmax_queued_messages 100000\n"
+        )
+        self.log = open(tmp / "mosquitto.log", "ab")
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=self.log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "mosquitto exited"
+                assert time.monotonic() < deadline, "mosquitto does not listen"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    if MOSQUITTO is None:
+        if os.environ.get("REQUIRE_OUTPUTS"):
+            raise RuntimeError("REQUIRE_OUTPUTS is set but mosquitto is not installed")
+        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    broker = Mosquitto(tmp_path)
+    yield broker
+    if broker.proc.poll() is None:
+        broker.stop()
+
+
+class Subscriber:
+    """A persistent QoS 1 subscriber to collector/# (paho in its own thread)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.got: list[tuple[str, bytes]] = []
+        self.subscribed = 0
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub", clean_session=False)
+        c.on_connect = lambda c, u, f, rc, p: c.subscribe("collector/#", qos=1)
+        c.on_subscribe = lambda *a: setattr(self, "subscribed", self.subscribed + 1)
+        c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload))
+        c.reconnect_delay_set(1, 1)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        self.client = c
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_mqtt_subscriber_gets_every_reading_across_a_broker_restart(
+    nursery, tmp_path, mosquitto
+):
+    sub = Subscriber(mosquitto.port)
+    try:
+        with trio.fail_after(20):
+            while not sub.subscribed:  # noqa: ASYNC110 (paho's thread sets it)
+                await trio.sleep(0.05)
+        out = OutputConfig(
+            "mq", type="mqtt", url=f"mqtt://127.0.0.1:{mosquitto.port}", flush_interval=0.1,
+            batch_size=200, timeout=0.5, retry_max=1.0, metrics=("t",),
+        )  # fmt: skip
+        collector, _ = await start_collector(
+            nursery, record_dir=str(tmp_path / "rec"), record_flush_interval=0.02, outputs=(out,)
+        )
+        (output,) = collector.outputs
+        port = collector.tcp_address[1]
+        async with open_device("127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=port) as dev:
+            for i in range(300):
+                await dev.send_readings({"t": float(i), "hidden": i})
+                await trio.sleep(0.01)
+                if i == 100:
+                    await trio.to_thread.run_sync(mosquitto.stop)  # the broker restarts
+                if i == 250:  # down for at least 1.5 s: longer than the output's timeout
+                    await trio.to_thread.run_sync(mosquitto.start)
+        await trio.sleep(0.5)
+        recorded = {
+            (r.seq, float(dict(r.readings)["t"]))
+            for r in RecordingReader(tmp_path / "rec")
+            if isinstance(r, ReadingsRecord)
+        }
+        assert len(recorded) == 300
+
+        def received() -> set[tuple[int, float]]:
+            return {
+                (doc["seq"], doc["value"])
+                for topic, payload in list(sub.got)
+                if topic == "collector/dev-1/t" and (doc := json.loads(payload))
+            }
+
+        with trio.move_on_after(60):
+            while not recorded <= received():  # noqa: ASYNC110 (paho's thread delivers)
+                await trio.sleep(0.2)
+        assert recorded <= received()
+        assert all(topic in ("collector/dev-1/t", "collector/dev-1/events") for topic, _ in sub.got)
+        events = [json.loads(p) for t, p in sub.got if t == "collector/dev-1/events"]
+        assert {"event": "online", "device": "dev-1"}.items() <= events[0].items()
+        status = output.status()
+        assert status["retries"] >= 1 and status["acknowledged"] >= 300
+        assert "not connected" in status["last_error"] or "acknowledged" in status["last_error"]
+        await collector.shutdown()
+    finally:
+        sub.close()

@@ -48,6 +48,25 @@ class RecorderConfig:
     fsync: bool = False
 
 
+def session_record(event: Event) -> tuple[RecordType, dict[str, Any]] | None:
+    """The ONLINE or OFFLINE record's JSON for a session event (None for other events)."""
+    if isinstance(event, DeviceOnline):
+        return RecordType.ONLINE, {
+            "device": event.device_id,
+            "session_id": event.session_id,
+            "transport": event.transport,
+            "address": event.address,
+        }
+    if isinstance(event, DeviceOffline):
+        return RecordType.OFFLINE, {
+            "device": event.device_id,
+            "session_id": event.session_id,
+            "reason": event.reason,
+            "duration": event.duration,
+        }
+    return None
+
+
 class Recorder:
     def __init__(
         self, config: RecorderConfig, *, wall: Callable[[], float], source: str = "collector"
@@ -108,26 +127,15 @@ class Recorder:
                 self._append(recording.encode_heartbeat_record(t.time, t.device_id, t.seq))
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, DeviceOnline):
-            data: dict[str, Any] = {
-                "device": event.device_id,
-                "session_id": event.session_id,
-                "transport": event.transport,
-                "address": event.address,
-            }
-            self._open[event.session_id] = {**data, "since": event.time}
+        session = session_record(event)
+        if session is not None:
+            rtype, data = session
+            if rtype is RecordType.ONLINE:
+                self._open[event.session_id] = {**data, "since": event.time}  # type: ignore[union-attr]
+            else:
+                self._open.pop(event.session_id, None)  # type: ignore[union-attr]
             self._open_changed = True
-            self._append(recording.encode_json_record(RecordType.ONLINE, event.time, data))
-        elif isinstance(event, DeviceOffline):
-            data = {
-                "device": event.device_id,
-                "session_id": event.session_id,
-                "reason": event.reason,
-                "duration": event.duration,
-            }
-            self._open.pop(event.session_id, None)
-            self._open_changed = True
-            self._append(recording.encode_json_record(RecordType.OFFLINE, event.time, data))
+            self._append(recording.encode_json_record(rtype, event.time, data))
         elif isinstance(event, CommandUpdate):
             data = {
                 "device": event.device_id,

@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}")
-TYPES = ("influx", "prometheus")
+TYPES = ("influx", "mqtt", "prometheus")
+DEFAULT_URLS = {"influx": "http://127.0.0.1:8086", "mqtt": "mqtt://127.0.0.1:1883"}
 
 
 class OutputConfigError(ValueError):
@@ -48,6 +49,14 @@ class OutputConfig:
     buffer: int = 100_000
     #: prometheus: series kept at most
     max_series: int = 10_000
+    #: mqtt
+    topic: str = "collector/{device}/{metric}"
+    payload: str = "json"
+    qos: int = 1
+    retain: bool = False
+    events_topic: str = "collector/{device}/events"
+    client_id: str = ""
+    ca: str = ""
 
 
 #: key -> what it does (docs/CONFIGURATION.md and docs/OUTPUTS.md are made from this)
@@ -55,14 +64,14 @@ OUTPUT_KEYS: dict[str, str] = {
     "type": '"influx": InfluxDB line protocol over HTTP (InfluxDB 1.x, 2, 3; VictoriaMetrics); "prometheus": last-value gauges collector_reading{output,device,metric} on /metrics',
     "devices": "globs of the device ids sent",
     "metrics": "globs of the metric names sent",
-    "url": "the database's base URL (http:// or https://)",
+    "url": 'influx: the database\'s base URL, http:// or https:// (default "http://127.0.0.1:8086"); mqtt: mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts:// (TLS; default "mqtt://127.0.0.1:1883")',
     "api": '"v1": POST /write?db=DATABASE (InfluxDB 1.x, VictoriaMetrics); "v2": POST /api/v2/write?org=ORG&bucket=BUCKET (InfluxDB 2 and 3)',
-    "database": "v1: the database",
+    "database": "influx v1: the database",
     "org": "v2: the organisation",
     "bucket": "v2: the bucket",
     "token": "v2: an API token (Authorization: Token ...)",
-    "username": "v1: a user (HTTP basic authentication)",
-    "password": "v1: its password",
+    "username": "influx v1: a user (HTTP basic authentication); mqtt: the broker user (or in the URL)",
+    "password": "its password",
     "measurement": "the measurement of every line",
     "layout": '"fields": one line per datagram, a field per metric; "metric": one line per reading, tag metric, field value',
     "device_time": "add the device's own time as an integer field device_time_us",
@@ -76,11 +85,24 @@ OUTPUT_KEYS: dict[str, str] = {
     "retry_max": "the longest wait between retries, in seconds (backoff from 0.5 s, doubling, with jitter)",
     "buffer": "readings held in memory when the collector does not record (beyond: dropped and counted)",
     "max_series": "prometheus: series kept at most; readings of new series beyond are refused and counted",
+    "topic": "mqtt: the topic of each reading; {device} and {metric} are replaced",
+    "payload": 'mqtt: "json" ({"device", "metric", "value", "time", "seq"}) or "plain" (the value alone: 21.5, 3, true)',
+    "qos": "mqtt: 0, 1 (the checkpoint moves on PUBACK) or 2",
+    "retain": "mqtt: publish readings retained (the broker keeps the last value of each topic)",
+    "events_topic": 'mqtt: where session events go (online, offline with its reason), {device} replaced; "" = not sent',
+    "client_id": 'mqtt: the client id ("" = collector-NAME-HOSTNAME)',
+    "ca": "mqtt over mqtts://: the CA bundle that verifies the broker (default: the system's)",
 }
 
 #: the keys each type takes besides type, devices and metrics
+_MQTT_KEYS = frozenset({"topic", "payload", "qos", "retain", "events_topic", "client_id", "ca"})
+_RUNNER_KEYS = frozenset(
+    {"url", "username", "password", "checkpoint", "start", "batch_size", "flush_interval",
+     "max_rate", "timeout", "retry_max", "buffer"}
+)  # fmt: skip
 TYPE_KEYS: dict[str, frozenset[str]] = {
-    "influx": frozenset(OUTPUT_KEYS) - {"type", "devices", "metrics", "max_series"},
+    "influx": frozenset(OUTPUT_KEYS) - _MQTT_KEYS - {"type", "devices", "metrics", "max_series"},
+    "mqtt": _RUNNER_KEYS | _MQTT_KEYS,
     "prometheus": frozenset({"max_series"}),
 }
 
@@ -117,6 +139,9 @@ def parse_outputs(body: Any) -> tuple[OutputConfig, ...]:
                     f"{where} {key}: expected {type(default).__name__}, got {value!r}"
                 )
             kwargs[key] = value
+        kind = kwargs.get("type", "influx")
+        if kind in DEFAULT_URLS and "url" not in kwargs:
+            kwargs["url"] = DEFAULT_URLS[kind]
         cfg = OutputConfig(name, **kwargs)
         kind = cfg.type if cfg.type in TYPE_KEYS else "influx"
         for key in kwargs:
@@ -131,7 +156,16 @@ def check(cfg: OutputConfig, where: str) -> None:
     problems = []
     if cfg.type not in TYPES:
         problems.append(f"type must be one of {', '.join(TYPES)}, not {cfg.type!r}")
-    if not cfg.url.startswith(("http://", "https://")):
+    if cfg.type == "mqtt":
+        if not cfg.url.startswith(("mqtt://", "mqtts://")):
+            problems.append(f"url must be mqtt:// or mqtts://, not {cfg.url!r}")
+        if cfg.qos not in (0, 1, 2):
+            problems.append(f"qos must be 0, 1 or 2, not {cfg.qos}")
+        if cfg.payload not in ("json", "plain"):
+            problems.append(f'payload must be "json" or "plain", not {cfg.payload!r}')
+        if not cfg.topic or "#" in cfg.topic or "+" in cfg.topic:
+            problems.append("topic must be a topic name (no wildcards)")
+    elif cfg.type == "influx" and not cfg.url.startswith(("http://", "https://")):
         problems.append(f"url must be http:// or https://, not {cfg.url!r}")
     if cfg.api not in ("v1", "v2"):
         problems.append(f'api must be "v1" or "v2", not {cfg.api!r}')

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from collector.core.events import Event, Telemetry
+from collector.core.recorder import session_record
 from collector.logs import RateLimitedLog
 from collector.outputs import lineproto
 from collector.outputs.config import OutputConfig
@@ -38,7 +39,12 @@ from collector.outputs.wal import (
     readings_after,
     save_checkpoint,
 )
-from collector.wire.recording import SEGMENT_HEADER_LEN, ReadingsRecord, RecordingError
+from collector.wire.recording import (
+    SEGMENT_HEADER_LEN,
+    EventRecord,
+    ReadingsRecord,
+    RecordingError,
+)
 
 if TYPE_CHECKING:
     from collector.core.recorder import Recorder
@@ -136,6 +142,9 @@ class InfluxSender:
             raise ConnectionError(f"HTTP {r.status_code}: {text}") if not wait else _Later(wait)
         raise Rejected(f"HTTP {r.status_code}: {text}")
 
+    async def start(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
@@ -164,7 +173,8 @@ class Output:
         self.wall = wall
         self.filter = Filter(cfg.devices, cfg.metrics)
         self.rlog = RateLimitedLog(log, log_rate)
-        self.reader = WalReader(record_dir) if recorder is not None else None
+        self.events = cfg.type == "mqtt" and bool(cfg.events_topic)
+        self.reader = WalReader(record_dir, events=self.events) if recorder is not None else None
         self.checkpoint_path = (
             Path(cfg.checkpoint)
             if cfg.checkpoint
@@ -174,7 +184,7 @@ class Output:
         self.position: Position | None = None
         self.committed: Position | None = None
         #: without a recording: readings waiting in memory
-        self.memory: collections.deque[ReadingsRecord] = collections.deque()
+        self.memory: collections.deque[ReadingsRecord | EventRecord] = collections.deque()
         self._memory_ready = trio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_acked_time: float | None = None  # receive time of the last reading confirmed
@@ -198,7 +208,15 @@ class Output:
         self._memory_ready.set()
 
     def on_event(self, event: Event) -> None:
-        pass
+        if not self.events:
+            return
+        session = session_record(event)
+        if session is not None:
+            if len(self.memory) >= self.cfg.buffer:
+                self.memory.popleft()
+                self.counters["dropped_events"] += 1
+            self.memory.append(EventRecord(event.time, session[0], session[1]))
+            self._memory_ready.set()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -246,8 +264,14 @@ class Output:
             await trio.sleep(5)
 
     async def _run(self) -> None:
-        self.sender = InfluxSender(self.cfg)
+        if self.cfg.type == "mqtt":
+            from collector.outputs.mqtt import MqttSender
+
+            self.sender = MqttSender(self.cfg)
+        else:
+            self.sender = InfluxSender(self.cfg)
         try:
+            await self.sender.start()
             if self.reader is not None:
                 await self._start_position()
             log.info(
@@ -309,6 +333,9 @@ class Output:
                 got = [r for r, _ in chunk.records]
                 end = self.position = chunk.end
             for r in got:
+                if type(r) is not ReadingsRecord:  # a session event (mqtt)
+                    records.append(r)
+                    continue
                 n = (
                     len(r.readings)
                     if keep is None
@@ -339,7 +366,7 @@ class Output:
         while self.memory and n < room:
             r = self.memory.popleft()
             out.append(r)
-            n += len(r.readings)
+            n += len(r.readings) if type(r) is ReadingsRecord else 1
         return out
 
     def _note_chunk(self, chunk: Any) -> None:
@@ -354,7 +381,7 @@ class Output:
 
     async def _deliver(self, records: list[ReadingsRecord]) -> None:
         body, n = self.sender.encode(records, self.filter.keep_fn())
-        if not n:
+        if not body:
             return
         delay = RETRY_FIRST
         self.counters["batches"] += 1
@@ -421,7 +448,8 @@ class Output:
 
     async def _pace(self, records: list[ReadingsRecord]) -> None:
         if self.cfg.max_rate > 0:
-            await trio.sleep(sum(len(r.readings) for r in records) / self.cfg.max_rate)
+            n = sum(len(getattr(r, "readings", ())) for r in records)
+            await trio.sleep(n / self.cfg.max_rate)
 
     # -- retention ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -23,8 +24,10 @@ from collector.wire.recording import (
     MAX_BODY,
     RECORD_HEADER_LEN,
     SEGMENT_HEADER_LEN,
+    EventRecord,
     ReadingsRecord,
     RecordingError,
+    RecordType,
     ScanReport,
     decode_records,
 )
@@ -79,7 +82,7 @@ def save_checkpoint(path: str | Path, pos: Position, extra: dict[str, object]) -
 class Chunk:
     """What one read gave: readings records in order, and where the next read starts."""
 
-    records: list[tuple[ReadingsRecord, Position]]  # each with the position after it
+    records: list[tuple[Any, Position]]  # readings (and events), each with the position after it
     end: Position
     #: segments that were gone (retention) between the position asked and the next one there
     missing: list[int] = attrs.field(factory=list)
@@ -90,8 +93,12 @@ class WalReader:
     """Reads readings records forward from a position, across segments, never past the last
     whole record of the segment being written."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, events: bool = False) -> None:
         self.directory = Path(directory)
+        #: also yield the session events (ONLINE and OFFLINE records)
+        self.wanted: tuple[type, ...] = (
+            (ReadingsRecord, EventRecord) if events else (ReadingsRecord,)
+        )
         self._gz: tuple[Path, bytes] | None = None  # the compressed segment read last
 
     def segments(self) -> list[tuple[int, Path]]:
@@ -136,7 +143,7 @@ class WalReader:
             data = self._gz[1]
             report = ScanReport()
             for record in decode_records(data, report, start=offset):
-                if type(record) is ReadingsRecord:
+                if type(record) in self.wanted and _session_or_readings(record):
                     records.append((record, Position(number, report.valid_end)))
                     if len(records) >= limit:
                         return Position(number, report.valid_end), report.corrupt_bytes, False
@@ -154,7 +161,7 @@ class WalReader:
                     return Position(number, offset), corrupt, True
                 report = ScanReport()
                 for record in decode_records(data, report, start=0):
-                    if type(record) is ReadingsRecord:
+                    if type(record) in self.wanted and _session_or_readings(record):
                         at = Position(number, offset + report.valid_end)
                         records.append((record, at))
                         if len(records) >= limit:
@@ -184,6 +191,10 @@ def readings_after(path: Path, offset: int, match: Callable[[str, str], bool] | 
             else:
                 n += sum(1 for name, _ in record.readings if match(record.device_id, name))
     return n
+
+
+def _session_or_readings(record: Any) -> bool:
+    return type(record) is ReadingsRecord or record.type in (RecordType.ONLINE, RecordType.OFFLINE)
 
 
 def oldest_needed(positions: Sequence[Position | None]) -> int | None:
