@@ -60,6 +60,7 @@ BENCH: dict[str, tuple[str, str, str | None]] = {
     "recording": ("collector.tools.bench_recording", "recording read speed and replay timing", None),
     "flood": ("collector.tools.bench_flood", "real devices during a HELLO flood; refused handshakes", None),
     "workers": ("collector.tools.bench_workers", "UDP drain rate of one process against --workers N", None),
+    "outputs": ("collector.tools.bench_outputs", "what each output sustains with its database or broker, and its CPU", None),
 }  # fmt: skip
 #: which module an extra's tools need, to say so before a traceback does
 _EXTRA_MODULES = {"tools": ("textual", "websockets", "rich"), "bench": ("matplotlib",)}

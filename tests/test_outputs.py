@@ -64,6 +64,10 @@ def test_line_protocol_layouts_types_escapes_and_timestamps():
         "my\\ m,device=gh-1,metric=door value=true,device_time_us=77i 1764740000123456042",
         "my\\ m,device=gh-1,metric=n value=3i,device_time_us=77i 1764740000123456042",
     ]
+    text = rec(1.0, "d", 5, [("mode", 'eco "2" \\ x')])
+    assert (
+        lineproto.encode([text])[0] == b'telemetry,device=d mode="eco \\"2\\" \\\\ x" 1000000005\n'
+    )
     odd = rec(1.0, "d", 0, [("a b,c=d", 1e-7), ("x", -0.0), ("big", 2**62)])
     assert (
         lineproto.encode([odd])[0]
@@ -212,6 +216,7 @@ class StandIn:
     def __init__(self, script: list[int]) -> None:
         self.script = list(script)
         self.requests: list[tuple[str, int, bytes]] = []  # (target, status answered, lines)
+        self.headers: list[dict[str, str]] = []
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -239,6 +244,7 @@ class StandIn:
                 if headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
                 status = self.script.pop(0) if self.script else 204
+                self.headers.append(headers)
                 self.requests.append((lines[0].split()[1], status, body))
                 reason = {204: "No Content", 400: "Bad Request", 503: "Unavailable"}[status]
                 text = b'{"error":"partial write: field type conflict"}' if status == 400 else b""
@@ -642,3 +648,69 @@ async def test_mqtt_subscriber_gets_every_reading_across_a_broker_restart(
         await collector.shutdown()
     finally:
         sub.close()
+
+
+async def test_the_v2_api_carries_org_bucket_and_token(nursery, tmp_path):
+    db = StandIn([])
+    port = await nursery.start(db.serve)
+    out = OutputConfig(
+        "v2", url=f"http://127.0.0.1:{port}/", api="v2", org="plant", bucket="b 1",
+        token="s3cret", gzip=False, flush_interval=0.05, layout="metric",
+    )  # fmt: skip
+    collector, _ = await start_collector(nursery, outputs=(out,))  # no recording: from memory
+    (output,) = collector.outputs
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ) as dev:
+        await dev.send_readings({"t": 1.5, "mode": "eco"})
+        with trio.fail_after(30):
+            while output.counters["acknowledged"] < 2:  # noqa: ASYNC110 (counters, not an event)
+                await trio.sleep(0.05)
+    (target, _, body) = db.requests[0]
+    assert target == "/api/v2/write?org=plant&bucket=b+1&precision=ns"
+    assert (
+        db.headers[0]["authorization"] == "Token s3cret" and "content-encoding" not in db.headers[0]
+    )
+    lines = body.decode().splitlines()
+    assert [line.rsplit(" ", 1)[0] for line in lines] == [
+        "telemetry,device=dev-1,metric=t value=1.5",
+        'telemetry,device=dev-1,metric=mode value="eco"',
+    ]
+    status = output.status()
+    assert status["source"] == "memory" and status["checkpoint"] is None
+    await collector.shutdown()
+
+
+async def test_a_bug_in_an_output_costs_a_restart_from_its_checkpoint(
+    nursery, tmp_path, monkeypatch
+):
+    db = StandIn([])
+    port = await nursery.start(db.serve)
+    out = OutputConfig("db", url=f"http://127.0.0.1:{port}", flush_interval=0.05, start="oldest")
+    collector, _ = await start_collector(
+        nursery, record_dir=str(tmp_path), record_flush_interval=0.02, outputs=(out,)
+    )
+    (output,) = collector.outputs
+    real = lineproto.encode
+    calls = []
+
+    def buggy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the encoder")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lineproto, "encode", buggy)
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ) as dev:
+        for i in range(20):
+            await dev.send_readings({"t": float(i)})
+            await trio.sleep(0.02)
+        with trio.fail_after(30):
+            while output.counters["acknowledged"] < 20:  # noqa: ASYNC110 (counters, not an event)
+                await trio.sleep(0.05)
+        assert dev.end_reason is None  # the device was served all along
+    assert collector.boundary.counts["output"] == 1 and output.counters["restarts"] == 1
+    assert output.counters["acknowledged"] == 20 and output.state == "sending"
+    await collector.shutdown()

@@ -21,7 +21,16 @@ from contextlib import contextmanager
 log = logging.getLogger("collector.errors")
 
 #: The kinds of handler, as counted in /metrics.
-KINDS = ("http_request", "control_message", "datagram", "command", "listener", "subscriber", "task")
+KINDS = (
+    "http_request",
+    "control_message",
+    "datagram",
+    "command",
+    "listener",
+    "subscriber",
+    "task",
+    "output",
+)
 
 
 class ErrorBoundary:

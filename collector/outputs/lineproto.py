@@ -1,4 +1,4 @@
-"""InfluxDB line protocol, from readings records (sans-IO: bytes in, bytes out).
+r"""InfluxDB line protocol, from readings records (sans-IO: bytes in, bytes out).
 
 https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/
 
@@ -17,7 +17,8 @@ sent again harmless). With `device_time = true` the device's own time (microseco
 extra integer field `device_time_us`.
 
 Values: a float is written as a float (always with a decimal point or exponent), an int as an
-integer (`42i`), a bool as `true`/`false`. A metric name that is already a reserved word of
+integer (`42i`), a bool as `true`/`false`, text as a string field (`"eco"`, with `"` and `\`
+escaped). A metric name that is already a reserved word of
 the protocol needs no care: keys are escaped, never quoted.
 """
 
@@ -47,6 +48,8 @@ def field_value(value: object) -> str:
         return "false"
     if isinstance(value, int):
         return f"{value}i"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     text = repr(float(value))  # shortest round-trip form: 21.5, 1e-07, 3.0
     return text
 
