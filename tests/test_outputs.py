@@ -714,3 +714,58 @@ async def test_a_bug_in_an_output_costs_a_restart_from_its_checkpoint(
     assert collector.boundary.counts["output"] == 1 and output.counters["restarts"] == 1
     assert output.counters["acknowledged"] == 20 and output.state == "sending"
     await collector.shutdown()
+
+
+def test_retention_keeps_what_an_output_needs_until_the_disk_limit_forces_it(tmp_path):
+    write_recording(tmp_path, 300)
+    segments = [(int(p.name[4:10]), p) for p in sorted(tmp_path.glob("seg-*.rec"))]
+    writer = SegmentWriter(tmp_path, retain_seconds=1.0, retain_bytes=None)
+    writer.path = segments[-1][1]  # the live one is never deleted
+    forced: list[int] = []
+    # age: everything is old, but the output still needs segment 3 and later
+    removed = writer.apply_retention(1e12, keep_from=3, forced=lambda p, n: forced.append(n))
+    assert [p.name for p in removed] == [segments[0][1].name, segments[1][1].name]
+    assert forced == [] and (tmp_path / segments[2][1].name).exists()
+    # size: the limit wins, and says which needed segments it deleted
+    writer.retain_seconds, writer.retain_bytes = None, 1
+    removed = writer.apply_retention(1e12, keep_from=3, forced=lambda p, n: forced.append(n))
+    assert forced == [n for n, _ in segments[2:-1]] and len(removed) == len(segments) - 3
+
+
+async def test_the_recorder_counts_per_output_what_the_disk_limit_deletes_unsent(
+    nursery, tmp_path, caplog
+):
+    import collections
+
+    from collector.core.events import Telemetry
+    from collector.core.recorder import Recorder, RecorderConfig
+
+    class Unsent:
+        """An output stuck at the start of segment 1 (its destination is away)."""
+
+        name = "stuck"
+
+        def __init__(self) -> None:
+            self.counters: collections.Counter[str] = collections.Counter()
+
+        def needs(self) -> Position:
+            return Position(1, SEGMENT_HEADER_LEN)
+
+        def lost_to_retention(self, path: Path, segment: int, pos: Position) -> int:
+            return readings_after(path, pos.offset if pos.segment == segment else 0)
+
+    cfg = RecorderConfig(
+        directory=str(tmp_path), flush_interval=0.01, segment_bytes=2048, retain_bytes=6000
+    )
+    recorder = Recorder(cfg, wall=time.time)
+    stuck = Unsent()
+    recorder.outputs.append(stuck)
+    await nursery.start(recorder.serve)
+    for i in range(400):
+        recorder.on_telemetry([Telemetry(time.time(), "d1", i, 0, (("t", float(i)),))])
+        await recorder.flush()
+    left = {r.seq for r in RecordingReader(tmp_path) if isinstance(r, ReadingsRecord)}
+    assert 0 < len(left) < 400
+    assert stuck.counters["dropped"] == 400 - len(left)  # every reading gone, counted
+    assert "before output stuck sent it" in caplog.text
+    await recorder.aclose()

@@ -40,6 +40,7 @@ import trio
 from collector.core.segments import SegmentWriter
 from collector.outputs.config import OutputConfig
 from collector.outputs.runner import Output
+from collector.tools import options
 from collector.tools.common import free_port, wait_for_tcp
 from collector.wire import recording as rec
 from collector.wire.recording import ReadingsRecord
@@ -212,6 +213,16 @@ def bench(
     }
 
 
+def _at_least(n: int) -> Any:
+    def check(text: str) -> int:
+        v = options.count(text)
+        if v < n:
+            raise argparse.ArgumentTypeError(f"a whole number of {n} or more, not {v}")
+        return v
+
+    return check
+
+
 def build_parser(prog: str = "collector bench outputs") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -219,13 +230,22 @@ def build_parser(prog: str = "collector bench outputs") -> argparse.ArgumentPars
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--only", choices=["influx", "mqtt"], help="one output type (default both)")
-    p.add_argument("--outage", type=float, default=60.0, help="seconds of outage (default 60)")
     p.add_argument(
-        "--rate", type=float, default=2000.0, help="readings/s during and after it (default 2000)"
+        "--outage", type=options.positive, default=60.0, help="seconds of outage (default 60)"
     )
-    p.add_argument("--readings", type=int, help="backlog readings (default outage x rate)")
-    p.add_argument("--batch", type=int, default=5000, help="readings per batch (default 5000)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
+    p.add_argument(
+        "--rate",
+        type=options.positive,
+        default=2000.0,
+        help="readings/s during and after it (default 2000)",
+    )
+    p.add_argument("--readings", type=_at_least(2), help="backlog readings (default outage x rate)")
+    p.add_argument(
+        "--batch", type=_at_least(2), default=5000, help="readings per batch (default 5000)"
+    )
+    p.add_argument(
+        "--rounds", type=_at_least(1), default=3, help="rounds; medians are reported (default 3)"
+    )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     return p
 
