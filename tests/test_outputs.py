@@ -45,6 +45,7 @@ from .helpers import SECRETS, api, http, start_collector
 
 ROOT = Path(__file__).resolve().parent.parent
 VM = shutil.which("victoria-metrics")
+INFLUXD = shutil.which("influxd")
 
 # -- line protocol (no event loop) -------------------------------------------------------------
 
@@ -334,8 +335,12 @@ class VictoriaMetrics:
         except OSError:
             return False
 
+    #: the precision it stores timestamps with, in nanoseconds
+    unit_ns = 1_000_000
+
     def samples(self, metric: str) -> dict[str, list[int]]:
         """device -> the timestamps (ms) stored for `metric`."""
+        metric = f"telemetry_{metric}"
         urllib.request.urlopen(self.url + "/internal/force_flush", timeout=10).read()
         query = urllib.parse.urlencode({"match[]": metric})
         with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as r:
@@ -383,26 +388,101 @@ class CollectorProcess:
         self.proc.wait(30)
 
 
-@pytest.fixture
-def victoria(tmp_path):
-    if VM is None:
+class InfluxDB:
+    """influxd (1.x) on free ports, with a database `telemetry`. A point sent again (same
+    series, same nanosecond) overwrites itself."""
+
+    unit_ns = 1
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        d = tmp / "influxdb"
+        conf = tmp / "influxdb.conf"
+        conf.write_text(
+            f'reporting-enabled = false\nbind-address = "127.0.0.1:{free_port()}"\n'
+            f'[meta]\n  dir = "{d}/meta"\n[data]\n  dir = "{d}/data"\n  wal-dir = "{d}/wal"\n'
+            "  query-log-enabled = false\n"
+            f'[http]\n  bind-address = "127.0.0.1:{self.port}"\n  log-enabled = false\n'
+            "[ifql]\n  enabled = false\n[monitor]\n  store-enabled = false\n"
+            '[logging]\n  level = "error"\n'
+        )
+        self.proc = subprocess.Popen(
+            [INFLUXD, "run", "-config", str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.answers():
+            assert self.proc.poll() is None, "influxd exited"
+            assert time.monotonic() < deadline, "influxd did not answer"
+            time.sleep(0.05)
+        self.query("CREATE DATABASE telemetry")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=2) as r:
+                return r.status == 204
+        except OSError:
+            return False
+
+    def query(self, q: str) -> Any:
+        data = urllib.parse.urlencode({"q": q, "db": "telemetry", "epoch": "ns"}).encode()
+        with urllib.request.urlopen(self.url + "/query", data=data, timeout=30) as r:
+            return json.loads(r.read())
+
+    def samples(self, metric: str) -> dict[str, list[int]]:
+        """device -> the timestamps (ns) stored for `metric`."""
+        doc = self.query(f'SELECT "{metric}" FROM telemetry GROUP BY device')
+        out: dict[str, list[int]] = {}
+        for series in doc["results"][0].get("series", []):
+            values = [row[0] for row in series["values"] if row[1] is not None]
+            out.setdefault(series["tags"]["device"], []).extend(values)
+        return out
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def _server(kind: str, tmp: Path) -> Any:
+    binary, package, cls = {
+        "victoria-metrics": (VM, "victoria-metrics", VictoriaMetrics),
+        "influxdb": (INFLUXD, "influxdb", InfluxDB),
+    }[kind]
+    if binary is None:
         if os.environ.get("REQUIRE_OUTPUTS"):
-            raise RuntimeError("REQUIRE_OUTPUTS is set but victoria-metrics is not installed")
-        pytest.skip("victoria-metrics is not installed (Debian: apt-get install victoria-metrics)")
-    vm = VictoriaMetrics(tmp_path)
-    yield vm
-    vm.stop()
+            raise RuntimeError(f"REQUIRE_OUTPUTS is set but {package} is not installed")
+        pytest.skip(f"{package} is not installed (Debian: apt-get install {package})")
+    return cls(tmp)
+
+
+@pytest.fixture(params=["victoria-metrics", "influxdb"])
+def database(request, tmp_path):
+    server = _server(request.param, tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def influxdb(tmp_path):
+    server = _server("influxdb", tmp_path)
+    yield server
+    server.stop()
 
 
 async def test_every_recorded_reading_reaches_the_database_once_through_kills_and_an_outage(
-    tmp_path, victoria
+    tmp_path, database
 ):
     devices = DeviceRegistry({})
     secrets = {d: devices.add(d) for d in ("vm-1", "vm-2")}
     devices.save(tmp_path / "devices.toml")
     (tmp_path / "collector.toml").write_text(
         "[recording]\nflush_interval = 0.05\n\n"
-        f'[outputs.vm]\nurl = "{victoria.url}"\nstart = "oldest"\n'
+        f'[outputs.vm]\nurl = "{database.url}"\nstart = "oldest"\n'
         "flush_interval = 0.2\nbatch_size = 400\nretry_max = 1.0\ntimeout = 2.0\n"
     )
     ports = (free_port(), free_port(socket.SOCK_DGRAM), free_port())
@@ -435,9 +515,9 @@ async def test_every_recorded_reading_reaches_the_database_once_through_kills_an
             collector = CollectorProcess(tmp_path, ports)
             await collector.ready()
             await trio.sleep(2)
-            os.kill(victoria.proc.pid, signal.SIGSTOP)  # the database away for 10 s
+            os.kill(database.proc.pid, signal.SIGSTOP)  # the database away for 10 s
             await trio.sleep(10)
-            os.kill(victoria.proc.pid, signal.SIGCONT)
+            os.kill(database.proc.pid, signal.SIGCONT)
             await trio.sleep(2)
             collector.kill()  # 2nd SIGKILL, while it catches up
             collector = CollectorProcess(tmp_path, ports)
@@ -456,12 +536,12 @@ async def test_every_recorded_reading_reaches_the_database_once_through_kills_an
         for r in RecordingReader(tmp_path / "rec"):
             if isinstance(r, ReadingsRecord):
                 readings += 1
-                ms = lineproto.timestamp_ns(r) // 1_000_000
-                recorded.setdefault(r.device_id, set()).add(ms)
+                stamp = lineproto.timestamp_ns(r) // database.unit_ns
+                recorded.setdefault(r.device_id, set()).add(stamp)
         assert readings > 500 and set(recorded) == set(secrets)
 
         def stored() -> dict[str, list[int]]:
-            return victoria.samples("telemetry_t")
+            return database.samples("t")
 
         with trio.move_on_after(90):
             while True:
@@ -477,6 +557,8 @@ async def test_every_recorded_reading_reaches_the_database_once_through_kills_an
         assert status["name"] == "vm" and status["rejected"] == 0 and status["dropped"] == 0
         log = (tmp_path / "collector.log").read_text()
         assert "ReadTimeout" in log and "answers again" in log  # the outage was one
+        if database.unit_ns == 1:  # nanoseconds: every reading is a point of its own
+            assert readings == sum(map(len, recorded.values()))
     finally:
         collector.kill()
 
@@ -769,3 +851,25 @@ async def test_the_recorder_counts_per_output_what_the_disk_limit_deletes_unsent
     assert stuck.counters["dropped"] == 400 - len(left)  # every reading gone, counted
     assert "before output stuck sent it" in caplog.text
     await recorder.aclose()
+
+
+async def test_a_batch_influxdb_refuses_is_skipped_and_counted(nursery, tmp_path, influxdb):
+    """A real 400: a field written as an int, then as a float (a field type conflict)."""
+    out = OutputConfig("ifx", url=influxdb.url, flush_interval=0.05, start="oldest")
+    collector, _ = await start_collector(
+        nursery, record_dir=str(tmp_path / "rec"), record_flush_interval=0.02, outputs=(out,)
+    )
+    (output,) = collector.outputs
+    async with open_device(
+        "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+    ) as dev:
+        for i, value in enumerate([1, 2.5, 3]):
+            await dev.send_readings({"n": value})
+            with trio.fail_after(30):
+                while output.counters["acknowledged"] + output.counters["rejected"] <= i:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+    assert (output.counters["acknowledged"], output.counters["rejected"]) == (2, 1)
+    assert "field type conflict" in output.status()["last_error"]
+    rows = influxdb.query("SELECT n FROM telemetry")["results"][0]["series"][0]["values"]
+    assert [row[1] for row in rows] == [1, 3]
+    await collector.shutdown()
