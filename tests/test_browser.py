@@ -360,6 +360,33 @@ def test_dashboard_live(driver: WebDriver, stack: tuple[str, Processes]) -> None
             "acked",
         )
         assert "ping: acked" in row(driver, "sensor-001").text
+
+        # A long command name stays inside its column: cut with an ellipsis, the button still
+        # in the cell, and no horizontal scrollbar on the table (the layout bug it replaces).
+        long_name = "recalibrate_every_humidity_sensor_of_the_north_greenhouse"
+        name = detail.find_element(By.CSS_SELECTOR, ".cmd-name")
+        name.clear()
+        name.send_keys(long_name)
+        detail.find_element(By.CSS_SELECTOR, ".cmd-send").click()
+        summary = row(driver, "sensor-001").find_element(By.CSS_SELECTOR, ".cmd-summary")
+        wait(
+            driver,
+            10,
+            lambda d: (summary.get_attribute("title") or "").startswith(long_name + ":"),
+            lambda: f"the summary says {summary.get_attribute('title')!r}",
+        )
+        layout = driver.execute_script(
+            """
+            const wrap = document.querySelector(".table-wrap");
+            const cell = arguments[0].closest("td");
+            const button = cell.querySelector(".open-commands").getBoundingClientRect();
+            const box = cell.getBoundingClientRect();
+            return {overflow: wrap.scrollWidth - wrap.clientWidth,
+                    inside: button.left >= box.left && button.right <= box.right + 0.5};
+            """,
+            summary,
+        )
+        assert layout == {"overflow": 0, "inside": True}, layout
         if os.environ.get("DASHBOARD_SCREENSHOT"):
             driver.save_screenshot(os.environ["DASHBOARD_SCREENSHOT"])
 

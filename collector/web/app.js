@@ -529,7 +529,9 @@ function renderRow(d, now) {
   // The newest command, in the row; all recent ones in the detail row.
   const summary = c.summary;
   const last = model.commands.get(d.commands[d.commands.length - 1]);
-  setText(summary, last ? `${last.name}: ${last.state.replace("_", " ")}` : "");
+  const text = last ? `${last.name}: ${last.state.replace("_", " ")}` : "";
+  setText(summary, text);
+  setAttr(summary, "title", text || null);
   setAttr(summary, "data-state", last?.state);
   c.send.disabled = !conn.canCommand;
   setAttr(c.send, "title", conn.canCommand ? "send a command" : noCommandsWhy());
@@ -1061,10 +1063,12 @@ async function onClose(ws, code, reason, opened) {
   if (!opened) {
     // The browser hides the HTTP status of a refused handshake: ask the same route over HTTP.
     let status = 0;
+    let code = "";
     try {
       const query = conn.token ? `?token=${encodeURIComponent(conn.token)}` : "";
-      status = (await fetch(`/stream${query}`, { cache: "no-store", signal: AbortSignal.timeout(5000) }))
-        .status;
+      const answer = await fetch(`/stream${query}`, { cache: "no-store", signal: AbortSignal.timeout(5000) });
+      status = answer.status;
+      code = (await answer.json().catch(() => null))?.error?.code ?? "";
     } catch {
       status = 0;
     }
@@ -1079,7 +1083,14 @@ async function onClose(ws, code, reason, opened) {
       render();
       return;
     }
-    const why = status ? `the collector refused the stream (HTTP ${status})` : "the collector is unreachable";
+    // A plain GET of /stream is answered 426 when the token is fine and the collector would
+    // take an upgrade: then the handshake itself failed on the way (a proxy that does not pass
+    // WebSockets, a handshake that timed out), and the collector is not the one refusing.
+    let why;
+    if (!status) why = "the collector is unreachable";
+    else if (status === 426)
+      why = "the WebSocket handshake did not complete, although the collector answers (a proxy that does not pass WebSockets, or a slow network)";
+    else why = `the collector refused the stream (HTTP ${status}${code ? ` ${code}` : ""})`;
     scheduleReconnect(why);
     return;
   }
