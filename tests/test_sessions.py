@@ -173,3 +173,36 @@ async def test_shutdown_says_goodbye_and_reports(nursery, autojump_clock):
     assert "2 sessions ended" in report.summary() and "accepted 3" in report.summary()
     assert sorted(e.reason for e in log.of(DeviceOffline)) == ["shutdown", "shutdown"]
     assert collector.control.handlers_done.is_set()
+
+
+def test_the_flapping_detector_bans_and_forgets_what_left_its_window():
+    from collector.core.ratelimit import FlappingDetector
+
+    f = FlappingDetector(max_count=3, window=10.0, ban=30.0)
+    assert [f.check("a", t) for t in (0.0, 1.0, 2.0)] == [0.0, 0.0, 0.0]
+    assert f.check("a", 3.0) == 30.0 and f.bans == 1 and f.banned_for("a", 20.0) == 13.0
+    assert f.check("b", 4.0) == 0.0 and f.check("c", 5.0) == 0.0
+    assert list(f._times) == ["b", "c"]  # a: banned, its times dropped
+    assert f.check("b", 14.5) == 0.0  # b registers again, c's last is 9.5 s old: kept
+    assert list(f._times) == ["c", "b"]
+    assert f.check("d", 16.0) == 0.0  # c's last registration left the window: forgotten
+    assert list(f._times) == ["b", "d"] and f._times["b"] == [14.5]
+    assert f.check("a", 33.0) == 0.0  # the ban is over
+
+
+def test_recent_registrations_forget_devices_whose_registrations_expired():
+    from collector.core.registration import RecentRegistrations, Registration
+
+    r = RecentRegistrations(lifetime=60.0, per_device=2)
+
+    def reg(nonce: bytes, t: float) -> Registration:
+        return Registration(nonce, t + 60.0, 1, None, b"")
+
+    r.add(0.0, "a", reg(b"1", 0.0))
+    r.add(1.0, "a", reg(b"2", 1.0))
+    r.add(2.0, "a", reg(b"3", 2.0))  # at most 2 per device: the oldest goes
+    assert [x.client_nonce for x in r._by_device["a"]] == [b"2", b"3"]
+    assert r.find(3.0, "a", b"3") is not None and r.find(3.0, "a", b"1") is None
+    r.add(30.0, "b", reg(b"4", 30.0))
+    r.add(70.0, "c", reg(b"5", 70.0))  # every registration of a has expired: a is forgotten
+    assert list(r._by_device) == ["b", "c"]

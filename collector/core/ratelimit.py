@@ -13,7 +13,6 @@ registrations that authenticated count, so nobody can get another device banned.
 
 from __future__ import annotations
 
-import collections
 import math
 
 
@@ -78,7 +77,10 @@ class FlappingDetector:
         self.window = window
         self.ban = ban
         self.max_devices = max_devices
-        self._times: dict[str, collections.deque[float]] = {}
+        #: device -> its registration times within the window, oldest first (a list: a deque
+        #: costs 600 bytes empty, and there is one per device); the dict is kept in order of
+        #: each device's last registration, so stale entries leave from its front
+        self._times: dict[str, list[float]] = {}
         self._banned: dict[str, float] = {}  # device -> ban ends (trio time)
         self.bans = 0  # bans imposed
         self.refused = 0  # registrations refused while banned
@@ -100,21 +102,33 @@ class FlappingDetector:
         if left:
             self.refused += 1
             return left
-        times = self._times.get(device_id)
+        all_times = self._times
+        times = all_times.pop(device_id, None)
+        self._forget_stale(now)
         if times is None:
-            if len(self._times) >= self.max_devices:
-                self._times.clear()  # only known devices get here: a safety net, not a policy
-            times = self._times[device_id] = collections.deque(maxlen=self.max_count)
+            if len(all_times) >= self.max_devices:
+                all_times.clear()  # only known devices get here: a safety net, not a policy
+            times = []
         while times and now - times[0] >= self.window:
-            times.popleft()
+            del times[0]
         if len(times) >= self.max_count:
-            times.clear()
             self._banned[device_id] = now + self.ban
             self.bans += 1
             self.refused += 1
             return self.ban
         times.append(now)
+        all_times[device_id] = times  # to the back: the most recent
         return 0.0
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop devices whose last registration left the window (oldest first, amortised:
+        each entry is dropped once)."""
+        all_times = self._times
+        while all_times:
+            device_id = next(iter(all_times))
+            if now - all_times[device_id][-1] < self.window:
+                return
+            del all_times[device_id]
 
     @property
     def banned(self) -> int:

@@ -17,7 +17,6 @@ session, from the same address: a retransmission) or refused, and never opens a 
 
 from __future__ import annotations
 
-import collections
 import os
 from typing import Any
 
@@ -82,24 +81,36 @@ class RecentRegistrations:
     def __init__(self, lifetime: float, per_device: int) -> None:
         self.lifetime = lifetime
         self.per_device = per_device
-        self._by_device: dict[str, collections.deque[Registration]] = {}
+        #: device -> its registrations, oldest first (lists: a deque costs 600 bytes empty); the
+        #: dict is in order of each device's last registration, so expired ones leave from
+        #: its front
+        self._by_device: dict[str, list[Registration]] = {}
 
     def find(self, now: float, device_id: str, client_nonce: bytes) -> Registration | None:
         recent = self._by_device.get(device_id)
         if not recent:
             return None
         while recent and recent[0].expires <= now:
-            recent.popleft()
+            del recent[0]
         for r in recent:
             if r.client_nonce == client_nonce:
                 return r
         return None
 
     def add(self, now: float, device_id: str, registration: Registration) -> None:
-        recent = self._by_device.get(device_id)
+        by_device = self._by_device
+        recent = by_device.pop(device_id, None)
+        while by_device:  # devices whose every registration expired
+            oldest = next(iter(by_device))
+            if by_device[oldest][-1].expires > now:
+                break
+            del by_device[oldest]
         if recent is None:
-            recent = self._by_device[device_id] = collections.deque(maxlen=self.per_device)
+            recent = []
         recent.append(registration)
+        if len(recent) > self.per_device:
+            del recent[0]
+        by_device[device_id] = recent
 
     def forget(self, device_id: str) -> None:
         self._by_device.pop(device_id, None)
