@@ -90,6 +90,8 @@ class ShutdownReport:
     clean: bool
     recording: Mapping[str, Any] | None = None
     overran: tuple[str, ...] = ()  # steps cut short by their budget
+    #: output -> its counts ([outputs.NAME] that send: acknowledged, rejected, dropped)
+    outputs: Mapping[str, Mapping[str, int]] = attrs.field(factory=dict)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items() if v)
@@ -105,6 +107,21 @@ class ShutdownReport:
                 f"; recorded {self.recording['records']} records to {self.recording['directory']}"
                 + (f" ({self.recording['dropped']} dropped)" if self.recording["dropped"] else "")
                 if self.recording
+                else ""
+            )
+            + (
+                "; outputs: "
+                + ", ".join(
+                    f"{name} {c['acknowledged']} confirmed"
+                    + "".join(f", {c[k]} {k}" for k in ("rejected", "dropped") if c.get(k))
+                    for name, c in self.outputs.items()
+                )
+                + (
+                    " (the rest is sent from the checkpoints after the next start)"
+                    if self.recording
+                    else ""
+                )
+                if self.outputs
                 else ""
             )
         )
@@ -397,6 +414,11 @@ class Collector:
             clean=clean,
             overran=tuple(overran),
             recording=self.recorder.statistics() if self.recorder is not None else None,
+            outputs={
+                o.name: {k: o.counters[k] for k in ("acknowledged", "rejected", "dropped")}
+                for o in self.outputs
+                if isinstance(o, Output)
+            },
         )
         self.stopped_at = trio.current_time()
         self._stop.set()

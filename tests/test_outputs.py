@@ -27,6 +27,7 @@ from collector.device.client import open_device
 from collector.devices import DeviceRegistry
 from collector.outputs import lineproto
 from collector.outputs.config import OutputConfig
+from collector.outputs.runner import Output
 from collector.outputs.wal import (
     Position,
     WalReader,
@@ -295,7 +296,10 @@ async def test_a_refused_batch_is_skipped_and_counted_and_failures_retried(nurse
     assert status["state"] == "sending" and "HTTP 503" in status["last_error"]
     saved = load_checkpoint(tmp_path / "outputs" / "db.checkpoint")
     assert saved is not None and saved == output.committed
-    await collector.shutdown()
+    report = await collector.shutdown()
+    assert f"; outputs: db {40 - rejected} confirmed, {rejected} rejected (the rest" in (
+        report.summary()
+    )
 
 
 # -- a real VictoriaMetrics, a collector killed twice, the database stopped for 10 s ------------
@@ -873,3 +877,28 @@ async def test_a_batch_influxdb_refuses_is_skipped_and_counted(nursery, tmp_path
     rows = influxdb.query("SELECT n FROM telemetry")["results"][0]["series"][0]["values"]
     assert [row[1] for row in rows] == [1, 3]
     await collector.shutdown()
+
+
+def test_a_batch_never_holds_more_than_batch_size_readings(tmp_path):
+    """Records of 2 readings, batches of 5: 2 records (4 readings) each, none skipped."""
+    write_recording(tmp_path, 9)
+    sizes: list[int] = []
+    seqs: list[int] = []
+
+    class Recorder:
+        flushed = trio.Event()
+        last_record_time = None
+        outputs: list[Any] = []
+
+    out = OutputConfig("x", batch_size=5, flush_interval=0.01, start="oldest")
+    output = Output(out, recorder=Recorder(), record_dir=str(tmp_path), wall=time.time)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        output.position = Position(0, SEGMENT_HEADER_LEN)
+        while len(seqs) < 9:
+            records, _end = await output._next_batch()
+            sizes.append(sum(len(r.readings) for r in records))
+            seqs.extend(r.seq for r in records)
+
+    trio.run(main)
+    assert sizes == [4, 4, 4, 4, 2] and seqs == list(range(9))

@@ -321,7 +321,7 @@ class Output:
         keep = self.filter.keep_fn()
         while True:
             if self.reader is None:
-                got = self._take_memory(cfg.batch_size - count)
+                got = [(r, None) for r in self._take_memory(cfg.batch_size - count)]
                 end = None
             else:
                 assert self.recorder is not None and self.position is not None
@@ -330,21 +330,32 @@ class Output:
                     self.reader.read, self.position, cfg.batch_size - count
                 )
                 self._note_chunk(chunk)
-                got = [r for r, _ in chunk.records]
-                end = self.position = chunk.end
-            for r in got:
+                got = chunk.records
+                end = chunk.end
+            for r, after in got:
                 if type(r) is not ReadingsRecord:  # a session event (mqtt)
                     records.append(r)
+                    if after is not None:
+                        self.position = after
                     continue
                 n = (
                     len(r.readings)
                     if keep is None
                     else sum(1 for name, _ in r.readings if keep(r.device_id, name))
                 )
+                if n and records and count + n > cfg.batch_size and after is not None:
+                    end = self.position  # full: the rest is read again for the next batch
+                    count = cfg.batch_size
+                    break
                 self.counters["filtered"] += len(r.readings) - n
                 if n:
                     records.append(r)
                     count += n
+                if after is not None:
+                    self.position = after
+            else:
+                if end is not None:
+                    self.position = end
             if records and deadline == math.inf:
                 deadline = trio.current_time() + cfg.flush_interval
             if count >= cfg.batch_size or (records and trio.current_time() >= deadline):
