@@ -295,7 +295,9 @@ async def test_a_refused_batch_is_skipped_and_counted_and_failures_retried(nurse
     status = output.status()
     assert status["state"] == "sending" and "HTTP 503" in status["last_error"]
     saved = load_checkpoint(tmp_path / "outputs" / "db.checkpoint")
-    assert saved is not None and saved == output.committed
+    # the file is at the output's committed position, or ahead of it by a commit in flight
+    assert saved is not None and output.committed is not None and saved >= output.committed
+    assert saved.offset > SEGMENT_HEADER_LEN
     report = await collector.shutdown()
     assert f"; outputs: db {40 - rejected} confirmed, {rejected} rejected (the rest" in (
         report.summary()
