@@ -63,7 +63,7 @@ async def test_a_session_is_recorded_in_order(nursery, autojump_clock, tmp_path)
         ("command", "failed"),  # the device has no handler: it says so
         ("offline", "closed"),
         ("meta", "close"),
-    ]
+    ], (kinds, sorted(p.name for p in tmp_path.iterdir()))
 
 
 async def test_a_failing_disk_costs_records_but_never_ingest(nursery, autojump_clock, tmp_path):
@@ -198,3 +198,33 @@ def test_kill_9_at_random_moments_leaves_a_valid_prefix(tmp_path):
     assert worst <= flush + 0.25, gaps
     print(f"kill -9 x20: newest recorded reading at most {worst * 1000:.0f} ms before the kill "
           f"(flush interval {flush * 1000:.0f} ms): at most ~{worst * rate:.0f} of {rate:.0f}/s lost")  # fmt: skip
+
+
+async def test_the_final_flush_waits_for_the_one_in_progress(nursery, tmp_path):
+    """aclose() flushes while the flusher may be writing in its thread: one at a time, in
+    order (two threads writing the same file put records in either order)."""
+    from collector.core.events import Telemetry
+    from collector.core.recorder import Recorder, RecorderConfig
+
+    recorder = Recorder(
+        RecorderConfig(directory=str(tmp_path), flush_interval=0.01), wall=time.time
+    )
+    await nursery.start(recorder.serve)
+    real = recorder.writer.write
+
+    calls = []
+
+    def slow(data, now=None, preamble=None):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)  # a slow disk, this once
+        return real(data, now, preamble)
+
+    recorder.writer.write = slow
+    recorder.on_telemetry([Telemetry(time.time(), "d", 1, 0, (("t", 1.0),))])
+    await trio.sleep(0.1)  # the flusher is in its thread, writing seq 1
+    recorder.on_telemetry([Telemetry(time.time(), "d", 2, 0, (("t", 2.0),))])
+    await recorder.aclose()
+    records = list(RecordingReader(tmp_path))
+    assert [r.seq for r in records if isinstance(r, ReadingsRecord)] == [1, 2]
+    assert isinstance(records[-1], EventRecord) and records[-1].data["event"] == "close"

@@ -104,6 +104,7 @@ class Recorder:
         self._open_written_version = 0
         self._open_written_snapshot: list[dict[str, Any]] = []
         self.sessions_closed_at_start = 0
+        self._flush_lock = trio.Lock()
         #: set (and replaced) after every write: outputs reading the recording wait on it
         self.flushed = trio.Event()
         #: receive time of the newest readings record written (outputs' lag is measured to it)
@@ -259,6 +260,12 @@ class Recorder:
         return encode
 
     async def flush(self) -> None:
+        """Write what is buffered. One flush at a time: the flusher's and the final one of
+        aclose() would otherwise write from two threads at once, in either order."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self.buffer:
             return
         data = bytes(self.buffer)
