@@ -33,6 +33,7 @@ from collector.config import (
     ConfigPushError,
     DeviceConfigRule,
 )
+from collector.core.alarms import AlarmChange, AlarmEngine
 from collector.core.boundary import ErrorBoundary
 from collector.core.commands import CommandError, CommandManager, CommandRecord
 from collector.core.events import Event, Listener
@@ -43,6 +44,7 @@ from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRegistry
 from collector.core.statistics import CollectorStatistics, DeviceStatistics
 from collector.devices import DeviceRegistry, DevicesError
+from collector.logs import RateLimitedLog
 from collector.outputs.gauges import Gauges
 from collector.outputs.runner import Output
 from collector.servers.http import HttpServer
@@ -240,6 +242,14 @@ class Collector:
             self.ingest.heartbeats_to_listeners = True
             if config.record_raw:
                 self.ingest.raw_sink = self.recorder.on_datagram
+        #: [alarms.NAME]: threshold rules on the readings (docs/ALARMS.md); live mode only
+        self.alarms: AlarmEngine | None = None
+        if config.alarms and ingest:
+            self.alarms = AlarmEngine(config.alarms, wall=wall, emit=self._alarm_changed)
+            self.listeners.append(self.alarms)
+        self._alarm_log = RateLimitedLog(
+            logging.getLogger("collector.alarms"), config.log_rate_limit
+        )
         #: [outputs.NAME]: readings on to databases (docs/OUTPUTS.md)
         self.outputs: list[Output | Gauges] = []
         if ingest:
@@ -319,6 +329,10 @@ class Collector:
             else:
                 self.control.handlers_done.set()  # nothing to wait for on shutdown
             await nursery.start(self.hub.serve)
+            if self.alarms is not None:
+                await nursery.start(
+                    self.alarms.serve, lambda: self.boundary.guard("task", "alarms")
+                )
             if self.cluster is not None:
                 await nursery.start(self.cluster.serve)
             for output in self.outputs:
@@ -590,6 +604,25 @@ class Collector:
                 listener.on_event(event)
             except Exception as exc:  # a listener's bug costs it this event, nothing more
                 self.boundary.report("listener", exc, type(listener).__name__)
+
+    def _alarm_changed(self, change: AlarmChange) -> None:
+        a = change.alarm
+        if change.change in ("raised", "cleared"):
+            self._alarm_log.log(
+                logging.WARNING if change.change == "raised" else logging.INFO,
+                f"alarm_{change.change}",
+                trio.current_time(),
+                "alarm %s %s: %s %s on %s (%s %s, value %s)",
+                a["id"],
+                change.change,
+                a["rule"],
+                a["severity"],
+                f"{a['device']}/{a['metric']}",
+                a["condition"],
+                a["threshold"],
+                a["last_value"] if change.change == "cleared" else a["value"],
+            )
+        self.hub.on_alarm(change)
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)  # shared with Ingest

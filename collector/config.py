@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from collector.cluster.connect import BadRedisUrl, check_url
+from collector.core.alarms import RULE_KEYS, AlarmConfigError, AlarmRule, parse_rules
 from collector.outputs.config import OUTPUT_KEYS, OutputConfig, OutputConfigError, parse_outputs
 from collector.wire.datagram import MAX_DATAGRAM, MIN_HELLO_LEN
 from collector.wire.jsonio import JsonError, check_value
@@ -69,6 +70,42 @@ class DeviceConfigRule:
 
     def applies_to(self, device_id: str) -> bool:
         return fnmatch.fnmatchcase(device_id, self.match)
+
+
+MAX_METRIC_META = 1024
+
+
+@attrs.frozen
+class MetricMeta:
+    """`[metrics."GLOB"]`: what the metrics whose names match mean, for dashboards."""
+
+    match: str
+    unit: str = ""
+    description: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"match": self.match, "unit": self.unit, "description": self.description}
+
+
+def parse_metric_meta(body: Any) -> tuple[MetricMeta, ...]:
+    if not isinstance(body, Mapping):
+        raise ConfigError('[metrics] must hold tables: [metrics."GLOB"] with unit, description')
+    if len(body) > MAX_METRIC_META:
+        raise ConfigError(f"[metrics]: at most {MAX_METRIC_META} tables")
+    out = []
+    for match, table in body.items():
+        where = f"[metrics.{match!r}]"
+        if not 0 < len(match) <= 128:
+            raise ConfigError(f"{where}: the glob must have 1-128 characters")
+        if not isinstance(table, Mapping) or not set(table) <= {"unit", "description"}:
+            raise ConfigError(f"{where}: a table of unit and description")
+        unit, description = table.get("unit", ""), table.get("description", "")
+        if not isinstance(unit, str) or len(unit) > 32:
+            raise ConfigError(f"{where}: unit must be text of at most 32 characters")
+        if not isinstance(description, str) or len(description) > 500:
+            raise ConfigError(f"{where}: description must be text of at most 500 characters")
+        out.append(MetricMeta(match, unit, description))
+    return tuple(out)
 
 
 @attrs.frozen(kw_only=True)
@@ -171,6 +208,10 @@ class Config:
     device_config: tuple[DeviceConfigRule, ...] = ()
     # [outputs.NAME]
     outputs: tuple[OutputConfig, ...] = ()
+    # [alarms.NAME]
+    alarms: tuple[AlarmRule, ...] = ()
+    # [metrics."GLOB"]
+    metrics_meta: tuple[MetricMeta, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -691,6 +732,15 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: Any) -> Config:
             except OutputConfigError as exc:
                 raise ConfigError(str(exc)) from None
             continue
+        if section == "alarms":
+            try:
+                kwargs["alarms"] = parse_rules(body)
+            except AlarmConfigError as exc:
+                raise ConfigError(str(exc)) from None
+            continue
+        if section == "metrics":
+            kwargs["metrics_meta"] = parse_metric_meta(body)
+            continue
         keys = _SECTIONS.get(section)
         if keys is None:
             raise ConfigError(f"unknown section [{section}]")
@@ -759,6 +809,31 @@ _OUTPUTS_EXAMPLE = """\
 """
 
 
+_ALARMS_EXAMPLE = """\
+# Alarms: threshold rules on readings, evaluated as they arrive (docs/ALARMS.md). Each fires
+# per (device, metric) it matches, on the page, the stream, /api/alarms and /metrics.
+# [alarms.too-hot]
+# metric = "temp*"
+# devices = ["greenhouse-*"]
+# above = 35.0
+# hysteresis = 0.5
+# severity = "critical"
+# description = "greenhouse too hot for the seedlings"
+#
+# [alarms.silent]
+# metric = "*"
+# no_data = 60.0
+"""
+
+_METRICS_EXAMPLE = """\
+# What metrics mean: a unit and a description per glob of metric names, shown by dashboards
+# on axes, tooltips and the device table. The first glob that matches a name wins.
+# [metrics."temp*"]
+# unit = "°C"
+# description = "air temperature"
+"""
+
+
 def _toml_value(value: Any) -> str:
     """One TOML value on one line: tables inline, at any depth."""
     return _toml_item(value).as_string()
@@ -812,6 +887,22 @@ def render_toml(config: Config | None = None, *, example: bool = True) -> str:
             value = getattr(output, key)
             if key == "type" or value != getattr(defaults, key):
                 out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    if example and not config.alarms:
+        out.append(_ALARMS_EXAMPLE)
+    for rule in config.alarms:
+        out.append(f"[alarms.{rule.name}]")
+        defaults = AlarmRule(rule.name)
+        for key in RULE_KEYS:
+            value = getattr(rule, key)
+            if value is not None and (key == "metric" or value != getattr(defaults, key)):
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    if example and not config.metrics_meta:
+        out.append(_METRICS_EXAMPLE)
+    for meta in config.metrics_meta:
+        out.append(f"[metrics.{_toml_value(meta.match)}]")
+        out += [f"{k} = {_toml_value(getattr(meta, k))}" for k in ("unit", "description")]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -877,7 +968,35 @@ def render_markdown() -> str:
     for key, doc in OUTPUT_KEYS.items():
         default = _toml_value(getattr(output_defaults, key)).replace("|", "\\|")
         out.append(f"| `{key}` | `{default}` | {doc.replace('|', chr(92) + '|')} |")
-    out.append("")
+    out += [
+        "",
+        "## [alarms.NAME]",
+        "",
+        "Threshold rules on readings (docs/ALARMS.md): one table per rule, named by you, at most",
+        "256. Each rule needs `metric` and at least one of `above`, `below`, `no_data`. Not live:",
+        "a restart applies them.",
+        "",
+        "| key | what it does |",
+        "|---|---|",
+    ]
+    for key, doc in RULE_KEYS.items():
+        out.append(f"| `{key}` | {doc.replace('|', chr(92) + '|')} |")
+    out += [
+        "",
+        '## [metrics."GLOB"]',
+        "",
+        "What metrics mean, for dashboards: `unit` (at most 32 characters) and `description` for",
+        "the metric names that match the glob (the first matching table wins; at most 1024).",
+        "Dashboards show the unit on axes, tooltips and the device table; `GET /api/meta` and the",
+        "stream's `hello` carry them. Not live.",
+        "",
+        "```toml",
+        '[metrics."temp*"]',
+        'unit = "°C"',
+        'description = "air temperature"',
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 

@@ -61,6 +61,10 @@ ROUTES = {
     "/api/config": {"post"},
     "/api/replay": {"get", "post"},
     "/api/outputs": {"get"},
+    "/api/alarms": {"get"},
+    "/api/alarms/{id}/ack": {"post"},
+    "/api/meta": {"get"},
+    "/api/history": {"get"},
 }
 
 
@@ -713,6 +717,75 @@ async def a_stand_in_collector(answers: Answers) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def a_collector_with_alarms(answers: Answers, tmp_path) -> None:
+    """Alarms, metric metadata and history: on a collector without rules, then with a rule,
+    units and a recording."""
+    from collector.config import MetricMeta
+    from collector.core.alarms import parse_rules
+
+    async with trio.open_nursery() as nursery:
+        plain, _ = await start_collector(nursery, http_port=0)
+        expect = functools.partial(answers.expect, plain)
+        listing, _ = await expect("GET", "/api/alarms", 200)
+        assert listing["counts"] is None and listing["rules"] == []
+        await expect("POST", "/api/alarms/a1/ack", 404, "unknown_alarm")
+        await expect("GET", "/api/history?metric=t&source=recording", 409, "not_recording")
+        await plain.shutdown()
+
+        collector, _ = await start_collector(
+            nursery,
+            http_port=0,
+            record_dir=str(tmp_path / "alarms-rec"),
+            record_flush_interval=0.05,
+            stream_history=3,
+            alarms=parse_rules({"hot": {"metric": "temp*", "above": 30.0}}),
+            metrics_meta=(MetricMeta("temp*", "°C", "air temperature"),),
+        )
+        expect = functools.partial(answers.expect, collector)
+        async with open_device(
+            "127.0.0.1", "dev-1", SECRETS["dev-1"], tcp_port=collector.tcp_address[1]
+        ) as dev:
+            t0 = collector.wall()
+            for v in (35.0, 36.0, 20.0, 21.0, 22.0):
+                await dev.send_readings({"temperature": v})
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)
+        meta, _ = await expect("GET", "/api/meta", 200)
+        assert meta["metrics"][0]["unit"] == "°C" and meta["recording"] is True
+        listing, _ = await expect("GET", "/api/alarms?recent=1", 200)
+        (alarm,) = listing["alarms"]
+        assert (alarm["state"], alarm["value"], alarm["last_value"]) == ("cleared", 35.0, 22.0)
+        await expect("POST", f"/api/alarms/{alarm['id']}/ack", 400, "bad_ack", body={"by": 5})
+        await expect("POST", f"/api/alarms/{alarm['id']}/ack", 400, "bad_json", body=b"[1")
+        acked, _ = await expect("POST", f"/api/alarms/{alarm['id']}/ack", 200, body={"by": "x"})
+        assert acked["acknowledged_by"] == "x"
+        await expect("POST", f"/api/alarms/{alarm['id']}/ack", 404, "unknown_alarm")
+        async with open_device(
+            "127.0.0.1", "dev-2", SECRETS["dev-2"], tcp_port=collector.tcp_address[1]
+        ) as dev:
+            await dev.send_readings({"temperature": 40.0})
+            await trio.sleep(0.2)
+        (active,) = (await expect("GET", "/api/alarms", 200))[0]["alarms"]
+        await expect("POST", f"/api/alarms/{active['id']}/ack", 200)  # no body at all
+        await expect("POST", f"/api/alarms/{active['id']}/ack", 409, "already_acknowledged")
+        await expect("HEAD", "/api/alarms", 200)
+        await expect("GET", "/api/history?metric=t&buckets=0", 400, "bad_history")
+        url = f"/api/history?metric=temperature&devices=dev-1&from={t0 - 1}&buckets=10&per_device=1"
+        found, _ = await expect("GET", url, 200)
+        assert found["source"] == "recording" and sum(found["aggregate"]["count"]) == 5
+        assert max(found["series"]["dev-1"]["max"]) == 36.0
+        found, _ = await expect("GET", url + "&source=memory", 200)
+        assert sum(found["aggregate"]["count"]) == 3
+        limiter = collector.http.work_limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for h in holders:
+            await limiter.acquire_on_behalf_of(h)
+        await expect("GET", url, 503, "busy")
+        for h in holders:
+            limiter.release_on_behalf_of(h)
+        await collector.shutdown()
+
+
 async def collectors_at_their_limits(answers: Answers) -> None:
     async with trio.open_nursery() as nursery:
         collector, _ = await start_collector(nursery, http_port=0, http_max_per_client=1)
@@ -777,6 +850,7 @@ async def test_every_answer_matches_the_document(nursery, autojump_clock, monkey
     await a_collector_with_tokens(answers)
     await a_stand_in_collector(answers)
     await a_collector_with_outputs(answers)
+    await a_collector_with_alarms(answers, tmp_path)
     await collectors_at_their_limits(answers)
 
     documented = {(t, m) for t, item in DOC["paths"].items() for m in item if m in OPERATIONS}

@@ -400,6 +400,7 @@ class HubHost(Protocol):
     playback: Any
     registry: SessionRegistry
     cluster: Any  # a collector.cluster.bus.ClusterBus, or None
+    alarms: Any  # a collector.core.alarms.AlarmEngine, or None
 
 
 class StreamHub:
@@ -494,6 +495,13 @@ class StreamHub:
             return
         for sub in self.subscribers:
             sub.offer_message(message, event.device_id)
+
+    def on_alarm(self, change: Any) -> None:
+        """An alarm raised, cleared, acknowledged or removed (collector.core.alarms)."""
+        self.stream_seq += 1
+        message = {"type": "alarm", "change": change.change, "alarm": change.alarm}
+        for sub in self.subscribers:
+            sub.offer_message(message, change.alarm["device"])
 
     # -- views for snapshots and the API -------------------------------------------------------
 
@@ -744,6 +752,8 @@ class StreamHub:
             history_max=cfg.history,
             can_command=can_command and self.app.playback is None,
         )
+        hello["metrics"] = [m.to_json() for m in self.app.config.metrics_meta]
+        hello["alarms"] = getattr(self.app, "alarms", None) is not None
         if self.app.playback is not None:
             hello["mode"] = "replay"
             hello["replay"] = self.app.playback.status()

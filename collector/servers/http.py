@@ -38,6 +38,7 @@ import mimetypes
 import os
 import re
 import socket
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -50,6 +51,8 @@ import trio
 import trio_websocket
 
 from collector.config import ConfigPushError
+from collector.core import history
+from collector.core.alarms import AlarmError
 from collector.core.commands import CommandError, command_json
 from collector.core.events import format_address
 from collector.devices import DevicesError
@@ -58,6 +61,7 @@ from collector.servers import metrics
 from collector.servers.serving import Acceptor, listen_tcp
 from collector.servers.tls import accept_tls
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
+from collector.wire.recording import RecordingError
 from collector.wire.stream import server_text_frame
 
 if TYPE_CHECKING:
@@ -73,6 +77,7 @@ log = logging.getLogger("collector.http")
 WEB = resources.files("collector") / "web"
 SEND_CHUNK = 64 * 1024  # a send makes progress at least this often, or times out
 MAX_QUERY_FIELDS = 32
+HISTORY_THREADS = 2  # history queries computed at once; more are answered 503 busy
 
 READ, COMMAND = 1, 2
 
@@ -156,6 +161,11 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    #: an answer that takes long to compute (GET /api/history): work(stopped) is run in a
+    #: worker thread, at most HISTORY_THREADS at once; `stopped()` turns true when nobody
+    #: waits for it any more (the collector shuts down). The work bounds itself (a scan reads
+    #: at most history.DEFAULT_MAX_BYTES of segments, then answers `truncated`).
+    work: Callable[[Callable[[], bool]], Response] | None = None
 
 
 def json_response(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -287,6 +297,7 @@ class HttpServer:
         self.rlog = RateLimitedLog(log, cfg.log_rate_limit)
         self.registry = metrics.make_registry(app)
         self.acceptor = Acceptor()
+        self.work_limiter = trio.CapacityLimiter(HISTORY_THREADS)
         self.address: tuple[Any, ...] | None = None
         self.tls_port: int | None = None
         self.plaintext_address: tuple[Any, ...] | None = None
@@ -442,6 +453,8 @@ class HttpServer:
                         return
                     first = False
                     route, response = self._answer(request, body)
+                    if response.work is not None:
+                        response = await self._work(response.work, request)
                     self.requests[(route, response.status)] += 1
                     await self._send(stream, conn, response, route, head=request.method == b"HEAD")
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -646,6 +659,33 @@ class HttpServer:
 
     # -- routing (synchronous: everything here answers from memory) ----------------------------
 
+    async def _work(
+        self, work: Callable[[Callable[[], bool]], Response], request: h11.Request
+    ) -> Response:
+        """Run a long answer in a worker thread (the event loop, and so ingest, goes on)."""
+        if self.work_limiter.borrowed_tokens >= self.work_limiter.total_tokens:
+            return error_response(
+                503, "busy", f"{HISTORY_THREADS} history queries are running: try again"
+            )
+        stop = threading.Event()
+
+        def run() -> Response:
+            try:
+                return work(stop.is_set)
+            except Exception as exc:
+                what = f"{request.method.decode('ascii', 'replace')} {request.target[:200]!r}"
+                trio.from_thread.run_sync(self.app.boundary.report, "http_request", exc, what)
+                return error_response(
+                    500, "internal_error", "the collector failed to answer this request"
+                )
+
+        try:
+            return await trio.to_thread.run_sync(
+                run, limiter=self.work_limiter, abandon_on_cancel=True
+            )
+        finally:
+            stop.set()
+
     def _answer(self, request: h11.Request, body: bytes) -> tuple[str, Response]:
         """The boundary of one request: a bug answers 500 and costs nothing else."""
         try:
@@ -823,6 +863,37 @@ class HttpServer:
             return json_response(200, command_json(cmd))
         if parts == ["api", "replay"]:
             return self._replay(method, body)
+        if parts == ["api", "alarms"]:
+            _only(method, "GET")
+            return json_response(200, self._alarms(query))
+        if len(parts) == 4 and parts[:2] == ["api", "alarms"] and parts[3] == "ack":
+            _only(method, "POST")
+            if app.alarms is None:
+                raise _ApiError(404, "unknown_alarm", "this collector has no alarm rules")
+            req = _json_body(body) if body.strip() else {}
+            by = req.get("by")
+            if by is not None and (not isinstance(by, str) or len(by) > 100):
+                raise _ApiError(400, "bad_ack", '"by" is who acknowledges: text, at most 100')
+            try:
+                alarm = app.alarms.acknowledge(parts[2], by)
+            except AlarmError as exc:
+                status = 404 if exc.code == "unknown_alarm" else 409
+                raise _ApiError(status, exc.code, exc.message) from None
+            return json_response(200, alarm)
+        if parts == ["api", "history"]:
+            _only(method, "GET")
+            return self._history(query)
+        if parts == ["api", "meta"]:
+            _only(method, "GET")
+            return json_response(
+                200,
+                {
+                    "metrics": [m.to_json() for m in app.config.metrics_meta],
+                    "alarm_rules": [r.to_json() for r in app.config.alarms],
+                    "recording": bool(app.config.record_dir),
+                    "history_points": self.hub.config.history,
+                },
+            )
         if parts == ["api", "outputs"]:
             _only(method, "GET")
             return json_response(
@@ -845,6 +916,55 @@ class HttpServer:
                 raise _ApiError(status, exc.code, exc.message) from None
             return json_response(200, {"match": match, "sent_to": sent, "failed": failed})
         raise _ApiError(404, "not_found", f"no route {path[:100]!r}")
+
+    def _history(self, query: dict[str, list[str]]) -> Response:
+        try:
+            q = history.parse_query(query, self.app.wall())
+        except history.HistoryError as exc:
+            raise _ApiError(400, exc.code, exc.message) from None
+        source = query.get("source", ["auto"])[0]
+        if source not in ("auto", "memory", "recording"):
+            raise _ApiError(400, "bad_history", "source is auto, memory or recording")
+        record_dir = self.app.config.record_dir
+        if source == "recording" and not record_dir:
+            raise _ApiError(409, "not_recording", "this collector keeps no recording")
+        rings = [(d, v.history) for d, v in self.hub.views.items()]
+        if source == "memory" or (
+            source == "auto" and (not record_dir or history.memory_covers(q, rings))
+        ):
+            # A copy of the matched series now (C-level array copies); the buckets in a thread.
+            match = q.device_match()
+            copied = [
+                (d, {q.metric: _RingCopy(ring)})
+                for d, series in rings
+                if (ring := series.get(q.metric)) is not None and match(d)
+            ]
+            return Response(
+                200,
+                work=lambda stopped: json_response(200, history.from_memory(q, copied).to_json()),
+            )
+
+        def scan(stopped: Callable[[], bool]) -> Response:
+            try:
+                found = history.scan_recording(record_dir, q, cancelled=stopped)
+            except RecordingError as exc:
+                return error_response(409, "not_recording", f"the recording cannot be read: {exc}")
+            return json_response(200, found.to_json())
+
+        return Response(200, work=scan)
+
+    def _alarms(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        engine = self.app.alarms
+        out: dict[str, Any] = {"time": self.app.wall()}
+        if engine is None:
+            out.update(rules=[], alarms=[], counts=None)
+            return out
+        out["rules"] = [r.to_json() for r in engine.rules]
+        out["alarms"] = engine.listed()
+        out["counts"] = engine.counts()
+        if query.get("recent", ["0"])[0] not in ("0", ""):
+            out["recent"] = list(engine.recent)
+        return out
 
     def _replay(self, method: str, body: bytes) -> Response:
         playback = self.app.playback
@@ -889,6 +1009,17 @@ _COMMAND_ERROR_STATUS = {
     "too_large": 413,
     "shutting_down": 503,
 }
+
+
+class _RingCopy:
+    """A SeriesRing's arrays copied, for a worker thread (the hub appends to the originals)."""
+
+    __slots__ = ("maxlen", "t", "v")
+
+    def __init__(self, ring: Any) -> None:
+        self.maxlen = ring.maxlen
+        self.t = ring.t[-ring.maxlen :]
+        self.v = ring.v[-ring.maxlen :]
 
 
 def _split_target(target: bytes) -> tuple[str, dict[str, list[str]]]:
@@ -939,7 +1070,7 @@ def path_route(path: str) -> str:
     parts = [p for p in path.split("/") if p]
     if parts[:2] == ["api", "devices"] and len(parts) >= 3:
         parts[2] = "{id}"
-    if parts[:2] == ["api", "commands"] and len(parts) >= 3:
+    if parts[:2] in (["api", "commands"], ["api", "alarms"]) and len(parts) >= 3:
         parts[2] = "{id}"
     known = {
         "metrics",
@@ -952,6 +1083,10 @@ def path_route(path: str) -> str:
         "api/config",
         "api/replay",
         "api/outputs",
+        "api/alarms",
+        "api/alarms/{id}/ack",
+        "api/meta",
+        "api/history",
         "api/openapi.json",
     }
     route = "/".join(parts)

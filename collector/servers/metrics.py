@@ -285,10 +285,57 @@ class CollectorMetrics(PromCollector):
         cluster = getattr(app, "cluster", None)
         if cluster is not None:
             yield from cluster_metrics(cluster.status(), counter, gauge)
+        alarms = getattr(app, "alarms", None)
+        if alarms is not None:
+            yield from alarm_metrics(alarms)
         outputs = getattr(app, "outputs", None)
         if outputs:
             yield from output_metrics([o.status() for o in outputs if o.cfg.type != "prometheus"])
             yield from reading_gauges([o for o in outputs if o.cfg.type == "prometheus"])
+
+
+def alarm_metrics(engine: Any) -> Iterator[Metric]:
+    """[alarms.NAME] (collector/core/alarms.py): what fired, what is on, what waits for a person."""
+    active = GaugeMetricFamily(
+        "collector_alarms_active", "Alarms active now, by rule.", labels=["rule", "severity"]
+    )
+    unacked = GaugeMetricFamily(
+        "collector_alarms_unacknowledged",
+        "Alarms listed and not acknowledged (active, or cleared since), by rule.",
+        labels=["rule", "severity"],
+    )
+    raised = CounterMetricFamily(
+        "collector_alarms_raised", "Times an alarm fired, by rule.", labels=["rule", "severity"]
+    )
+    for rule, n_active, n_unacked in engine.active_by_rule():
+        labels = [rule.name, rule.severity]
+        active.add_metric(labels, n_active)
+        unacked.add_metric(labels, n_unacked)
+        raised.add_metric(labels, engine.raised_total.get(rule.name, 0))
+    yield active
+    yield unacked
+    yield raised
+    yield CounterMetricFamily(
+        "collector_alarms_acknowledged", "Alarms acknowledged.", value=engine.acknowledged_total
+    )
+    yield CounterMetricFamily(
+        "collector_alarms_cleared", "Alarms whose condition ended.", value=engine.cleared_total
+    )
+    yield CounterMetricFamily(
+        "collector_alarms_refused",
+        "Alarms that did not fire because 10,000 were already listed.",
+        value=engine.refused,
+    )
+    yield GaugeMetricFamily(
+        "collector_alarms_watched",
+        "(rule, device, metric) triples watched for no_data.",
+        value=engine.watched,
+    )
+    yield CounterMetricFamily(
+        "collector_alarms_unwatched",
+        "Readings of (rule, device, metric) triples not watched for no_data: 100,000 already were.",
+        value=engine.unwatched,
+    )
 
 
 def reading_gauges(outputs: list[Any]) -> Iterator[Metric]:
