@@ -151,6 +151,9 @@ class Collector:
         self.config_loader: Callable[[], Config] | None = None
         self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
         self.playback: Any = None  # a collector.tools.playback.Playback driving the hub instead
+        #: the recording GET /api/history reads beyond memory: the one this collector writes,
+        #: or (a stand-in) the one it serves
+        self.history_dir: str | None = config.record_dir or None
         self.devices = devices
         self.wall = wall
         self.listeners: list[Listener] = list(listeners)

@@ -65,6 +65,7 @@ ROUTES = {
     "/api/alarms/{id}/ack": {"post"},
     "/api/meta": {"get"},
     "/api/history": {"get"},
+    "/api/status": {"get"},
 }
 
 
@@ -728,6 +729,8 @@ async def a_collector_with_alarms(answers: Answers, tmp_path) -> None:
         expect = functools.partial(answers.expect, plain)
         listing, _ = await expect("GET", "/api/alarms", 200)
         assert listing["counts"] is None and listing["rules"] == []
+        status, _ = await expect("GET", "/api/status", 200)
+        assert status["recording"] is None and status["alarms"] is None
         await expect("POST", "/api/alarms/a1/ack", 404, "unknown_alarm")
         await expect("GET", "/api/history?metric=t&source=recording", 409, "not_recording")
         await plain.shutdown()
@@ -750,6 +753,9 @@ async def a_collector_with_alarms(answers: Answers, tmp_path) -> None:
                 await dev.send_readings({"temperature": v})
                 await trio.sleep(0.1)
             await trio.sleep(0.5)
+        status, _ = await expect("GET", "/api/status", 200)
+        assert status["ingest"]["readings"] == 5 and status["alarms"]["raised_total"] == {"hot": 1}
+        assert status["recording"]["records"] >= 1 and status["sessions"]["known"] == len(SECRETS)
         meta, _ = await expect("GET", "/api/meta", 200)
         assert meta["metrics"][0]["unit"] == "°C" and meta["recording"] is True
         listing, _ = await expect("GET", "/api/alarms?recent=1", 200)

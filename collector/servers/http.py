@@ -60,6 +60,7 @@ from collector.logs import RateLimitedLog
 from collector.servers import metrics
 from collector.servers.serving import Acceptor, listen_tcp
 from collector.servers.tls import accept_tls
+from collector.servers.udp import kernel_drops
 from collector.wire.jsonio import JsonError, dumps_bytes, loads_untrusted
 from collector.wire.recording import RecordingError
 from collector.wire.stream import server_text_frame
@@ -883,6 +884,9 @@ class HttpServer:
         if parts == ["api", "history"]:
             _only(method, "GET")
             return self._history(query)
+        if parts == ["api", "status"]:
+            _only(method, "GET")
+            return json_response(200, self._status())
         if parts == ["api", "meta"]:
             _only(method, "GET")
             return json_response(
@@ -890,7 +894,7 @@ class HttpServer:
                 {
                     "metrics": [m.to_json() for m in app.config.metrics_meta],
                     "alarm_rules": [r.to_json() for r in app.config.alarms],
-                    "recording": bool(app.config.record_dir),
+                    "recording": bool(app.history_dir),
                     "history_points": self.hub.config.history,
                 },
             )
@@ -925,7 +929,7 @@ class HttpServer:
         source = query.get("source", ["auto"])[0]
         if source not in ("auto", "memory", "recording"):
             raise _ApiError(400, "bad_history", "source is auto, memory or recording")
-        record_dir = self.app.config.record_dir
+        record_dir = self.app.history_dir
         if source == "recording" and not record_dir:
             raise _ApiError(409, "not_recording", "this collector keeps no recording")
         rings = [(d, v.history) for d, v in self.hub.views.items()]
@@ -952,6 +956,42 @@ class HttpServer:
             return json_response(200, found.to_json())
 
         return Response(200, work=scan)
+
+    def _status(self) -> dict[str, Any]:
+        """The collector's own health, for the page's health panel: counters (the page turns
+        them into rates) and states. Cheap at any fleet size: nothing per device."""
+        app = self.app
+        ing = app.ingest
+        hub = self.hub
+        drops = kernel_drops(ing.sock) if ing.sock is not None else None
+        return {
+            "time": app.wall(),
+            "uptime": round(trio.current_time() - app.started_at, 3),
+            "mode": "replay" if app.playback is not None else "live",
+            "accepting": app.accepting,
+            "ingest": {
+                "datagrams_received": ing.received,
+                "datagrams_accepted": ing.accepted,
+                "readings": ing.readings,
+                "rejected": dict(ing.rejected),
+                "kernel_drops": drops,
+            },
+            "sessions": {
+                "online": len(app.registry.online),
+                "known": len(app.devices),
+                "opened": app.registry.opened,
+                "ended": dict(app.registry.ended_by_reason),
+            },
+            "dashboards": {
+                "subscribers": len(hub.subscribers),
+                "missed": hub.missed_closed + sum(s.missed_total for s in hub.subscribers),
+            },
+            "recording": app.recorder.statistics() if app.recorder is not None else None,
+            "outputs": [o.status() for o in app.outputs],
+            "cluster": self._cluster_health() if app.cluster is not None else None,
+            "alarms": app.alarms.counts() if app.alarms is not None else None,
+            "internal_errors": dict(app.boundary.counts),
+        }
 
     def _alarms(self, query: dict[str, list[str]]) -> dict[str, Any]:
         engine = self.app.alarms
@@ -1086,6 +1126,7 @@ def path_route(path: str) -> str:
         "api/alarms",
         "api/alarms/{id}/ack",
         "api/meta",
+        "api/status",
         "api/history",
         "api/openapi.json",
     }

@@ -306,6 +306,8 @@ def _serve(args: argparse.Namespace, records: list) -> int:
         config, dict.fromkeys(playback.device_ids, ""), wall=playback.now, ingest=False
     )
     playback.attach(collector)
+    if len(args.recording) == 1:
+        collector.history_dir = args.recording[0]  # GET /api/history reads it
 
     async def play(addresses, nursery) -> None:
         print(

@@ -10,6 +10,13 @@ const HISTORY_BUDGET = 30000; // snapshot points per metric over all devices: bi
 const MAX_CHART_SERIES = 24; // lines per chart; narrow the device filter to see others
 const MAX_COMMANDS_SHOWN = 10; // per device
 const MAX_ACTIVITY = 100;
+const PAGE_SIZE = 50; // device rows in the table at once: the DOM stays small at any fleet size
+const RESORT_MS = 2000; // a table sorted by loss, rate or last seen is re-sorted at most this often
+const AGG_BUCKET = 1; // seconds: live aggregate bands (min/mean/max over devices) per bucket
+const HISTORY_BUCKETS = 300;
+const HISTORY_REFRESH_MS = 30000; // a relative range ("last hour") is fetched again this often
+const STATUS_MS = 2000; // the collector health panel
+const MAX_ALARMS_SHOWN = 200;
 const RENDER_MS = 250; // table and health refresh
 const CHART_MS = 1000; // chart redraw
 const PING_MS = 15000;
@@ -42,8 +49,12 @@ const STATE_RANK = { queued: 0, sent: 1 };
 const $ = (id) => document.getElementById(id);
 const collator = new Intl.Collator(undefined, { numeric: true });
 const numberFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 });
-const clockFormat = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
-const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+// One time format everywhere (table, tooltips, axes, alarms): the local clock, with the date
+// when the time is not today; the zone is shown once, next to the range picker.
+const CLOCK = { hourCycle: "h23", hour: "2-digit", minute: "2-digit", second: "2-digit" };
+const clockFormat = new Intl.DateTimeFormat(undefined, CLOCK);
+const dateFormat = new Intl.DateTimeFormat(undefined, { ...CLOCK, year: "numeric", month: "short", day: "numeric" });
+const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "local time";
 const axisFormats = {
   seconds: new Intl.DateTimeFormat(undefined, {
     hourCycle: "h23",
@@ -52,6 +63,13 @@ const axisFormats = {
     second: "2-digit",
   }),
   minutes: new Intl.DateTimeFormat(undefined, { hourCycle: "h23", hour: "2-digit", minute: "2-digit" }),
+  days: new Intl.DateTimeFormat(undefined, {
+    hourCycle: "h23",
+    month: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+  }),
 };
 
 // -- state ---------------------------------------------------------------------------------
@@ -62,10 +80,30 @@ const model = {
   order: [], // device ids in natural order (sensor-2 before sensor-10), as the rows are
   loading: false, // applying a snapshot: rows are put in order once, at the end
   previous: null, // while applying a snapshot: the devices before it, whose rows are reused
+  nameOrder: [], // every device in natural name order (see byName)
   commands: new Map(), // command id -> command
   charts: new Map(), // metric -> Chart
   colors: new Map(), // device id -> colour, stable for the life of the page
   newestReading: 0, // collector time of the newest reading received on this connection
+  alarms: new Map(), // alarm id -> alarm (as /api/alarms lists them)
+  units: [], // [{re, unit, description}] from the hello's metrics
+  range: null, // null: live; else {from, to, span} (span: seconds for "last N", null for custom)
+  status: null, // the last /api/status answer, and the one before (for rates)
+  statusPrev: null,
+};
+
+/** The device table's view: which devices, in which order, which page. */
+const view = {
+  sort: "name",
+  dir: 1,
+  find: "",
+  state: "all", // all | online | offline | never | offline:REASON
+  page: 0,
+  list: [], // devices that pass the filters, in order
+  shown: [], // the devices with rows in the table now
+  dirty: true, // membership or order changed: lay the table out again
+  stale: false, // a sort key (loss, rate, seen) changed: re-sort at the next RESORT_MS
+  sortedAt: 0,
 };
 
 /** The connection and the stream's health. */
@@ -148,7 +186,9 @@ function formatSeconds(s) {
 }
 
 function formatClock(t) {
-  return t ? clockFormat.format(t * 1000) : "–";
+  if (!t) return "–";
+  const d = new Date(t * 1000);
+  return d.toDateString() === new Date().toDateString() ? clockFormat.format(d) : dateFormat.format(d);
 }
 
 function deviceColor(id) {
@@ -206,8 +246,11 @@ function newDevice(id) {
     row: null,
     detail: null,
     cells: null,
-    visible: false, // rows far off screen are not kept up to date until they scroll near
+    visible: false, // on the table's current page: only those rows are kept up to date
     dirty: true,
+    // natural order without a collator (sensor-2 before sensor-10): digit runs padded
+    sortName: id.toLowerCase().replace(/\d+/g, (n) => n.padStart(12, "0")),
+    findName: id.toLowerCase(),
   };
 }
 
@@ -221,10 +264,8 @@ function getDevice(id) {
     if (old) {
       // Same rows as before the snapshot: an open command form survives a reconnect.
       Object.assign(d, { row: old.row, detail: old.detail, cells: old.cells, visible: old.visible });
-    } else {
-      buildRow(d);
     }
-    if (!model.loading) placeRow(d);
+    view.dirty = true;
   }
   return d;
 }
@@ -265,6 +306,7 @@ function onDeviceMessage(m) {
   d.since = m.time;
   if (m.online) d.lastSeen = Math.max(d.lastSeen || 0, m.time);
   d.dirty = true;
+  if (was !== d.online || view.state !== "all" || view.sort === "state") view.dirty = true;
   if (m.online) activity(`${d.id} online over ${m.transport || "?"}`, "good", m.time);
   else activity(`${d.id} offline (${m.reason}) after ${formatSeconds(m.duration ?? NaN)}`, "bad", m.time);
 }
@@ -276,6 +318,7 @@ function onStats(m) {
     if (s.last_seen) d.lastSeen = Math.max(d.lastSeen || 0, s.last_seen);
     d.dirty = true;
   }
+  if (view.sort !== "name" && view.sort !== "state") view.stale = true;
 }
 
 function onReadings(m) {
@@ -287,6 +330,7 @@ function onReadings(m) {
     if (t > model.newestReading) model.newestReading = t;
     addPoint(metric, id, t, v);
   }
+  if (view.sort === "seen") view.stale = true;
 }
 
 // -- commands ------------------------------------------------------------------------------
@@ -384,24 +428,9 @@ async function sendCommand(deviceId, form) {
 
 // -- the device table ----------------------------------------------------------------------
 
-const rowObserver = new IntersectionObserver(
-  (entries) => {
-    for (const e of entries) {
-      const d = model.devices.get(e.target.dataset.device);
-      if (d?.row !== e.target) continue;
-      d.visible = e.isIntersecting;
-      d.dirty ||= d.visible;
-    }
-    render();
-  },
-  { rootMargin: "100% 0px" },
-);
-
 function buildRow(d) {
   const row = clone("row-template");
-  const detail = clone("detail-template");
   row.dataset.device = d.id;
-  detail.dataset.detailFor = d.id;
   const q = (sel) => row.querySelector(sel);
   d.cells = {
     state: q(".state"),
@@ -420,54 +449,184 @@ function buildRow(d) {
   // The rows outlive snapshots (see getDevice): handlers look the device up by id.
   const id = d.id;
   const toggle = () => {
+    const current = model.devices.get(id) || d;
+    const detail = current.detail || buildDetail(current);
     detail.hidden = !detail.hidden;
+    if (!detail.hidden) {
+      row.after(detail);
+      loadSessions(id, detail);
+    } else detail.remove();
     row.classList.toggle("open", !detail.hidden);
     d.cells.toggle.setAttribute("aria-expanded", String(!detail.hidden));
-    const current = model.devices.get(id);
-    if (current) current.dirty = true;
+    current.dirty = true;
     render();
   };
   d.cells.toggle.addEventListener("click", toggle);
   d.cells.send.addEventListener("click", () => {
-    if (detail.hidden) toggle();
-    detail.querySelector(".cmd-name").focus();
+    const current = model.devices.get(id) || d;
+    if (!current.detail || current.detail.hidden) toggle();
+    current.detail.querySelector(".cmd-name").focus();
   });
   row.addEventListener("mouseenter", () => focusDevice(id));
   row.addEventListener("mouseleave", () => focusDevice(null));
+  d.row = row;
+}
+
+/** The detail row (facts, commands, sessions), made the first time it is opened: a page of
+ * the table holds only the rows that are seen. */
+function buildDetail(d) {
+  const detail = clone("detail-template");
+  detail.dataset.detailFor = d.id;
+  const id = d.id;
   detail.querySelector(".cmd-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     sendCommand(id, ev.currentTarget);
   });
-  d.row = row;
   d.detail = detail;
-  rowObserver.observe(row);
+  return detail;
 }
 
-/** Put one new device's rows in their place (a device that registered after the snapshot). */
-function placeRow(d) {
-  const order = model.order;
-  let lo = 0;
-  let hi = order.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (collator.compare(order[mid], d.id) < 0) lo = mid + 1;
-    else hi = mid;
+function stateKey(d) {
+  return d.online ? "online" : d.reason ? `offline:${d.reason}` : "never";
+}
+
+function passes(d, find) {
+  const st = view.state;
+  if (st !== "all") {
+    if (st === "offline") {
+      if (d.online || !d.reason) return false;
+    } else if (stateKey(d) !== st) return false;
   }
-  order.splice(lo, 0, d.id);
-  const next = lo + 1 < order.length ? model.devices.get(order[lo + 1]).row : null;
-  $("device-rows").insertBefore(d.row, next);
-  $("device-rows").insertBefore(d.detail, next);
+  return !find || d.findName.includes(find);
 }
 
-/** All rows at once, in order: a snapshot may hold thousands of devices. */
-function placeAllRows() {
-  model.order = [...model.devices.keys()].sort(collator.compare);
+// Sort keys as numbers (or plain strings), computed once per device per sort: comparing
+// them is cheap enough to sort 10,000 devices well within a frame.
+const SORT_KEYS = {
+  state: (d) => (d.online ? 0 : d.reason ? 1 + reasonIndex(d.reason) : 1e6),
+  loss: (d) => d.stats.loss ?? -1,
+  rate: (d) => d.stats.rate ?? -1,
+  seen: (d) => d.lastSeen ?? 0,
+};
+const reasons = new Map();
+
+function reasonIndex(reason) {
+  let i = reasons.get(reason);
+  if (i === undefined) {
+    // the reasons in alphabetical order, whatever order they were first seen in
+    const all = [...reasons.keys(), reason].sort();
+    reasons.clear();
+    all.forEach((r, k) => reasons.set(r, k));
+    i = reasons.get(reason);
+  }
+  return i;
+}
+
+/** Every device in natural name order; each device's place in it is its `nameRank`. */
+function byName() {
+  if (model.nameOrder.length !== model.devices.size) {
+    model.nameOrder = [...model.devices.values()].sort((a, b) =>
+      a.sortName < b.sortName ? -1 : a.sortName > b.sortName ? 1 : 0,
+    );
+    model.nameOrder.forEach((d, i) => (d.nameRank = i));
+  }
+  return model.nameOrder;
+}
+
+/** Filter and sort every device, then show the current page. */
+function layoutTable() {
+  view.dirty = false;
+  view.stale = false;
+  view.sortedAt = performance.now();
+  const find = view.find.trim().toLowerCase();
+  const dir = view.dir;
+  const named = byName();
+  let list = [];
+  for (const d of named) if (passes(d, find)) list.push(d);
+  const keyOf = SORT_KEYS[view.sort];
+  if (keyOf) {
+    // names break ties, always A to Z
+    const keyed = list.map((d) => ({ k: keyOf(d), r: d.nameRank, d }));
+    keyed.sort((a, b) => (a.k < b.k ? -dir : a.k > b.k ? dir : a.r - b.r));
+    list = keyed.map((e) => e.d);
+  } else if (dir < 0) {
+    list.reverse();
+  }
+  view.list = list;
+  for (const th of document.querySelectorAll("#device-table th[data-sort]")) {
+    if (th.dataset.sort === view.sort) th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
+    else th.removeAttribute("aria-sort");
+  }
+  showPage();
+}
+
+/** Put the current page's rows (and only those) in the table: a few hundred elements
+ * whatever the size of the fleet. */
+function showPage() {
+  const list = view.list;
+  const pages = Math.max(1, Math.ceil(list.length / PAGE_SIZE));
+  view.page = Math.min(Math.max(0, view.page), pages - 1);
+  const first = view.page * PAGE_SIZE;
+  const shown = list.slice(first, first + PAGE_SIZE);
+  for (const d of view.shown) d.visible = false;
   const rows = document.createDocumentFragment();
-  for (const id of model.order) {
-    const d = model.devices.get(id);
-    rows.append(d.row, d.detail);
+  const now = serverNow();
+  for (const d of shown) {
+    if (!d.row) buildRow(d);
+    d.visible = true;
+    if (d.dirty) {
+      d.dirty = false;
+      renderRow(d, now);
+    }
+    rows.append(d.row);
+    if (d.detail && !d.detail.hidden) rows.append(d.detail);
   }
+  view.shown = shown;
   $("device-rows").replaceChildren(rows);
+  setText(
+    $("page-info"),
+    list.length
+      ? `${first + 1}–${first + shown.length} of ${list.length}${list.length < model.devices.size ? ` (of ${model.devices.size})` : ""}`
+      : model.devices.size
+        ? "no device matches"
+        : "",
+  );
+  $("page-prev").disabled = view.page === 0;
+  $("page-next").disabled = view.page >= pages - 1;
+}
+
+/** Devices by state, as buttons that filter the table. */
+function renderSummary(counts, total) {
+  const box = $("state-summary");
+  const entries = [["all", `all ${total}`]];
+  entries.push(["online", `online ${counts.get("online") || 0}`]);
+  let offline = 0;
+  const reasons = [];
+  for (const [k, n] of counts) {
+    if (k.startsWith("offline:")) {
+      offline += n;
+      reasons.push([k, `${k.slice(8)} ${n}`]);
+    }
+  }
+  entries.push(["offline", `offline ${offline}`]);
+  reasons.sort((a, b) => (a[0] < b[0] ? -1 : 1));
+  entries.push(...reasons);
+  if (counts.get("never")) entries.push(["never", `never seen ${counts.get("never")}`]);
+  const key = entries.map((e) => e.join("=")).join("|") + view.state;
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(
+    ...entries.map(([k, text]) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = `chip${k.startsWith("offline:") ? " reason" : ""}`;
+      b.dataset.state = k;
+      b.textContent = text;
+      b.title = k.startsWith("offline:") ? OFFLINE_REASONS[k.slice(8)] || k.slice(8) : `show ${k} devices`;
+      b.setAttribute("aria-pressed", String(view.state === k));
+      return b;
+    }),
+  );
 }
 
 function renderRow(d, now) {
@@ -513,7 +672,7 @@ function renderRow(d, now) {
   }
   names.forEach((n, i) => {
     const [t, v] = d.values.get(n);
-    setText(chips[i].lastElementChild, formatValue(v));
+    setText(chips[i].lastElementChild, typeof v === "number" ? withUnit(formatValue(v), n) : formatValue(v));
     setAttr(chips[i], "data-time", t);
     setAttr(chips[i], "title", `${n} = ${JSON.stringify(v)} at ${formatClock(t)}`);
   });
@@ -536,7 +695,7 @@ function renderRow(d, now) {
   c.send.disabled = !conn.canCommand;
   setAttr(c.send, "title", conn.canCommand ? "send a command" : noCommandsWhy());
 
-  if (!d.detail.hidden) renderDetail(d);
+  if (d.detail && !d.detail.hidden) renderDetail(d);
 }
 
 function renderSeen(d, now) {
@@ -599,12 +758,29 @@ function renderDetail(d) {
 
 // -- charts --------------------------------------------------------------------------------
 
+function unitOf(metric) {
+  for (const u of model.units) if (u.re.test(metric)) return u;
+  return null;
+}
+
+function withUnit(v, metric) {
+  const u = unitOf(metric);
+  return u?.unit ? `${v} ${u.unit}` : v;
+}
+
+function globToRegExp(glob) {
+  const body = glob.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+  return new RegExp(`^${body.replace(/\[!/g, "[^")}$`);
+}
+
 function getChart(metric) {
   let chart = model.charts.get(metric);
   if (!chart) {
     const el = clone("chart-template");
     el.dataset.metric = metric;
-    el.querySelector(".chart-title").textContent = metric;
+    const u = unitOf(metric);
+    el.querySelector(".chart-title").textContent = u?.unit ? `${metric} (${u.unit})` : metric;
+    if (u?.description) el.querySelector(".chart-title").title = u.description;
     chart = {
       metric,
       el,
@@ -613,8 +789,13 @@ function getChart(metric) {
       devices: new Set(), // every device with numbers for this metric
       lastId: null, // the largest id in series, once it is full
       left: new Set(), // ids that sort after lastId: never charted
+      agg: new Map(), // bucket start -> [min, max, sum, count] over every device
+      hist: null, // a time range's answer from /api/history, while one is shown
       plot: null,
+      plotKey: "",
       ids: [],
+      labels: [],
+      colors: [],
       focused: null,
       width: 0,
       dirty: true,
@@ -636,6 +817,7 @@ function getChart(metric) {
       else requestAnimationFrame(drawCharts);
     }).observe(chart.body);
     $("charts-empty").hidden = true;
+    if (model.range) loadHistory(chart);
   }
   return chart;
 }
@@ -644,13 +826,28 @@ function addPoint(metric, deviceId, t, v) {
   if (typeof v === "boolean") v = v ? 1 : 0;
   if (typeof v !== "number" || !Number.isFinite(v)) return;
   const chart = getChart(metric);
+  // The aggregate sees every device, however many there are.
+  const b = Math.floor(t / AGG_BUCKET) * AGG_BUCKET;
+  const a = chart.agg.get(b);
+  if (a) {
+    if (v < a[0]) a[0] = v;
+    if (v > a[1]) a[1] = v;
+    a[2] += v;
+    a[3] += 1;
+  } else {
+    chart.agg.set(b, [v, v, v, 1]);
+    if (chart.agg.size > MAX_POINTS + 50) {
+      const keys = [...chart.agg.keys()].sort((x, y) => x - y);
+      for (const k of keys.slice(0, keys.length - MAX_POINTS)) chart.agg.delete(k);
+    }
+  }
+  chart.dirty = true;
   let s = chart.series.get(deviceId);
   if (!s) {
     if (chart.left.has(deviceId)) return;
     chart.devices.add(deviceId);
-    chart.dirty = true;
     if (chart.series.size >= MAX_CHART_SERIES) {
-      // Memory stays bounded however large the fleet: chart the first ids only.
+      // Memory stays bounded however large the fleet: lines for the first ids only.
       if (collator.compare(deviceId, chart.lastId) > 0) {
         chart.left.add(deviceId);
         return;
@@ -680,7 +877,6 @@ function addPoint(metric, deviceId, t, v) {
     s.t.splice(0, s.t.length - MAX_POINTS);
     s.v.splice(0, s.v.length - MAX_POINTS);
   }
-  chart.dirty = true;
 }
 
 function chartSize(chart) {
@@ -688,9 +884,8 @@ function chartSize(chart) {
   return { width, height: width < 500 ? 180 : 220 };
 }
 
-/** One x array for all series (uPlot's data model), with nulls where a device has no point. */
-function chartData(chart) {
-  const cols = chart.ids.map((id) => chart.series.get(id));
+/** One x array for all series (uPlot's data model), with nulls where a series has no point. */
+function mergeSeries(cols) {
   let total = 0;
   for (const s of cols) total += Math.min(s.t.length, MAX_POINTS);
   const all = new Float64Array(total);
@@ -713,56 +908,139 @@ function chartData(chart) {
   return data;
 }
 
+/** The live aggregate as [xs, min, mean, max]. */
+function aggData(chart) {
+  const keys = [...chart.agg.keys()].sort((x, y) => x - y).slice(-MAX_POINTS);
+  const lo = [];
+  const mean = [];
+  const hi = [];
+  for (const k of keys) {
+    const a = chart.agg.get(k);
+    lo.push(a[0]);
+    hi.push(a[1]);
+    mean.push(a[2] / a[3]);
+  }
+  return [keys, lo, mean, hi];
+}
+
+const BAND = { labels: ["min", "mean", "max"], colors: ["#6e9fd8", "#58a6ff", "#6e9fd8"] };
+
+/** What a chart shows now: lines per device for a few devices, else a min/mean/max band;
+ * from the live stream, or from a time range's history. */
+function chartView(chart) {
+  if (model.range) {
+    const h = chart.hist;
+    if (!h || h.error) return { mode: "band", key: "band", data: [[], [], [], []], note: h?.error || "loading…" };
+    const ids = h.series ? Object.keys(h.series).sort(collator.compare) : [];
+    const source = h.source === "recording" ? "from the recording" : "from memory";
+    const bucket = formatSeconds(h.bucket);
+    const extra = h.truncated ? ` · cut short at ${formatClock(h.reached)} (too much to read)` : "";
+    if (ids.length && ids.length <= MAX_CHART_SERIES) {
+      const cols = ids.map((id) => ({ t: h.series[id].t, v: h.series[id].mean }));
+      return {
+        mode: "lines",
+        key: `lines\n${ids.join("\n")}`,
+        ids,
+        data: mergeSeries(cols),
+        note: `${ids.length} device${ids.length === 1 ? "" : "s"} · mean per ${bucket} · ${source}${extra}`,
+      };
+    }
+    const g = h.aggregate;
+    return {
+      mode: "band",
+      key: "band",
+      data: [g.t, g.min, g.mean, g.max],
+      note: `${h.matched_devices} devices · min, mean, max per ${bucket} · ${source}${extra}`,
+    };
+  }
+  const all = chart.devices.size;
+  if (all <= MAX_CHART_SERIES) {
+    const ids = [...chart.series.keys()].sort(collator.compare);
+    return {
+      mode: "lines",
+      key: `lines\n${ids.join("\n")}`,
+      ids,
+      data: mergeSeries(ids.map((id) => chart.series.get(id))),
+      note: `${all} device${all === 1 ? "" : "s"}`,
+    };
+  }
+  return {
+    mode: "band",
+    key: "band",
+    data: aggData(chart),
+    note: `${all} devices: min, mean and max per second (narrow the device filter to ${MAX_CHART_SERIES} or fewer to see each)`,
+  };
+}
+
 function drawCharts() {
   if (document.hidden) return;
   for (const chart of model.charts.values()) {
     if (!chart.dirty || !chart.width) continue; // no width before its first layout
     chart.dirty = false;
-    const ids = [...chart.series.keys()].sort(collator.compare);
-    const all = chart.devices.size;
-    setText(
-      chart.el.querySelector(".chart-note"),
-      all > ids.length
-        ? `${ids.length} of ${all} devices: narrow the device filter to see others`
-        : `${all} device${all === 1 ? "" : "s"}`,
-    );
-    if (!chart.plot || ids.join("\n") !== chart.ids.join("\n")) {
-      chart.ids = ids;
+    const v = chartView(chart);
+    setText(chart.el.querySelector(".chart-note"), v.note);
+    chart.el.dataset.mode = v.mode;
+    if (!chart.plot || v.key !== chart.plotKey) {
+      chart.plotKey = v.key;
+      if (v.mode === "lines") {
+        chart.ids = v.ids;
+        chart.labels = v.ids;
+        chart.colors = v.ids.map(deviceColor);
+      } else {
+        chart.ids = [];
+        chart.labels = BAND.labels;
+        chart.colors = BAND.colors;
+      }
       chart.plot?.destroy();
-      chart.plot = new uPlot(chartOptions(chart), chartData(chart), chart.body);
+      chart.plot = new uPlot(chartOptions(chart, v.mode), v.data, chart.body);
     } else {
-      chart.plot.setData(chartData(chart));
+      chart.plot.setData(v.data);
     }
   }
 }
 
-function chartOptions(chart) {
+function chartOptions(chart, mode) {
   const axis = {
     stroke: "#7d8590",
     grid: { stroke: "rgba(125,133,144,0.18)", width: 1 },
     ticks: { show: false },
   };
+  const range = model.range;
+  const series =
+    mode === "lines"
+      ? chart.ids.map((id) => ({
+          label: id,
+          stroke: deviceColor(id),
+          width: 1.5,
+          spanGaps: true,
+          points: { show: false },
+        }))
+      : BAND.labels.map((label, i) => ({
+          label,
+          stroke: BAND.colors[i],
+          width: i === 1 ? 1.75 : 0.75,
+          spanGaps: true,
+          points: { show: false },
+        }));
   return {
     ...chartSize(chart),
-    // At least a minute wide, so a fresh chart fills from the right instead of zooming in.
-    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] } },
+    scales: {
+      x: {
+        time: true,
+        // A range shows all of it; live, at least a minute wide, so a fresh chart fills from
+        // the right instead of zooming in.
+        range: range ? () => [range.from, range.to] : (u, min, max) => [Math.min(min, max - 60), max],
+      },
+    },
     cursor: { focus: { prox: 24 }, dataIdx: nearestPoint },
     focus: { alpha: 0.25 },
-    // A key for a few lines (click one to hide it); with many, the hover tip says which is which.
-    legend: { show: chart.ids.length <= 12, live: false },
-    series: [
-      {},
-      ...chart.ids.map((id) => ({
-        label: id,
-        stroke: deviceColor(id),
-        width: 1.5,
-        spanGaps: true,
-        points: { show: false },
-      })),
-    ],
+    // A key whenever there are lines to tell apart (click one to hide it).
+    legend: { show: true, live: false },
+    bands: mode === "band" ? [{ series: [3, 1], fill: "rgba(88,166,255,0.16)" }] : [],
+    series: [{}, ...series],
     axes: [
       { ...axis, space: 80, size: 32, values: timeLabels },
-      { ...axis, size: 56 },
+      { ...axis, size: 56, values: (u, splits) => splits.map((v) => numberFormat.format(v)) },
     ],
     hooks: {
       init: [
@@ -782,9 +1060,10 @@ function chartOptions(chart) {
   };
 }
 
-/** Clock times on the x axis, one line (uPlot's default adds a date line that crowds). */
+/** Axis labels in the page's one time format: the clock, with the date on ranges over a day. */
 function timeLabels(u, splits) {
-  const format = u.scales.x.max - u.scales.x.min < 600 ? axisFormats.seconds : axisFormats.minutes;
+  const span = u.scales.x.max - u.scales.x.min;
+  const format = span > 86400 ? axisFormats.days : span < 600 ? axisFormats.seconds : axisFormats.minutes;
   return splits.map((t) => format.format(t * 1000));
 }
 
@@ -809,8 +1088,9 @@ function showTip(chart, u) {
     tip.hidden = true;
     return;
   }
-  setText(tip, `${chart.ids[i - 1]}  ${numberFormat.format(v)}  ${formatClock(u.data[0][idx])}`);
-  tip.style.borderColor = deviceColor(chart.ids[i - 1]);
+  const value = withUnit(numberFormat.format(v), chart.metric);
+  setText(tip, `${chart.labels[i - 1]}  ${value}  ${formatClock(u.data[0][idx])}`);
+  tip.style.borderColor = chart.colors[i - 1];
   tip.hidden = false;
   const left = Math.min(u.cursor.left + 12, u.over.clientWidth - tip.offsetWidth - 4);
   tip.style.transform = `translate(${Math.max(0, left)}px, ${Math.max(0, u.cursor.top - 34)}px)`;
@@ -819,7 +1099,7 @@ function showTip(chart, u) {
 /** Hovering a device's row brings its line forward on every chart. */
 function focusDevice(id) {
   for (const chart of model.charts.values()) {
-    if (!chart.plot) continue;
+    if (!chart.plot || !chart.ids.length) continue;
     const i = id == null ? -1 : chart.ids.indexOf(id);
     chart.plot.setSeries(i < 0 ? null : i + 1, { focus: true });
   }
@@ -832,6 +1112,7 @@ function resetCharts() {
       series: new Map(),
       devices: new Set(),
       left: new Set(),
+      agg: new Map(),
       lastId: null,
       dirty: true,
     });
@@ -841,7 +1122,7 @@ function resetCharts() {
 /** After a snapshot: drop the charts of metrics that no longer come. */
 function pruneCharts() {
   for (const [metric, chart] of model.charts) {
-    if (chart.devices.size) continue;
+    if (chart.devices.size || chart.hist?.matched_devices) continue;
     chart.plot?.destroy();
     chart.el.remove();
     model.charts.delete(metric);
@@ -849,19 +1130,398 @@ function pruneCharts() {
   $("charts-empty").hidden = model.charts.size > 0;
 }
 
+// -- time ranges: history from the collector (memory, then the recording) ------------------
+
+function rangeDevices() {
+  const globs = readFilters().devices;
+  return globs.length ? globs.join(",") : "*";
+}
+
+// One history query at a time from this page (the collector computes at most two at once).
+let historyQueue = Promise.resolve();
+
+function loadHistory(chart) {
+  historyQueue = historyQueue.then(() => fetchHistory(chart));
+}
+
+async function fetchHistory(chart) {
+  const r = model.range;
+  if (!r || model.charts.get(chart.metric) !== chart) return;
+  const perDevice = chart.devices.size <= MAX_CHART_SERIES ? 1 : 0;
+  const q = new URLSearchParams({
+    metric: chart.metric,
+    devices: rangeDevices(),
+    from: String(r.from),
+    to: String(r.to),
+    buckets: String(HISTORY_BUCKETS),
+    per_device: String(perDevice),
+  });
+  const asked = r;
+  try {
+    let answer;
+    let body;
+    for (let attempt = 0; ; attempt++) {
+      answer = await fetch(`/api/history?${q}`, {
+        cache: "no-store",
+        headers: authHeaders(),
+        signal: AbortSignal.timeout(60000),
+      });
+      body = await answer.json();
+      // other pages' queries hold the collector's two history workers: wait a little
+      if (answer.status !== 503 || body?.error?.code !== "busy" || attempt >= 5) break;
+      await new Promise((done) => setTimeout(done, 500 * (attempt + 1)));
+    }
+    if (model.range !== asked) return; // another range was picked meanwhile
+    chart.hist = answer.ok ? body : { error: body?.error?.message || `HTTP ${answer.status}` };
+  } catch (err) {
+    if (model.range !== asked) return;
+    chart.hist = { error: `history: ${err.message || err}` };
+  }
+  chart.dirty = true;
+  chart.plotKey = ""; // the x range changed: a new plot
+  drawCharts();
+  renderRange();
+}
+
+function setRange(range) {
+  model.range = range;
+  for (const chart of model.charts.values()) {
+    chart.hist = null;
+    chart.plotKey = "";
+    chart.dirty = true;
+    if (range) loadHistory(chart);
+  }
+  renderRange();
+  drawCharts();
+}
+
+function renderRange() {
+  const r = model.range;
+  setText($("charts-title"), r ? "Metrics" : "Live metrics");
+  const note = $("charts-range");
+  note.hidden = !r;
+  if (r) {
+    const loading = [...model.charts.values()].some((c) => !c.hist);
+    setText(note, `${formatClock(r.from)} – ${formatClock(r.to)} (${TIME_ZONE})${loading ? " · loading…" : ""}`);
+  }
+}
+
+function localInput(t) {
+  const d = new Date(t * 1000 - new Date(t * 1000).getTimezoneOffset() * 60000);
+  return d.toISOString().slice(0, 19);
+}
+
+function pickRange() {
+  const value = $("range").value;
+  $("range-custom").hidden = value !== "custom";
+  if (value === "live") return setRange(null);
+  if (value === "custom") {
+    const now = serverNow();
+    if (!$("range-from").value) $("range-from").value = localInput(now - 3600);
+    if (!$("range-to").value) $("range-to").value = localInput(now);
+    return;
+  }
+  const span = Number(value);
+  const now = serverNow();
+  setRange({ from: now - span, to: now, span });
+}
+
+function setupRange() {
+  setText($("tz"), `times in ${TIME_ZONE}`);
+  $("range").addEventListener("change", pickRange);
+  $("range-go").addEventListener("click", () => {
+    const from = new Date($("range-from").value).getTime() / 1000;
+    const to = new Date($("range-to").value).getTime() / 1000;
+    if (!(from < to)) {
+      setText($("filter-status"), "the range needs a start before its end");
+      return;
+    }
+    setRange({ from, to, span: null });
+  });
+  setInterval(() => {
+    const r = model.range;
+    if (r?.span && !document.hidden) {
+      const now = serverNow();
+      setRange({ from: now - r.span, to: now, span: r.span });
+    }
+  }, HISTORY_REFRESH_MS);
+}
+
+// -- alarms --------------------------------------------------------------------------------
+
+const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
+const CONDITION_TEXT = { above: "above", below: "below", no_data: "no data for" };
+
+/** An alarm stays listed while active, or until someone acknowledges it once cleared. */
+function onAlarm(change, a) {
+  const listed = change !== "removed" && (a.state === "active" || !a.acknowledged);
+  if (listed) model.alarms.set(a.id, a);
+  else model.alarms.delete(a.id);
+  if (change === "raised")
+    activity(`alarm ${a.rule}: ${a.device} ${a.metric} ${CONDITION_TEXT[a.condition]} ${a.threshold}`, "bad", a.raised);
+  else if (change === "cleared") activity(`alarm ${a.rule} cleared: ${a.device} ${a.metric}`, "good", a.cleared);
+  renderAlarms();
+}
+
+async function loadAlarms() {
+  try {
+    const answer = await fetch("/api/alarms", {
+      cache: "no-store",
+      headers: authHeaders(),
+      signal: AbortSignal.timeout(10000),
+    });
+    if (!answer.ok) return;
+    const body = await answer.json();
+    model.alarms = new Map(body.alarms.map((a) => [a.id, a]));
+    renderAlarms();
+  } catch {
+    // the next connection tries again
+  }
+}
+
+async function acknowledge(id, button) {
+  button.disabled = true;
+  try {
+    const answer = await fetch(`/api/alarms/${encodeURIComponent(id)}/ack`, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...authHeaders() },
+      body: JSON.stringify({ by: "dashboard" }),
+      signal: AbortSignal.timeout(10000),
+    });
+    const body = await answer.json().catch(() => null);
+    if (answer.ok) onAlarm("acknowledged", body);
+    else activity(`acknowledging ${id}: ${body?.error?.message || `HTTP ${answer.status}`}`, "bad");
+  } catch (err) {
+    activity(`acknowledging ${id}: ${err.message || err}`, "bad");
+  } finally {
+    button.disabled = !conn.canCommand;
+  }
+}
+
+function renderAlarms() {
+  const panel = $("alarms-panel");
+  const enabled = !!conn.hello?.alarms;
+  panel.hidden = !enabled;
+  $("h-alarms-box").hidden = !enabled;
+  if (!enabled) return;
+  const alarms = [...model.alarms.values()].sort(
+    (a, b) =>
+      (a.state === "active" ? 0 : 1) - (b.state === "active" ? 0 : 1) ||
+      (SEVERITY_RANK[a.severity] ?? 3) - (SEVERITY_RANK[b.severity] ?? 3) ||
+      b.raised - a.raised,
+  );
+  const active = alarms.filter((a) => a.state === "active").length;
+  const unacked = alarms.filter((a) => !a.acknowledged).length;
+  setText($("h-alarms"), unacked ? `${active} (${unacked})` : String(active));
+  $("h-alarms").classList.toggle("warn", unacked > 0);
+  setText($("alarms-count"), alarms.length ? `${active} active · ${unacked} to acknowledge` : "");
+  $("alarms-empty").hidden = alarms.length > 0;
+  const rows = alarms.slice(0, MAX_ALARMS_SHOWN).map((a) => {
+    const tr = clone("alarm-template");
+    tr.dataset.alarm = a.id;
+    tr.dataset.state = a.state;
+    tr.dataset.acknowledged = String(a.acknowledged);
+    const sev = tr.querySelector(".sev");
+    sev.textContent = a.severity;
+    sev.dataset.severity = a.severity;
+    tr.querySelector(".a-device").textContent = a.device;
+    tr.querySelector(".a-metric").textContent = a.metric;
+    const threshold = a.condition === "no_data" ? `${a.threshold} s` : withUnit(numberFormat.format(a.threshold), a.metric);
+    tr.querySelector(".a-condition").textContent = `${CONDITION_TEXT[a.condition]} ${threshold}`;
+    tr.querySelector(".a-condition").title = `rule ${a.rule}${a.description ? `: ${a.description}` : ""}`;
+    const v = a.last_value ?? a.value;
+    tr.querySelector(".a-value").textContent = v == null ? "–" : withUnit(numberFormat.format(v), a.metric);
+    tr.querySelector(".a-raised").textContent = formatClock(a.raised) + (a.count > 1 ? ` (×${a.count})` : "");
+    const state = tr.querySelector(".a-state");
+    state.textContent = a.acknowledged
+      ? `${a.state}, acknowledged`
+      : a.state === "active"
+        ? "active"
+        : "cleared, not acknowledged";
+    state.title = a.acknowledged ? `by ${a.acknowledged_by || "?"} at ${formatClock(a.acknowledged_at)}` : "";
+    const ack = tr.querySelector(".a-ack");
+    ack.hidden = a.acknowledged;
+    ack.disabled = !conn.canCommand;
+    ack.title = conn.canCommand ? "acknowledge this alarm" : noCommandsWhy();
+    ack.addEventListener("click", () => acknowledge(a.id, ack));
+    return tr;
+  });
+  $("alarm-rows").replaceChildren(...rows);
+}
+
+function setupAlarms() {
+  // the rows are rebuilt on every change: nothing to wire up front
+}
+
+// -- the collector's own health (GET /api/status) ------------------------------------------
+
+async function pollStatus() {
+  if (document.hidden || conn.status !== "connected") return;
+  try {
+    const answer = await fetch("/api/status", {
+      cache: "no-store",
+      headers: authHeaders(),
+      signal: AbortSignal.timeout(5000),
+    });
+    if (!answer.ok) return;
+    const status = await answer.json();
+    model.statusPrev = model.status;
+    model.status = status;
+    renderStatus();
+  } catch {
+    // shown as stale by its time
+  }
+}
+
+function rateOf(get) {
+  const a = model.statusPrev;
+  const b = model.status;
+  if (!a || !b || b.time <= a.time) return null;
+  const x = get(a);
+  const y = get(b);
+  if (x == null || y == null) return null;
+  return Math.max(0, (y - x) / (b.time - a.time));
+}
+
+function sum(obj) {
+  return Object.values(obj || {}).reduce((x, y) => x + y, 0);
+}
+
+function kvList(el, entries, empty) {
+  const items = entries.map(([k, v, warn]) => {
+    const li = document.createElement("li");
+    const key = document.createElement("span");
+    key.textContent = k;
+    const val = document.createElement("strong");
+    val.textContent = v;
+    if (warn) li.className = "warn";
+    li.append(key, val);
+    return li;
+  });
+  if (!items.length) {
+    const li = document.createElement("li");
+    li.className = "muted";
+    li.textContent = empty;
+    items.push(li);
+  }
+  el.replaceChildren(...items);
+}
+
+function renderStatus() {
+  const s = model.status;
+  if (!s) return;
+  const fmtRate = (r) => (r == null ? "–" : `${numberFormat.format(r)} /s`);
+  const rejected = sum(s.ingest.rejected);
+  const stats = [
+    ["datagrams in", fmtRate(rateOf((x) => x.ingest.datagrams_received)), "datagrams received per second"],
+    ["accepted", fmtRate(rateOf((x) => x.ingest.datagrams_accepted)), `${s.ingest.datagrams_accepted} since start`],
+    ["readings", fmtRate(rateOf((x) => x.ingest.readings)), `${s.ingest.readings} since start`],
+    ["rejected", fmtRate(rateOf((x) => sum(x.ingest.rejected))), `${rejected} since start`, rejected > 0],
+    [
+      "kernel drops",
+      s.ingest.kernel_drops == null ? "n/a" : String(s.ingest.kernel_drops),
+      "datagrams the kernel dropped before the collector read them (receive buffer full)",
+      s.ingest.kernel_drops > 0,
+    ],
+    ["sessions", `${s.sessions.online} / ${s.sessions.known}`, "online / known devices"],
+    ["dashboards", String(s.dashboards.subscribers), `${s.dashboards.missed} updates dropped for slow ones`],
+    [
+      "recording",
+      s.recording ? `${(s.recording.bytes / 2 ** 20).toFixed(1)} MiB` : "off",
+      s.recording
+        ? `${s.recording.directory}: ${s.recording.records} records, segment ${s.recording.segment}, ${s.recording.dropped} dropped, ${s.recording.write_errors} write errors`
+        : "this collector does not record",
+      s.recording && (s.recording.dropped > 0 || s.recording.write_errors > 0),
+    ],
+    ["internal errors", String(sum(s.internal_errors)), "bugs caught at an error boundary", sum(s.internal_errors) > 0],
+  ];
+  const dl = $("collector-stats");
+  dl.replaceChildren(
+    ...stats.map(([k, v, title, warn]) => {
+      const div = document.createElement("div");
+      div.title = title;
+      const dt = document.createElement("dt");
+      dt.textContent = k;
+      const dd = document.createElement("dd");
+      dd.textContent = v;
+      if (warn) dd.className = "warn";
+      div.append(dt, dd);
+      return div;
+    }),
+  );
+  const byCount = (obj) => Object.entries(obj || {}).sort((a, b) => b[1] - a[1]);
+  kvList($("rejections"), byCount(s.ingest.rejected).map(([k, v]) => [k, String(v), true]), "none");
+  kvList($("ended"), byCount(s.sessions.ended).map(([k, v]) => [k, String(v)]), "none");
+  $("outputs-box").hidden = !s.outputs.length;
+  kvList(
+    $("outputs-list"),
+    s.outputs.map((o) => [
+      `${o.name} (${o.type})`,
+      o.state ? `${o.state}${o.lag_seconds != null ? `, ${formatSeconds(o.lag_seconds)} behind` : ""}` : `${o.series ?? 0} series`,
+      o.state && o.state !== "sending",
+    ]),
+    "none",
+  );
+  $("cluster-box").hidden = !s.cluster;
+  if (s.cluster) {
+    kvList(
+      $("cluster-list"),
+      [
+        ["node", s.cluster.node],
+        ["redis", s.cluster.redis, s.cluster.redis !== "up"],
+        ["nodes", (s.cluster.nodes || []).join(", ") || "–"],
+        ["nodes lost", (s.cluster.nodes_lost || []).join(", ") || "none", (s.cluster.nodes_lost || []).length > 0],
+      ],
+      "",
+    );
+  }
+  setText($("health-note"), `${s.mode}, up ${formatSeconds(s.uptime)}${s.accepting ? "" : ", shutting down"}`);
+}
+
+// -- a device's sessions, on demand --------------------------------------------------------
+
+async function loadSessions(id, detail) {
+  const list = detail.querySelector(".session-list");
+  try {
+    const answer = await fetch(`/api/devices/${encodeURIComponent(id)}`, {
+      cache: "no-store",
+      headers: authHeaders(),
+      signal: AbortSignal.timeout(10000),
+    });
+    const body = await answer.json();
+    if (!answer.ok) throw new Error(body?.error?.message || `HTTP ${answer.status}`);
+    const items = (body.session_history || []).slice(-20).reverse().map((h) => {
+      const li = document.createElement("li");
+      li.textContent = `#${h.session_id} ${h.transport} ${formatClock(h.opened)} – ${formatClock(h.closed)} (${formatSeconds(h.closed - h.opened)}) · ${h.reason}`;
+      li.title = OFFLINE_REASONS[h.reason] || h.reason;
+      return li;
+    });
+    if (!items.length) items.push(Object.assign(document.createElement("li"), { className: "muted", textContent: "none yet" }));
+    list.replaceChildren(...items);
+  } catch (err) {
+    list.replaceChildren(Object.assign(document.createElement("li"), { className: "bad-text", textContent: String(err.message || err) }));
+  }
+}
+
 // -- rendering -----------------------------------------------------------------------------
 
 function render() {
   const now = serverNow();
-  let online = 0;
+  const counts = new Map();
   for (const d of model.devices.values()) {
-    if (d.online) online++;
-    if (d.dirty && d.visible) {
+    const k = stateKey(d);
+    counts.set(k, (counts.get(k) || 0) + 1);
+  }
+  if (view.dirty || (view.stale && performance.now() - view.sortedAt > RESORT_MS)) layoutTable();
+  for (const d of view.shown) {
+    if (d.dirty) {
       d.dirty = false;
       renderRow(d, now);
     }
   }
+  const online = counts.get("online") || 0;
   const total = model.devices.size;
+  renderSummary(counts, total);
   $("devices-empty").hidden = total > 0;
   setText($("devices-count"), total ? `${online} of ${total} online` : "");
   setText($("h-online"), conn.synced ? `${online} / ${total}` : "–");
@@ -902,7 +1562,7 @@ function renderHealth(now) {
 function tick() {
   const now = serverNow();
   renderReplay();
-  for (const d of model.devices.values()) if (d.visible) renderSeen(d, now);
+  for (const d of view.shown) if (d.visible) renderSeen(d, now);
   watchdog();
 }
 
@@ -1166,6 +1826,11 @@ function apply(m) {
     case "hello":
       conn.hello = m;
       conn.canCommand = !!m.can_command;
+      model.units = (m.metrics || []).map((u) => ({ ...u, re: globToRegExp(u.match) }));
+      if (m.alarms) loadAlarms();
+      else model.alarms.clear();
+      renderAlarms();
+      pollStatus();
       onReplayStatus(m.mode === "replay" ? m.replay : null);
       setText($("server-version"), m.version ? `v${m.version}` : "");
       noteClock(m.time);
@@ -1182,6 +1847,9 @@ function apply(m) {
       break;
     case "stats":
       onStats(m);
+      break;
+    case "alarm":
+      onAlarm(m.change, m.alarm);
       break;
     case "heartbeat":
       conn.lastHeartbeat = Date.now();
@@ -1230,6 +1898,7 @@ function onSnapshotPart(m) {
 
   model.previous = model.devices;
   model.devices = new Map();
+  model.nameOrder = [];
   model.commands.clear();
   model.newestReading = 0;
   resetCharts();
@@ -1237,10 +1906,9 @@ function onSnapshotPart(m) {
   try {
     for (const part of parts) for (const d of part.devices) applyDeviceObject(d);
   } finally {
-    for (const [id, old] of model.previous) if (!model.devices.has(id)) rowObserver.unobserve(old.row);
     model.previous = null;
     model.loading = false;
-    placeAllRows();
+    layoutTable();
     pruneCharts();
   }
   for (const d of model.devices.values()) {
@@ -1261,6 +1929,9 @@ function onSnapshotPart(m) {
   );
   render();
   drawCharts();
+  // For the fleet test (and anyone profiling): when the first complete snapshot was painted.
+  if (!performance.getEntriesByName("snapshot-painted").length)
+    requestAnimationFrame(() => setTimeout(() => performance.mark("snapshot-painted"), 0));
 }
 
 // -- filters and token ---------------------------------------------------------------------
@@ -1291,8 +1962,46 @@ function showTokenForm(message) {
   $("token-input").focus();
 }
 
+function setupTable() {
+  for (const th of document.querySelectorAll("#device-table th[data-sort]")) {
+    th.querySelector("button").addEventListener("click", () => {
+      const key = th.dataset.sort;
+      // names ascending first; numbers (loss, rate, last seen) and problems first
+      if (view.sort === key) view.dir = -view.dir;
+      else view.dir = key === "name" || key === "state" ? 1 : -1;
+      view.sort = key;
+      view.page = 0;
+      layoutTable();
+    });
+  }
+  $("table-find").addEventListener("input", (ev) => {
+    view.find = ev.currentTarget.value;
+    view.page = 0;
+    layoutTable();
+  });
+  $("page-prev").addEventListener("click", () => {
+    view.page -= 1;
+    showPage();
+  });
+  $("page-next").addEventListener("click", () => {
+    view.page += 1;
+    showPage();
+  });
+  $("state-summary").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-state]");
+    if (!b) return;
+    view.state = view.state === b.dataset.state ? "all" : b.dataset.state;
+    view.page = 0;
+    layoutTable();
+    render();
+  });
+}
+
 function setup() {
   loadFilters();
+  setupTable();
+  setupRange();
+  setupAlarms();
   $("filters").addEventListener("submit", (ev) => {
     ev.preventDefault();
     localStorage.setItem(
@@ -1347,6 +2056,7 @@ function setup() {
   setInterval(render, RENDER_MS);
   setInterval(drawCharts, CHART_MS);
   setInterval(tick, 1000);
+  setInterval(pollStatus, STATUS_MS);
   connect();
 }
 
