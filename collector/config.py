@@ -108,6 +108,93 @@ def parse_metric_meta(body: Any) -> tuple[MetricMeta, ...]:
     return tuple(out)
 
 
+ARG_TYPES = ("number", "integer", "string", "boolean")
+COMMAND_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+MAX_DECLARED_COMMANDS = 256
+
+
+@attrs.frozen
+class CommandDecl:
+    """`[device_commands.NAME]`: a command the devices matching `devices` accept, for dashboards
+    (a form instead of free text) and for the API (arguments checked before sending)."""
+
+    name: str
+    devices: tuple[str, ...] = ("*",)
+    description: str = ""
+    args: Mapping[str, str] = attrs.field(factory=dict)  # argument -> one of ARG_TYPES
+    required: tuple[str, ...] = ()
+
+    def applies_to(self, device_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(device_id, g) for g in self.devices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "devices": list(self.devices),
+            "description": self.description,
+            "args": dict(self.args),
+            "required": list(self.required),
+        }
+
+    def check(self, args: Mapping[str, Any]) -> str | None:
+        """What is wrong with `args` for this command, or None."""
+        for key in self.required:
+            if key not in args:
+                return f"{self.name} needs the argument {key!r}"
+        for key, value in args.items():
+            kind = self.args.get(key)
+            if kind is None:
+                known = ", ".join(self.args) or "none"
+                return f"{self.name} takes no argument {key[:60]!r} (arguments: {known})"
+            ok = {
+                "number": isinstance(value, int | float) and not isinstance(value, bool),
+                "integer": isinstance(value, int) and not isinstance(value, bool),
+                "string": isinstance(value, str),
+                "boolean": isinstance(value, bool),
+            }[kind]
+            if not ok:
+                return f"{self.name}: argument {key!r} must be {'an' if kind == 'integer' else 'a'} {kind}, not {value!r:.60}"
+        return None
+
+
+def parse_command_decls(body: Any) -> tuple[CommandDecl, ...]:
+    if not isinstance(body, Mapping):
+        raise ConfigError("[device_commands] must hold tables: [device_commands.NAME]")
+    if len(body) > MAX_DECLARED_COMMANDS:
+        raise ConfigError(f"[device_commands]: at most {MAX_DECLARED_COMMANDS} commands")
+    out = []
+    for name, table in body.items():
+        where = f"[device_commands.{name}]"
+        if not COMMAND_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a command name is 1-128 of A-Z a-z 0-9 _ . : -")
+        if not isinstance(table, Mapping) or not set(table) <= {
+            "devices", "description", "args", "required",
+        }:  # fmt: skip
+            raise ConfigError(f"{where}: a table of devices, description, args and required")
+        devices = table.get("devices", ["*"])
+        if (
+            not isinstance(devices, list)
+            or not devices
+            or not all(isinstance(g, str) and g for g in devices)
+        ):
+            raise ConfigError(f"{where}: devices must be a list of globs")
+        description = table.get("description", "")
+        if not isinstance(description, str) or len(description) > 500:
+            raise ConfigError(f"{where}: description must be text of at most 500 characters")
+        args = table.get("args", {})
+        if not isinstance(args, Mapping) or not all(
+            isinstance(k, str) and 0 < len(k) <= 64 and v in ARG_TYPES for k, v in args.items()
+        ):
+            raise ConfigError(
+                f"{where}: args maps argument names to a type: {', '.join(ARG_TYPES)}"
+            )
+        required = table.get("required", [])
+        if not isinstance(required, list) or not all(r in args for r in required):
+            raise ConfigError(f"{where}: required must list arguments named in args")
+        out.append(CommandDecl(name, tuple(devices), description, dict(args), tuple(required)))
+    return tuple(out)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     # [server]
@@ -212,6 +299,8 @@ class Config:
     alarms: tuple[AlarmRule, ...] = ()
     # [metrics."GLOB"]
     metrics_meta: tuple[MetricMeta, ...] = ()
+    # [device_commands.NAME]
+    declared_commands: tuple[CommandDecl, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -741,6 +830,9 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: Any) -> Config:
         if section == "metrics":
             kwargs["metrics_meta"] = parse_metric_meta(body)
             continue
+        if section == "device_commands":
+            kwargs["declared_commands"] = parse_command_decls(body)
+            continue
         keys = _SECTIONS.get(section)
         if keys is None:
             raise ConfigError(f"unknown section [{section}]")
@@ -825,6 +917,17 @@ _ALARMS_EXAMPLE = """\
 # no_data = 60.0
 """
 
+_COMMANDS_EXAMPLE = """\
+# Commands the devices accept: dashboards offer them with a form for their arguments, and the
+# API checks a declared command's arguments before sending it (names not declared here can
+# still be sent, by anyone with a command token).
+# [device_commands.set_interval]
+# devices = ["greenhouse-*"]
+# description = "how often to report, in seconds"
+# args = { seconds = "number" }
+# required = ["seconds"]
+"""
+
 _METRICS_EXAMPLE = """\
 # What metrics mean: a unit and a description per glob of metric names, shown by dashboards
 # on axes, tooltips and the device table. The first glob that matches a name wins.
@@ -903,6 +1006,18 @@ def render_toml(config: Config | None = None, *, example: bool = True) -> str:
     for meta in config.metrics_meta:
         out.append(f"[metrics.{_toml_value(meta.match)}]")
         out += [f"{k} = {_toml_value(getattr(meta, k))}" for k in ("unit", "description")]
+        out.append("")
+    if example and not config.declared_commands:
+        out.append(_COMMANDS_EXAMPLE)
+    for decl in config.declared_commands:
+        out.append(f"[device_commands.{decl.name}]")
+        out.append(f"devices = {_toml_value(list(decl.devices))}")
+        if decl.description:
+            out.append(f"description = {_toml_value(decl.description)}")
+        if decl.args:
+            out.append(f"args = {_toml_value(dict(decl.args))}")
+        if decl.required:
+            out.append(f"required = {_toml_value(list(decl.required))}")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -994,6 +1109,28 @@ def render_markdown() -> str:
         '[metrics."temp*"]',
         'unit = "°C"',
         'description = "air temperature"',
+        "```",
+        "",
+        "## [device_commands.NAME]",
+        "",
+        "Commands the devices accept, declared for dashboards and the API (at most 256). The",
+        "page offers a device the commands whose `devices` globs match it, with a field per",
+        "argument; `POST /api/devices/{id}/commands` checks a declared command's arguments",
+        "(`400 bad_command` says what is wrong). Names not declared can still be sent. Not live.",
+        "",
+        "| key | default | what it does |",
+        "|---|---|---|",
+        '| `devices` | `["*"]` | globs of the device ids that accept it |',
+        '| `description` | `""` | a sentence for the page |',
+        '| `args` | `{}` | argument name -> type: `"number"`, `"integer"`, `"string"` or `"boolean"`; no other argument is accepted |',
+        "| `required` | `[]` | the arguments that must be given |",
+        "",
+        "```toml",
+        "[device_commands.set_interval]",
+        'devices = ["greenhouse-*"]',
+        'description = "how often to report, in seconds"',
+        'args = { seconds = "number" }',
+        'required = ["seconds"]',
         "```",
         "",
     ]

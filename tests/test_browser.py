@@ -58,6 +58,12 @@ description = "fires at once: the simulated batteries start between 80 and 100"
 [metrics."temp*"]
 unit = "°C"
 description = "air temperature"
+
+[device_commands.set_interval]
+devices = ["sensor-*"]
+description = "how often to report"
+args = { seconds = "number", quiet = "boolean" }
+required = ["seconds"]
 """
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 READY = re.compile(r"collector ready: TCP [^ ]+:(\d+), UDP [^ ]+:(\d+), HTTP [^ ]+:(\d+)")
@@ -346,6 +352,15 @@ def test_dashboard_live(driver: WebDriver, stack: tuple[str, Processes]) -> None
         row(driver, "sensor-001").find_element(By.CSS_SELECTOR, ".open-commands").click()
         detail = driver.find_element(By.CSS_SELECTOR, 'tr.detail[data-detail-for="sensor-001"]')
         wait(driver, 5, lambda d: detail.is_displayed(), lambda: "the command form did not open")
+        # the declared command is offered first; free text is the last choice
+        pick = detail.find_element(By.CSS_SELECTOR, ".cmd-pick")
+        wait(
+            driver,
+            5,
+            lambda d: pick.is_displayed() and pick.get_attribute("value") == "set_interval",
+            lambda: f"the command choice is {pick.get_attribute('value')!r}",
+        )
+        detail.find_element(By.CSS_SELECTOR, '.cmd-pick option[value=""]').click()
         detail.find_element(By.CSS_SELECTOR, ".cmd-name").send_keys("ping")
         args = detail.find_element(By.CSS_SELECTOR, ".cmd-args")
         args.clear()
@@ -372,9 +387,24 @@ def test_dashboard_live(driver: WebDriver, stack: tuple[str, Processes]) -> None
         )
         assert "ping: acked" in row(driver, "sensor-001").text
 
+        # A declared command, with a typed field per argument.
+        detail.find_element(By.CSS_SELECTOR, '.cmd-pick option[value="set_interval"]').click()
+        detail.find_element(By.CSS_SELECTOR, '.cmd-fields [data-arg="seconds"]').send_keys("2.5")
+        detail.find_element(By.CSS_SELECTOR, ".cmd-send").click()
+        wait(
+            driver,
+            10,
+            lambda d: "set_interval: acked" in row(d, "sensor-001").text,
+            lambda: f"the row says {row(driver, 'sensor-001').text!r}",
+        )
+        sent = [c for c in get_json(f"{base}/api/devices/sensor-001")["commands"]
+                if c["name"] == "set_interval"]  # fmt: skip
+        assert sent[-1]["args"] == {"seconds": 2.5, "quiet": False}, sent
+
         # A long command name stays inside its column: cut with an ellipsis, the button still
         # in the cell, and no horizontal scrollbar on the table (the layout bug it replaces).
         long_name = "recalibrate_every_humidity_sensor_of_the_north_greenhouse"
+        detail.find_element(By.CSS_SELECTOR, '.cmd-pick option[value=""]').click()
         name = detail.find_element(By.CSS_SELECTOR, ".cmd-name")
         name.clear()
         name.send_keys(long_name)

@@ -436,3 +436,47 @@ async def test_kernel_drops_are_exported(nursery, autojump_clock):
     collector, _ = await start(nursery)
     _, _, body = await http(collector, "GET", "/metrics")
     assert b"collector_udp_kernel_drops_total 0.0" in body
+
+
+async def test_declared_commands_have_their_arguments_checked(nursery, autojump_clock):
+    from collector.config import ConfigError, config_from_mapping
+
+    cfg = config_from_mapping(
+        {
+            "device_commands": {
+                "set_interval": {
+                    "devices": ["dev-1"],
+                    "args": {"seconds": "number", "n": "integer", "quiet": "boolean"},
+                    "required": ["seconds"],
+                }
+            }
+        }
+    )
+    collector, _ = await start(nursery, declared_commands=cfg.declared_commands)
+    status, meta = await api(collector, "GET", "/api/meta")
+    assert meta["commands"][0]["args"]["seconds"] == "number"
+    path = "/api/devices/dev-1/commands"
+    for args, problem in [
+        ({}, "needs the argument 'seconds'"),
+        ({"seconds": "5"}, "must be a number"),
+        ({"seconds": 5, "n": 1.5}, "must be an integer"),
+        ({"seconds": 5, "quiet": 1}, "must be a boolean"),
+        ({"seconds": 5, "colour": "red"}, "takes no argument 'colour'"),
+    ]:
+        status, body = await api(collector, "POST", path, {"name": "set_interval", "args": args})
+        assert (status, body["error"]["code"]) == (400, "bad_command"), body
+        assert problem in body["error"]["message"], body
+    ok = {"name": "set_interval", "args": {"seconds": 5, "n": 2, "quiet": True}}
+    status, body = await api(collector, "POST", path, ok)
+    assert status == 202, body
+    # another device is not declared to take it, and undeclared names go through as before
+    status, _ = await api(
+        collector, "POST", "/api/devices/dev-2/commands", {"name": "set_interval"}
+    )
+    assert status == 202
+    status, _ = await api(collector, "POST", path, {"name": "anything", "args": {"x": 1}})
+    assert status == 202
+    with pytest.raises(ConfigError, match="required must list arguments named in args"):
+        config_from_mapping({"device_commands": {"c": {"args": {}, "required": ["x"]}}})
+    with pytest.raises(ConfigError, match="args maps argument names to a type"):
+        config_from_mapping({"device_commands": {"c": {"args": {"x": "date"}}}})

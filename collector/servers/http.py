@@ -842,6 +842,12 @@ class HttpServer:
             args = req.get("args", {})
             if not isinstance(name, str) or not isinstance(args, dict):
                 raise _ApiError(400, "bad_command", 'send {"name": string, "args": object}')
+            for decl in app.config.declared_commands:
+                if decl.name == name and decl.applies_to(device_id):
+                    problem = decl.check(args)
+                    if problem is not None:
+                        raise _ApiError(400, "bad_command", problem)
+                    break
             timeout = _opt_number(req, "timeout")
             expires = _opt_number(req, "expires_in")
             try:
@@ -894,6 +900,7 @@ class HttpServer:
                 {
                     "metrics": [m.to_json() for m in app.config.metrics_meta],
                     "alarm_rules": [r.to_json() for r in app.config.alarms],
+                    "commands": [c.to_json() for c in app.config.declared_commands],
                     "recording": bool(app.history_dir),
                     "history_points": self.hub.config.history,
                 },

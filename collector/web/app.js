@@ -81,6 +81,7 @@ const model = {
   loading: false, // applying a snapshot: rows are put in order once, at the end
   previous: null, // while applying a snapshot: the devices before it, whose rows are reused
   nameOrder: [], // every device in natural name order (see byName)
+  declared: [], // commands declared in [device_commands.NAME] (GET /api/meta)
   commands: new Map(), // command id -> command
   charts: new Map(), // metric -> Chart
   colors: new Map(), // device id -> colour, stable for the life of the page
@@ -386,17 +387,97 @@ function rememberCommandName(name) {
   list.append(opt);
 }
 
+/** The commands declared in [device_commands.NAME] that a device accepts. */
+function declaredFor(deviceId) {
+  return model.declared.filter((c) => c.devices.some((g) => globToRegExp(g).test(deviceId)));
+}
+
+/** A declared command's arguments from its fields, typed as declared; null after an error. */
+function declaredArgs(decl, form, error) {
+  const args = {};
+  for (const [key, kind] of Object.entries(decl.args)) {
+    const input = form.querySelector(`.cmd-fields [data-arg="${CSS.escape(key)}"]`);
+    if (!input) continue;
+    if (kind === "boolean") {
+      args[key] = input.checked;
+      continue;
+    }
+    const raw = input.value.trim();
+    if (raw === "") continue;
+    if (kind === "string") args[key] = raw;
+    else {
+      const n = Number(raw);
+      if (!Number.isFinite(n) || (kind === "integer" && !Number.isInteger(n))) {
+        setText(error, `${key} must be ${kind === "integer" ? "a whole number" : "a number"}`);
+        return null;
+      }
+      args[key] = n;
+    }
+  }
+  return args;
+}
+
+/** The command form of a device's detail: a choice of its declared commands (a field per
+ * argument), or free text (any name, arguments as JSON) for operators. */
+function renderCommandForm(d, form) {
+  const pick = form.querySelector(".cmd-pick");
+  const decls = declaredFor(d.id);
+  const key = decls.map((c) => c.name).join("\n");
+  if (pick.dataset.key !== key) {
+    pick.dataset.key = key;
+    const current = pick.value;
+    pick.replaceChildren(
+      ...decls.map((c) => new Option(c.name, c.name)),
+      new Option("other (free text)…", ""),
+    );
+    pick.value = decls.some((c) => c.name === current) ? current : decls.length ? decls[0].name : "";
+    pick.hidden = !decls.length;
+    pickCommand(d, form);
+  }
+}
+
+function pickCommand(d, form) {
+  const decl = declaredFor(d.id).find((c) => c.name === form.querySelector(".cmd-pick").value);
+  const fields = form.querySelector(".cmd-fields");
+  form.elements.name.hidden = !!decl;
+  form.elements.args.hidden = !!decl;
+  form.elements.name.required = !decl;
+  setAttr(form, "data-declared", decl?.name);
+  setAttr(form.querySelector(".cmd-pick"), "title", decl?.description || null);
+  fields.replaceChildren(
+    ...(decl
+      ? Object.entries(decl.args).map(([key, kind]) => {
+          const label = document.createElement("label");
+          label.textContent = `${key} `;
+          const input = document.createElement("input");
+          input.dataset.arg = key;
+          input.type = kind === "boolean" ? "checkbox" : kind === "string" ? "text" : "number";
+          if (kind === "number") input.step = "any";
+          input.required = decl.required.includes(key) && kind !== "boolean";
+          input.placeholder = kind;
+          label.append(input);
+          return label;
+        })
+      : []),
+  );
+}
+
 async function sendCommand(deviceId, form) {
-  const name = form.elements.name.value.trim();
+  const decl = declaredFor(deviceId).find((c) => c.name === form.dataset.declared);
+  const name = decl ? decl.name : form.elements.name.value.trim();
   const error = form.querySelector(".cmd-error");
   setText(error, "");
   let args;
-  try {
-    args = JSON.parse(form.elements.args.value.trim() || "{}");
-  } catch (e) {
-    setText(error, `arguments are not JSON: ${e.message}`);
-    return;
-  }
+  if (decl) {
+    args = declaredArgs(decl, form, error);
+    if (!args) return;
+  } else
+    try {
+      args = JSON.parse(form.elements.args.value.trim() || "{}");
+    } catch (e) {
+      setText(error, `arguments are not JSON: ${e.message}`);
+      return;
+    }
   if (!args || typeof args !== "object" || Array.isArray(args)) {
     setText(error, "arguments must be a JSON object, e.g. {}");
     return;
@@ -478,10 +559,13 @@ function buildDetail(d) {
   const detail = clone("detail-template");
   detail.dataset.detailFor = d.id;
   const id = d.id;
-  detail.querySelector(".cmd-form").addEventListener("submit", (ev) => {
+  const form = detail.querySelector(".cmd-form");
+  form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     sendCommand(id, ev.currentTarget);
   });
+  form.querySelector(".cmd-pick").addEventListener("change", () => pickCommand(d, form));
+  renderCommandForm(d, form);
   d.detail = detail;
   return detail;
 }
@@ -1263,6 +1347,24 @@ function onAlarm(change, a) {
   renderAlarms();
 }
 
+async function loadMeta() {
+  try {
+    const answer = await fetch("/api/meta", {
+      cache: "no-store",
+      headers: authHeaders(),
+      signal: AbortSignal.timeout(10000),
+    });
+    if (!answer.ok) return;
+    const body = await answer.json();
+    model.declared = body.commands || [];
+    for (const d of model.devices.values()) {
+      if (d.detail) renderCommandForm(d, d.detail.querySelector(".cmd-form"));
+    }
+  } catch {
+    // the next connection tries again
+  }
+}
+
 async function loadAlarms() {
   try {
     const answer = await fetch("/api/alarms", {
@@ -1827,6 +1929,7 @@ function apply(m) {
       conn.hello = m;
       conn.canCommand = !!m.can_command;
       model.units = (m.metrics || []).map((u) => ({ ...u, re: globToRegExp(u.match) }));
+      loadMeta();
       if (m.alarms) loadAlarms();
       else model.alarms.clear();
       renderAlarms();
