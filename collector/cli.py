@@ -33,7 +33,14 @@ from collector._version import __version__
 from collector.app import Addresses, Collector, ShutdownReport
 from collector.cluster.redis_server import private_redis
 from collector.cluster.workers import Supervisor, WorkerSpec, die_with_parent
-from collector.config import Config, ConfigError, load_config, render_markdown, render_toml
+from collector.config import (
+    Config,
+    ConfigError,
+    config_from_mapping,
+    load_config,
+    render_markdown,
+    render_toml,
+)
 from collector.core.statistics import statistics_to_json
 from collector.devices import DeviceRegistry, DevicesError, check_device_id, generate_secret
 from collector.logs import setup_logging
@@ -715,12 +722,45 @@ def _fmt(addr: Any) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "off"
 
 
+#: The demo's alarm rules, units and declared commands when it is given no --config: the
+#: simulated sensors' temperatures swing 3 degrees around 18-24, so "warm" fires and clears.
+DEMO = config_from_mapping(
+    {
+        "alarms": {
+            "warm": {"metric": "temperature", "above": 25.0, "hysteresis": 0.3,
+                     "description": "warmer than 25 °C"},
+            "battery-low": {"metric": "battery", "below": 20.0, "severity": "critical"},
+            "silent": {"metric": "temperature", "no_data": 30.0,
+                       "description": "no temperature for 30 s"},
+        },
+        "metrics": {
+            "temperature": {"unit": "°C", "description": "air temperature"},
+            "humidity": {"unit": "%", "description": "relative humidity"},
+            "battery": {"unit": "%", "description": "battery charge"},
+        },
+        "device_commands": {
+            "ping": {"description": "answers pong"},
+            "set_rate": {"description": "readings per second", "args": {"rate": "number"},
+                         "required": ["rate"]},
+            "sleep": {"description": "answers after some seconds", "args": {"seconds": "number"}},
+        },
+    }
+)  # fmt: skip
+
+
 def _demo(args: argparse.Namespace) -> int:
     from collector.device.sim import SimConfig, Simulator
 
     config = _config_from_args(
         args, host="127.0.0.1", record_dir=None if args.no_record else "recordings"
     )
+    if args.config is None:  # what the simulated sensors send, and what they answer
+        config = attrs.evolve(
+            config,
+            alarms=DEMO.alarms,
+            metrics_meta=DEMO.metrics_meta,
+            declared_commands=DEMO.declared_commands,
+        )
     setup_logging(config.log_level if args.log_level else "WARNING", config.log_format)
     sim_cfg = SimConfig(
         devices=args.sensors, rate=args.rate, loss=args.loss, udp_only=args.udp_only,

@@ -14,6 +14,7 @@ them the test is skipped, unless REQUIRE_BROWSER=1, when it fails instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -532,7 +533,7 @@ def fleet_recording(directory: Path, end: float) -> dict[str, int]:
     for k in range(360):
         t = start + 1 + 10 * k
         for n, device in enumerate(ids[:HISTORY_DEVICES]):
-            reading = (("temperature", 20.0 + n + (k % 6)),)
+            reading = (("temperature", round(18 + 0.4 * n + 3 * math.sin(k / 15 + n), 2)),)
             data += rec.encode_readings_record(t, device, k + 1, 0, reading)
             history_readings += 1
     fleet = ids[HISTORY_DEVICES:]

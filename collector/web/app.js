@@ -1552,8 +1552,9 @@ function renderStatus() {
     }),
   );
   const byCount = (obj) => Object.entries(obj || {}).sort((a, b) => b[1] - a[1]);
-  kvList($("rejections"), byCount(s.ingest.rejected).map(([k, v]) => [k, String(v), true]), "none");
-  kvList($("ended"), byCount(s.sessions.ended).map(([k, v]) => [k, String(v)]), "none");
+  const nonZero = (obj) => byCount(obj).filter(([, v]) => v > 0);
+  kvList($("rejections"), nonZero(s.ingest.rejected).map(([k, v]) => [k, String(v), true]), "none");
+  kvList($("ended"), nonZero(s.sessions.ended).map(([k, v]) => [k, String(v)]), "none");
   $("outputs-box").hidden = !s.outputs.length;
   kvList(
     $("outputs-list"),
