@@ -32,7 +32,7 @@ import trio
 from collector._version import __version__
 from collector.app import Addresses, Collector, ShutdownReport
 from collector.cluster.redis_server import private_redis
-from collector.cluster.workers import Supervisor, WorkerSpec, die_with_parent
+from collector.cluster.workers import Supervisor, WorkerSpec, wait_for_parent_exit
 from collector.config import (
     Config,
     ConfigError,
@@ -550,7 +550,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_worker(args: argparse.Namespace, config: Config, spec: WorkerSpec) -> int:
     """One of `serve --workers N`'s processes (started by the parent, never by a person)."""
-    die_with_parent()
     config = _worker_config(config, spec)
     setup_logging(config.log_level, config.log_format, node=spec.node)
     devices = DeviceRegistry.load(args.devices)
@@ -560,6 +559,11 @@ def _serve_worker(args: argparse.Namespace, config: Config, spec: WorkerSpec) ->
     async def ready(addresses: Addresses, nursery: trio.Nursery) -> None:
         os.write(spec.ready_fd, b"ready\n")
         os.close(spec.ready_fd)
+        if spec.lifeline_fd < 0:
+            await trio.sleep_forever()
+        await wait_for_parent_exit(spec.lifeline_fd)
+        log.warning("the parent process is gone: shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)  # the graceful shutdown, as if asked
         await trio.sleep_forever()
 
     report = trio.run(functools.partial(run_until_signalled, collector, ready, quiet=True))

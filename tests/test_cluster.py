@@ -467,6 +467,12 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _children(parent: int, marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True)
+    rows = [line.split(None, 2) for line in out.stdout.splitlines()[1:]]
+    return [int(pid) for pid, ppid, args in rows if int(ppid) == parent and marker in args]
+
+
 def _worker_pids(parent: int) -> dict[int, int]:
     """worker index -> pid, from the process table (children of `parent`)."""
     out = subprocess.run(
@@ -571,6 +577,33 @@ async def test_two_workers_steer_restart_and_shut_down(tmp_path, nodes):
     assert stats["box-0"]["rejected"].get("unknown_session", 0) == 0
     # no worker outlived its parent (they exit before it does)
     assert not [p for p in new_pids.values() if _running(p)]
+
+
+async def test_workers_outlive_idle_threads_but_not_their_parent(tmp_path, nodes):
+    """A worker is told its parent is gone by a pipe, not by PR_SET_PDEATHSIG: that signal
+    follows the thread that forked the worker, and Trio's process-starting threads exit after
+    10 s idle (every worker used to be shut down 10 s after it started, then again)."""
+    make_devices(tmp_path, ["d-1"])
+    node = Node(tmp_path, "W", None, "--workers", "2", "--node", "box")
+    nodes.append(node)
+    await wait_cluster([node], ["box-0", "box-1"])
+    pids = _worker_pids(node.proc.pid)
+    await trio.sleep(13)  # past the 10 s a thread of Trio's cache lives idle
+    assert _worker_pids(node.proc.pid) == pids
+    assert "exited with status" not in node.text() and "shutting down" not in node.text()
+    bus = _children(node.proc.pid, "collector.cluster.redis_server")  # the guard ...
+    bus += [c for g in bus for c in _children(g, "redis-server")]  # ... and its redis-server
+    assert len(bus) == 2, bus
+    node.proc.kill()  # the parent killed with -9: its workers see EOF on the pipe
+    node.proc.wait()
+
+    async def gone() -> bool:
+        return not any(_running(p) for p in pids.values())
+
+    await eventually(gone, "the workers shut down after their parent died")
+    assert node.text().count("the parent process is gone: shutting down") == 2
+    # the private redis-server's guard saw the same EOF
+    await eventually(lambda: not any(_running(p) for p in bus), "the private redis stopped")
 
 
 async def test_workers_that_cannot_start_stop_everything_with_one_error(tmp_path, nodes):

@@ -22,7 +22,6 @@ them, a second one kills them. At the end it prints one summary of what all of t
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -52,7 +51,6 @@ HEALTHY_AFTER = 60.0
 #: (a bad config or a missing file: restarting will not help)
 MAX_FAILED_STARTS = 3
 READY_TIMEOUT = 60.0
-PR_SET_PDEATHSIG = 1
 
 
 @attrs.frozen
@@ -69,6 +67,9 @@ class WorkerSpec:
     report: str  # where the worker writes its shutdown report (JSON)
     stats: str | None = None  # where it writes its final statistics (--stats-json)
     redis: str = ""  # the cluster bus
+    #: the read end of a pipe whose write end only the parent holds: EOF means the parent is
+    #: gone (killed with -9 too), and the worker shuts down (-1: none)
+    lifeline_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -145,14 +146,16 @@ def bind_sockets(config: Config, count: int) -> list[WorkerSockets]:
     return out
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies (a supervisor killed with -9 must
-    not leave workers behind holding the ports)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux
-        pass
+async def wait_for_parent_exit(fd: int) -> None:
+    """Return when the parent is gone: the lifeline pipe's write end, which only the parent
+    holds, is closed (by the kernel if the parent was killed), so the read end reads EOF.
+
+    (Not PR_SET_PDEATHSIG: that signal follows the *thread* that forked the child, and Trio
+    starts processes from a worker thread that exits after 10 s idle.)"""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        if not os.read(fd, 64):  # the parent never writes: readable means EOF
+            return
 
 
 @attrs.define
@@ -280,18 +283,20 @@ class Supervisor:
 
     async def _run_once(self, w: Worker) -> int:
         r, wfd = os.pipe()
-        spec = attrs.evolve(w.spec, ready_fd=wfd)
-        with os.fdopen(r, "rb", buffering=0) as ready_pipe:
+        life_r, life_w = os.pipe()  # the worker's lifeline: this process keeps life_w open
+        spec = attrs.evolve(w.spec, ready_fd=wfd, lifeline_fd=life_r)
+        with os.fdopen(r, "rb", buffering=0) as ready_pipe, os.fdopen(life_w, "wb") as _:
             try:
                 cmd = [sys.executable, "-m", "collector", "serve", *self.argv]
                 cmd += ["--worker-spec", spec.to_json()]
                 w.ready = False
                 w.started_at = trio.current_time()
                 w.process = await trio.lowlevel.open_process(
-                    cmd, pass_fds=(*w.sockets.fds(), wfd), start_new_session=True
+                    cmd, pass_fds=(*w.sockets.fds(), wfd, life_r), start_new_session=True
                 )
             finally:
                 os.close(wfd)
+                os.close(life_r)
             w.starts += 1
             log.info("worker %d started (pid %d)", w.index, w.process.pid)
             if self.stopping:  # stop() came while it was being started
