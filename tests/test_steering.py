@@ -180,6 +180,34 @@ def test_waiting_readings_go_out_as_one_entry_but_a_resent_one_stays_as_it_was()
     assert again[-1] == ("r", "1-4", b"rec4", 1)
 
 
+def test_a_heartbeat_goes_ahead_of_other_streams_but_never_of_its_own():
+    """A heartbeat written around the queue with a newer id made Redis refuse the node's older
+    queued events ("equal or smaller"), which were then lost: it now waits in the queue
+    behind its own stream's entries, ahead of a backlog of readings."""
+    box = Outbox(100)
+    box.put("events", "1-0", b"online", 0)
+    for i in range(5):
+        box.put("readings", f"1-{i + 1}", b"r", 1)
+    box.put("events", "1-6", b"offline", 0)
+    box.put("readings", "1-7", b"r", 1)
+    box.put_early("events", "1-8", b"hb")
+    order = [(e[0], e[1]) for e in box.entries]
+    assert order.index(("events", "1-8")) == order.index(("events", "1-6")) + 1
+    events = [e[1] for e in box.entries if e[0] == "events"]
+    assert events == sorted(events) == ["1-0", "1-6", "1-8"]
+    assert box.holds("1-8") and not box.holds("9-9")
+    batch = box.take(100)
+    assert box.holds("1-8") is False  # taken: in flight, not waiting
+    box.give_back(batch)  # failed: may be in Redis
+    assert box.holds("1-8")
+    box.sent(box.take(100))
+    assert not box.holds("1-8")
+    only_readings = Outbox(10)
+    only_readings.put("readings", "2-0", b"r", 1)
+    only_readings.put_early("events", "2-1", b"hb")
+    assert [e[0] for e in only_readings.entries] == ["events", "readings"]
+
+
 def test_attach_refuses_nothing_it_builds():
     prog = steering.steering_program(4)
     assert len(steering.encode_program(prog)) == 8 * len(prog)

@@ -84,6 +84,7 @@ OP_TIMEOUT = 2.0
 BLOCK_MS = 1000
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 PUBLISH_BATCH = 500
+SEEN_REQUESTS = 10_000  # request ids remembered to drop a re-sent copy
 #: entries kept in a node's events and requests streams (heartbeats carry the statistics of
 #: every device that changed, so they are big; a node that falls behind rereads where every
 #: device is instead)
@@ -186,6 +187,12 @@ class Outbox:
     #: those reached Redis after all, so that `dropped` counts only what never did
     uncertain: dict[str, tuple[str, int]] = attrs.Factory(dict)
     uncertain_dropped: dict[str, tuple[str, int]] = attrs.Factory(dict)
+    in_flight: int = 0  # entries of the batch being sent (taken, not yet sent or given back)
+
+    @property
+    def owed(self) -> int:
+        """Entries not known to be in Redis: waiting, and the batch in flight."""
+        return len(self.entries) + self.in_flight
 
     def put(self, stream: str, entry_id: str, doc: bytes, readings: int = 0) -> None:
         self.entries.append((stream, entry_id, doc, readings))
@@ -212,16 +219,35 @@ class Outbox:
                 out[-1] = (stream, first_id, doc + entry[2], readings + entry[3])
                 continue
             out.append(entry)
+        self.in_flight = len(out)
         return out
+
+    def put_early(self, stream: str, entry_id: str, doc: bytes) -> None:
+        """Put an entry right after the last one of its own stream, ahead of other streams'
+        (a heartbeat need not wait behind a backlog of readings; it must stay behind its own
+        stream's older entries, whose ids are smaller)."""
+        i = len(self.entries)
+        while i > 0 and self.entries[i - 1][0] != stream:
+            i -= 1
+        self.entries.insert(i, (stream, entry_id, doc, 0))
+        self._trim()
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def holds(self, entry_id: str) -> bool:
+        """Whether the entry is still waiting to go out (or may not have reached Redis)."""
+        return entry_id in self.uncertain or any(e[1] == entry_id for e in self.entries)
 
     def give_back(self, batch: list[tuple[str, str, bytes, int]]) -> None:
         """A batch that did not go out (or may have): first in line again, within the limit."""
+        self.in_flight = 0
         for stream, entry_id, _doc, readings in batch:
             self.uncertain[entry_id] = (stream, readings)
         self.entries.extendleft(reversed(batch))
         self._trim()
 
     def sent(self, batch: list[tuple[str, str, bytes, int]]) -> None:
+        self.in_flight = 0
         for _stream, entry_id, _doc, _n in batch:
             self.uncertain.pop(entry_id, None)
 
@@ -288,6 +314,7 @@ class ClusterBus:
         self.forwarded: dict[str, str] = {}
         self._wait_remote: dict[str, trio.Event] = {}
         self._requests_from: bytes | None = None
+        self._seen_requests: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: [cluster] shared_devices: the credentials live in Redis (collector/cluster/credentials.py)
         self.shared_devices = cfg.cluster_shared_devices and isinstance(app.devices, DeviceRegistry)
         self.credential_keys = credentials.Keys(self.prefix)
@@ -426,7 +453,7 @@ class ClusterBus:
             "remote_devices": len(self.remote),
             "remote_online": sum(1 for r in self.remote.values() if r.online),
             **dict(self.counters),
-            "buffered": len(self.outbox.entries),
+            "buffered": self.outbox.owed,
             "dropped": self.outbox.dropped,
             "dropped_readings": self.outbox.dropped_readings,
         }
@@ -713,7 +740,7 @@ class ClusterBus:
                     pipe.xadd(
                         stream,
                         {b"r" if stream.endswith(":readings") else b"d": doc},
-                        identifier=entry_id,
+                        identifier="*" if stream.endswith(":requests") else entry_id,
                         trim_strategy=PureToken.MAXLEN,
                         trim_operator=PureToken.APPROXIMATELY,
                         threshold=self.maxlen if stream.endswith(":readings") else EVENTS_MAXLEN,
@@ -721,10 +748,22 @@ class ClusterBus:
                 if device_states:
                     pipe.hset(self.key("devices"), device_states)
         results = pipe.results
-        for (stream, _id, _doc, readings), result in zip(batch, results, strict=False):
+        for (stream, entry_id, _doc, readings), result in zip(batch, results, strict=False):
             if isinstance(result, Exception):
-                if "equal or smaller" in str(result):
+                if "equal or smaller" in str(result) and entry_id in self.outbox.uncertain:
                     self.counters["duplicates_refused"] += 1  # sent before: already there
+                elif "equal or smaller" in str(result):
+                    # Never sent before, so not stored: an id out of order (a bug, or a
+                    # clock that went back past the stream's top). Lost, and said so.
+                    self.counters["publish_errors"] += 1
+                    self.rlog.warning(
+                        "publish_order",
+                        trio.current_time(),
+                        "redis refused an entry for %s as out of order (%s): it is lost",
+                        stream,
+                        entry_id,
+                    )
+                    continue
                 elif _is_redis_error(result):
                     raise result
                 else:
@@ -742,38 +781,39 @@ class ClusterBus:
 
     async def _heartbeats(self) -> None:
         c = self.client
+        hb_id: str | None = None  # the heartbeat entry waiting in the outbox, if any
         while True:
-            stats: dict[str, Any] = {}
+            # The heartbeat entry goes through the outbox like every entry of this node's
+            # events stream: one writer, ids in order. (Written directly, a heartbeat with a
+            # newer id made Redis refuse the older events still queued, and they were lost.)
+            # At most one waits there at a time, so an outage does not fill the outbox with
+            # heartbeats; the statistics of a skipped round go out with the next one.
+            if hb_id is not None and not self.outbox.holds(hb_id):
+                hb_id = None
             states: dict[str, bytes] = {}
-            for device_id, state in self.app.registry.devices.items():
-                if self._published_stats.get(device_id) != state.datagrams:
-                    self._published_stats[device_id] = state.datagrams
-                    stats[device_id] = self.app.hub.device_stats(device_id)
-                    states[device_id] = dumps_bytes(self._local_state(device_id))
-            hb = dumps_bytes(
-                {
-                    "k": "hb",
-                    "incarnation": self.incarnation,
-                    "time": self.app.wall(),
-                    "stats": stats,
-                }
-            )
-            from coredis.tokens import PureToken
-
+            if hb_id is None:
+                stats: dict[str, Any] = {}
+                for device_id, state in self.app.registry.devices.items():
+                    if self._published_stats.get(device_id) != state.datagrams:
+                        self._published_stats[device_id] = state.datagrams
+                        stats[device_id] = self.app.hub.device_stats(device_id)
+                        states[device_id] = dumps_bytes(self._local_state(device_id))
+                hb = dumps_bytes(
+                    {
+                        "k": "hb",
+                        "incarnation": self.incarnation,
+                        "time": self.app.wall(),
+                        "stats": stats,
+                    }
+                )
+                hb_id = self.ids.next()
+                self.outbox.put_early(self.stream(self.node, "events"), hb_id, hb)
             with trio.fail_after(OP_TIMEOUT):
                 async with c.pipeline(transaction=False) as pipe:
                     pipe.set(
                         self.key("node", self.node, "alive"),
                         self.incarnation.encode(),
                         px=int(self.node_timeout * 1000),
-                    )
-                    pipe.xadd(
-                        self.stream(self.node, "events"),
-                        {b"d": hb},
-                        identifier=self.ids.next(),
-                        trim_strategy=PureToken.MAXLEN,
-                        trim_operator=PureToken.APPROXIMATELY,
-                        threshold=EVENTS_MAXLEN,
                     )
                     if states:
                         pipe.hset(self.key("devices"), states)
@@ -1068,8 +1108,13 @@ class ClusterBus:
     # -- requests: commands, kicks and config pushes across nodes ------------------------------------
 
     def _request(self, node: str, doc: dict[str, Any]) -> None:
+        # Every node writes another node's requests stream, so Redis picks the entry ids
+        # ("*": one writer's clock cannot refuse another's request); `rid` lets the reader
+        # drop the second copy of a request re-sent after its answer was lost.
+        entry_id = self.ids.next()
         doc["from"] = self.node
-        self.outbox.put(self.stream(node, "requests"), self.ids.next(), dumps_bytes(doc))
+        doc["rid"] = f"{self.node}/{self.incarnation}/{entry_id}"
+        self.outbox.put(self.stream(node, "requests"), entry_id, dumps_bytes(doc))
 
     def forward_command(self, cmd: Any, node: str, expires_in: float) -> None:
         self.forwarded[cmd.id] = node
@@ -1131,6 +1176,14 @@ class ClusterBus:
                     self._requests_from = entry.identifier
                     try:
                         doc = loads(entry.field_values[b"d"])
+                        rid = doc.get("rid")
+                        if rid is not None:  # a request re-sent after its answer was lost
+                            if rid in self._seen_requests:
+                                self.counters["requests_duplicate"] += 1
+                                continue
+                            self._seen_requests[rid] = None
+                            if len(self._seen_requests) > SEEN_REQUESTS:
+                                self._seen_requests.popitem(last=False)
                         with self.app.boundary.guard("task", "cluster request"):
                             self._on_request(doc)
                     except (JsonError, KeyError, TypeError, ValueError) as exc:

@@ -448,6 +448,9 @@ def cluster_metrics(c: Mapping[str, Any], counter: Any, gauge: Any) -> Iterator[
         ("devices_lost", "Devices of lost nodes marked offline (reason node_lost)."),
         ("redis_errors", "Redis commands that failed or timed out."),
         ("bad_entries", "Entries on the bus that could not be read."),
+        ("publish_errors", "Entries Redis refused (lost): out of order, or an error reply."),
+        ("duplicates_refused", "Entries sent again after a lost answer, already in Redis."),
+        ("requests_duplicate", "Requests from other nodes received twice and run once."),
         ("credentials_written", "Changes to the shared devices this node wrote to Redis."),
         ("credentials_applied", "Changes to the shared devices this node took from Redis."),
     ):
