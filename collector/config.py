@@ -383,6 +383,14 @@ class Config:
             problems.append("[tls] plaintext ports are not available with more than one worker")
         if problems:
             raise ConfigError("; ".join(problems))
+        if (self.redis or self.workers > 1) and self.node_timeout < self.node_heartbeat + 3.0:
+            log.warning(
+                "[cluster] node_timeout %.1fs is under node_heartbeat + 3 s (%.1fs): a stalled "
+                "Redis is noticed only after a command times out (2 s, plus a 1 s read), so "
+                "a stall may mark other nodes lost before it is",
+                self.node_timeout,
+                self.node_heartbeat + 3.0,
+            )
         if self.timeout < 2.5 * self.heartbeat_interval:
             log.warning(
                 "timeout %.1fs is under 2.5 heartbeat intervals (%.1fs): one lost heartbeat "

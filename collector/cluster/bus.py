@@ -491,10 +491,7 @@ class ClusterBus:
         if self.redis_up:
             self.redis_up = False
             self._up = trio.Event()
-            for n in self.nodes.values():
-                n.deadline = math.inf  # a lost Redis is not a lost node
-                if n.scope is not None:
-                    n.scope.deadline = math.inf
+            self._suspend_deadlines()
             log.warning(
                 "redis: down (%s: %s); ingest goes on, up to %d entries wait for it",
                 what,
@@ -505,6 +502,13 @@ class ClusterBus:
             self.rlog.warning(
                 "redis_down", trio.current_time(), "redis still down (%s: %s)", what, _describe(exc)
             )
+
+    def _suspend_deadlines(self) -> None:
+        """A lost Redis is not a lost node: nobody is marked lost until the bus is back."""
+        for n in self.nodes.values():
+            n.deadline = math.inf
+            if n.scope is not None:
+                n.scope.deadline = math.inf
 
     async def _link(self) -> None:
         """Connect (again), take the bus's state, then run the node's tasks until Redis fails."""
@@ -559,11 +563,14 @@ class ClusterBus:
         try:
             await fn(*args)
         except trio.TooSlowError as exc:
+            self._suspend_deadlines()
             raise _RedisFailed(fn.__name__.strip("_"), exc) from None
         except Exception as exc:
-            if _is_redis_error(exc):
-                raise _RedisFailed(fn.__name__.strip("_"), exc) from None
-            self.app.boundary.report("task", exc, f"cluster {fn.__name__}")
+            # At the first failure, before the other tasks unwind (that can take seconds):
+            # deadlines that lapsed meanwhile would mark every other node lost.
+            self._suspend_deadlines()
+            if not _is_redis_error(exc):
+                self.app.boundary.report("task", exc, f"cluster {fn.__name__}")
             raise _RedisFailed(fn.__name__.strip("_"), exc) from None
 
     async def _join(self) -> None:
@@ -748,6 +755,11 @@ class ClusterBus:
                 if device_states:
                     pipe.hset(self.key("devices"), device_states)
         results = pipe.results
+        for result in results:
+            # Before counting anything: the whole batch goes again on a new link, and what of
+            # it Redis stored now is counted then (refused as a duplicate), once.
+            if isinstance(result, Exception) and _is_link_error(result):
+                raise result
         for (stream, entry_id, _doc, readings), result in zip(batch, results, strict=False):
             if isinstance(result, Exception):
                 if "equal or smaller" in str(result) and entry_id in self.outbox.uncertain:
@@ -764,8 +776,6 @@ class ClusterBus:
                         entry_id,
                     )
                     continue
-                elif _is_redis_error(result):
-                    raise result
                 else:
                     self.counters["publish_errors"] += 1
                     self.rlog.warning(
@@ -966,9 +976,12 @@ class ClusterBus:
             n.incarnation = incarnation
         self._push(n, now)
         if kind == "hb":
-            for device_id, stats in doc.get("stats", {}).items():
+            all_stats = doc.get("stats")
+            if not isinstance(all_stats, dict):
+                raise TypeError("a heartbeat whose stats are not an object")  # a bad entry
+            for device_id, stats in all_stats.items():
                 r = self.remote.get(device_id)
-                if r is not None and r.node == n.name:
+                if r is not None and r.node == n.name and isinstance(stats, dict):
                     r.stats = stats
                     r.last_seen = stats.get("last_seen", r.last_seen)
                     self._changed_stats[device_id] = stats
@@ -1360,6 +1373,19 @@ class _RedisFailed(Exception):
         super().__init__(what)
         self.what = what
         self.cause = cause
+
+
+def _is_link_error(exc: BaseException) -> bool:
+    """An entry's error reply that is about the connection or the server's state (try again
+    on a new link), not about the entry (count it, log it, go on: sending it again would fail
+    again and wedge the bus)."""
+    import coredis.exceptions as e
+
+    if isinstance(exc, e.ResponseError) and not isinstance(
+        exc, e.ReadOnlyError | e.BusyLoadingError | e.TryAgainError
+    ):
+        return False
+    return _is_redis_error(exc)
 
 
 def _is_redis_error(exc: BaseException) -> bool:

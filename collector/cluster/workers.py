@@ -197,6 +197,7 @@ class Supervisor:
         self.addresses: dict[str, Any] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="collector-workers-"))
         self._all_ready = trio.Event()
+        self._stopped = trio.Event()  # stop() or kill(): a worker waiting to restart does not
         self.all_stopped = trio.Event()  # set once stopping and every worker has exited
         self.failure: str | None = None
 
@@ -251,7 +252,13 @@ class Supervisor:
     async def _keep_running(self, w: Worker) -> None:
         delay = BACKOFF_FIRST
         while not self.stopping:
-            code = await self._run_once(w)
+            try:
+                code = await self._run_once(w)
+            except OSError as exc:  # no process at all (EMFILE, EAGAIN): a failed start
+                log.error("worker %d could not be started: %s", w.index, exc)
+                w.ready = False
+                w.started_at = trio.current_time()
+                code = -1
             w.exit_codes.append(code)
             if self.stopping:
                 return
@@ -277,7 +284,8 @@ class Supervisor:
                 lived,
                 delay,
             )
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):  # a shutdown does not wait out the backoff
+                await self._stopped.wait()
             delay = min(BACKOFF_MAX, delay * 2)
             w.restarts += 1
 
@@ -329,10 +337,12 @@ class Supervisor:
     def stop(self) -> None:
         """Ask every worker to shut down gracefully (SIGTERM); none is started again."""
         self.stopping = True
+        self._stopped.set()
         self.signal_all(signal.SIGTERM)
 
     def kill(self) -> None:
         self.stopping = True
+        self._stopped.set()
         self.signal_all(signal.SIGKILL)
 
     def close(self) -> None:
