@@ -565,6 +565,10 @@ function buildDetail(d) {
     sendCommand(id, ev.currentTarget);
   });
   form.querySelector(".cmd-pick").addEventListener("change", () => pickCommand(d, form));
+  detail.querySelector(".d-only").addEventListener("click", () => {
+    $("filter-devices").value = id;
+    $("filters").requestSubmit();
+  });
   renderCommandForm(d, form);
   d.detail = detail;
   return detail;
@@ -2014,6 +2018,7 @@ function onSnapshotPart(m) {
     model.loading = false;
     layoutTable();
     pruneCharts();
+    if (model.range) setRange(model.range); // the devices may have changed: ask again
   }
   for (const d of model.devices.values()) {
     for (const [t] of d.values.values()) if (t > model.newestReading) model.newestReading = t;
