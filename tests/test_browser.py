@@ -19,9 +19,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -702,3 +704,90 @@ def test_dashboard_fleet_of_10000(driver: WebDriver, fleet) -> None:
         driver.save_screenshot(str(shot))
         print(f"screenshot of the page: {shot}")
         raise
+
+
+# -- behind a proxy that does not pass WebSockets -----------------------------------------------
+
+
+class NoUpgradeProxy:
+    """A plain HTTP/1.1 forwarder on loopback that drops the Upgrade header, as proxies that
+    do not know WebSockets do: pages load, every WebSocket handshake fails."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.upgrades_dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.target)) as upstream:
+            client.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            kept = [
+                ln for ln in lines[1:] if not ln.lower().startswith((b"upgrade:", b"connection:"))
+            ]
+            if len(kept) < len(lines) - 1 and b"websocket" in head.lower():
+                self.upgrades_dropped += 1
+            upstream.sendall(
+                b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + rest
+            )
+            while True:  # the answer back, to its end (the connection closes after it)
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                client.sendall(data)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_proxy_that_drops_websockets_is_not_blamed_on_the_collector(driver: WebDriver) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="proxy-test-"))
+    procs = Processes(workdir)
+    proxy = None
+    try:
+        devices = workdir / "devices.toml"
+        run_tool("-m", "collector", "simulate", "--init-devices", str(devices), "--sensors", "1")
+        procs.start(
+            "collector",
+            *("-m", "collector", "serve", "--host", "127.0.0.1", "--devices", str(devices)),
+            *("--tcp-port", "0", "--udp-port", "0", "--http-port", "0"),
+        )
+        _, _, http = wait_for_ports(procs, time.monotonic() + 15)
+        proxy = NoUpgradeProxy(http)
+        driver.get(f"http://127.0.0.1:{proxy.port}/")
+        banner = driver.find_element(By.ID, "banner")
+        wait(
+            driver,
+            20,
+            lambda d: "reconnecting" in banner.text.lower(),
+            lambda: f"the banner says {banner.text!r}",
+        )
+        # the page asked /stream plainly, got the collector's 426, and says who failed
+        assert "handshake did not complete, although the collector answers" in banner.text
+        assert "refused" not in banner.text, banner.text
+        assert proxy.upgrades_dropped >= 1
+    except Exception:
+        print(procs.report())
+        raise
+    finally:
+        if proxy is not None:
+            proxy.close()
+        procs.close()
+        shutil.rmtree(workdir, ignore_errors=True)
