@@ -320,6 +320,8 @@ class ClusterBus:
         self.credential_keys = credentials.Keys(self.prefix)
         #: this node's changes not yet in Redis: device -> secret (None: removed)
         self._credentials_owed: dict[str, str | None] = {}
+        #: changes being written to Redis now (taken from owed, not yet confirmed)
+        self._credentials_in_flight: dict[str, str | None] = {}
         self._credentials_wake = trio.Event()
         self._credentials_from: bytes | None = None
 
@@ -1263,6 +1265,7 @@ class ClusterBus:
         owed, self._credentials_owed = self._credentials_owed, {}
         if not owed:
             return
+        self._credentials_in_flight = owed
         try:
             with trio.fail_after(OP_TIMEOUT):
                 await credentials.write(self.client, self.credential_keys, owed, self.node)
@@ -1270,7 +1273,19 @@ class ClusterBus:
             for device_id, secret in owed.items():  # newer changes made meanwhile win
                 self._credentials_owed.setdefault(device_id, secret)
             raise
+        finally:
+            self._credentials_in_flight = {}
         self.counters["credentials_written"] += len(owed)
+
+    def _with_mine(self, found: dict[str, Any]) -> dict[str, Any]:
+        """`found` (read from Redis) with this node's own newer changes laid over it."""
+        for changes in (self._credentials_in_flight, self._credentials_owed):
+            for device_id, secret in changes.items():
+                if secret is None:
+                    found.pop(device_id, None)
+                else:
+                    found[device_id] = secret
+        return found
 
     async def _sync_credentials(self) -> None:
         """At every join: write what this node owes, seed the hash if no node has, then take
@@ -1288,7 +1303,9 @@ class ClusterBus:
             self._credentials_from = await self._last_id(c, keys.changes)
             found, problems = await credentials.read_all(c, keys)
         self._bad_credentials(problems)
-        self._apply_credentials(registry.replace(found), "joined")
+        # A change made through the API during the awaits above is in the registry already
+        # and owed to Redis: the hash does not hold it yet, so it must not undo it here.
+        self._apply_credentials(registry.replace(self._with_mine(found)), "joined")
 
     async def _credentials_changed(self, c: Any, entries: Sequence[Any]) -> None:
         wanted: list[str] = []
@@ -1301,10 +1318,14 @@ class ClusterBus:
             except (JsonError, KeyError, TypeError) as exc:
                 self._bad_credentials([f"a bad change entry: {exc}"])
                 continue
-            # This node's own changes are applied already; one it still owes is newer.
-            if origin != self.node and device_id not in self._credentials_owed:
+            # Every change entry, this node's own included, is answered by reading the hash
+            # now: the entries come in the order of the writes, so the last read of a device
+            # gives what the last write left, here as on every node. A change this node still
+            # owes is newer than the hash: it is written (and read back) later.
+            if str(device_id) not in self._credentials_owed:
                 wanted.append(str(device_id))
-                origins.add("the command line" if origin == "cli" else f"node {origin}")
+                if origin != self.node:
+                    origins.add("the command line" if origin == "cli" else f"node {origin}")
         if not wanted:
             return
         found, problems = await self._call(
@@ -1313,7 +1334,10 @@ class ClusterBus:
         self._bad_credentials(problems)
         registry = self.app.devices
         assert isinstance(registry, DeviceRegistry)
-        self._apply_credentials(registry.update(found), f"changed by {', '.join(sorted(origins))}")
+        # changed here while the values were read: this node's change is the newer one
+        found = {d: secret for d, secret in found.items() if d not in self._credentials_owed}
+        why = f"changed by {', '.join(sorted(origins))}" if origins else "written by this node"
+        self._apply_credentials(registry.update(found), why)
 
     def _apply_credentials(self, diff: Any, why: str) -> None:
         if not diff:
