@@ -1935,8 +1935,7 @@ function apply(m) {
       conn.canCommand = !!m.can_command;
       model.units = (m.metrics || []).map((u) => ({ ...u, re: globToRegExp(u.match) }));
       loadMeta();
-      if (m.alarms) loadAlarms();
-      else model.alarms.clear();
+      if (!m.alarms) model.alarms.clear(); // with alarms: loaded with each snapshot
       renderAlarms();
       pollStatus();
       onReplayStatus(m.mode === "replay" ? m.replay : null);
@@ -2020,6 +2019,9 @@ function onSnapshotPart(m) {
     pruneCharts();
     if (model.range) setRange(model.range); // the devices may have changed: ask again
   }
+  // A snapshot follows a (re)subscription or a resync after this page fell behind, when alarm
+  // messages may have been dropped with the rest: the list is taken again.
+  if (conn.hello?.alarms) loadAlarms();
   for (const d of model.devices.values()) {
     for (const [t] of d.values.values()) if (t > model.newestReading) model.newestReading = t;
   }
