@@ -248,7 +248,14 @@ class Collector:
         #: [alarms.NAME]: threshold rules on the readings (docs/ALARMS.md); live mode only
         self.alarms: AlarmEngine | None = None
         if config.alarms and ingest:
-            self.alarms = AlarmEngine(config.alarms, wall=wall, emit=self._alarm_changed)
+            prefix = ""
+            if worker is not None or config.redis:  # ids unique across the cluster's processes
+                prefix = (
+                    f"{worker.node if worker is not None else config.node or default_node_name()}."
+                )
+            self.alarms = AlarmEngine(
+                config.alarms, wall=wall, emit=self._alarm_changed, id_prefix=prefix
+            )
             self.listeners.append(self.alarms)
         self._alarm_log = RateLimitedLog(
             logging.getLogger("collector.alarms"), config.log_rate_limit
@@ -460,6 +467,8 @@ class Collector:
                     changed.append(f"devices: {diff.describe()}")
                     for device_id in (*diff.removed, *diff.rotated):
                         self.revoke(device_id)
+                    for device_id in diff.removed:
+                        self.forget_alarms(device_id)
         if config is not None:
             changed += self._apply_config(config)
         if self.tls is not None and self.tls.reload():
@@ -563,7 +572,14 @@ class Collector:
             raise
         log.info("device %s removed", device_id)
         self._devices_changed(device_id, None)
+        self.forget_alarms(device_id)
         return self.revoke(device_id)
+
+    def forget_alarms(self, device_id: str) -> None:
+        """A device that is gone takes its alarms along (not one that is only offline, or
+        has a new secret)."""
+        if self.alarms is not None:
+            self.alarms.forget_device(device_id)
 
     def rotate_device(self, device_id: str) -> str:
         """A new secret for a device (saved); its session, on the old one, ends `revoked`."""

@@ -96,6 +96,22 @@ async def test_firing_again_while_listed_counts_and_needs_a_new_ack(autojump_clo
     assert [c[0] for c in e.seen()] == ["raised", "cleared", "raised"]
 
 
+async def test_a_new_condition_fires_again_and_silence_is_news_while_out_of_range(
+    autojump_clock,
+):
+    e = Engine(AlarmRule("band", metric="t", above=10.0, below=0.0, hysteresis=1.0, no_data=5.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(e.engine.serve)
+        e.feed("d", t=11.0)
+        e.feed("d", t=-1.0)  # from above straight to below: the alarm says so
+        (alarm,) = e.engine.listed()
+        assert (alarm["condition"], alarm["count"], alarm["value"]) == ("below", 2, -1.0)
+        await trio.sleep(5.1)  # then silent: no_data fires though the last value was out of range
+        assert e.engine.listed()[0]["condition"] == "no_data"
+        assert [c[3] for c in e.seen() if c[0] == "raised"] == ["above", "below", "no_data"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_text_and_booleans_have_no_threshold(autojump_clock):
     e = Engine(AlarmRule("any", metric="*", above=0.5, below=-0.5))
     e.feed("d", on=True, label="hot", ok=False)
@@ -152,9 +168,11 @@ async def test_a_removed_device_takes_its_alarms_along(autojump_clock):
     e = Engine(AlarmRule("hot", metric="t", above=0.0, no_data=5.0))
     e.feed("d1", t=1.0)
     e.feed("d2", t=1.0)
-    e.engine.on_event(DeviceOffline(0.0, "d1", 1, "timeout", 1.0))  # offline: still a device
+    # offline, or a new secret: still a device of the fleet, its alarms stay
+    e.engine.on_event(DeviceOffline(0.0, "d1", 1, "timeout", 1.0))
+    e.engine.on_event(DeviceOffline(0.0, "d1", 1, "revoked", 1.0))
     assert len(e.engine.listed()) == 2
-    e.engine.on_event(DeviceOffline(0.0, "d1", 1, "removed", 1.0))
+    e.engine.forget_device("d1")  # removed (the collector calls this, online or not)
     assert [a["device"] for a in e.engine.listed()] == ["d2"]
     assert e.seen()[-1] == ("removed", "d1", "t", "above")
     assert e.engine.watched == 1
@@ -166,6 +184,7 @@ async def test_a_removed_device_takes_its_alarms_along(autojump_clock):
         ({"r": {"above": 1}}, "metric must be a glob"),
         ({"r": {"metric": "t"}}, "at least one of above, below, no_data"),
         ({"r": {"metric": "t", "above": 1, "below": 2}}, "below must be under above"),
+        ({"r": {"metric": "t", "above": 2, "below": 0, "hysteresis": 1}}, "under half the gap"),
         ({"r": {"metric": "t", "no_data": 0}}, "no_data must be a positive"),
         ({"r": {"metric": "t", "above": True}}, "above must be a number"),
         ({"r": {"metric": "t", "above": 1, "severity": "loud"}}, "severity is one of"),

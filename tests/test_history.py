@@ -73,6 +73,16 @@ def write_recording(directory, *, devices=3, seconds=100, compress_first=False):
         first.unlink()
 
 
+def test_compressed_segments_are_skipped_by_their_headers_too(tmp_path):
+    write_recording(tmp_path)
+    for seg in sorted(tmp_path.glob("seg-*.rec"))[:-1]:  # every closed segment compressed
+        with open(seg, "rb") as src, gzip.open(str(seg) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        seg.unlink()
+    found = history.scan_recording(tmp_path, q(**{"from": 80, "to": 100, "buckets": 1}))
+    assert found.segments == 1 and found.aggregate.count == [60], found.to_json()
+
+
 @pytest.mark.parametrize("compress_first", [False, True])
 def test_a_scan_reads_only_the_range_and_the_devices_asked_for(tmp_path, compress_first):
     write_recording(tmp_path, compress_first=compress_first)
@@ -89,9 +99,10 @@ def test_a_scan_reads_only_the_range_and_the_devices_asked_for(tmp_path, compres
         "count": [20, 20],
     }  # fmt: skip
     assert out["series"]["dev-1"]["mean"] == [45.5, 55.5]
-    # of the five 20 s segments only the two that hold 40-60 are read: a segment ends where
-    # the next one's header says it began (a compressed one too)
-    assert found.segments == 2
+    # of the five 20 s segments, the two before are skipped (a segment ends where the next
+    # one's header says it began, a compressed one too); the two that hold 40-60 are read,
+    # and the next, which may hold records received late in the range (history.LATE_WRITES)
+    assert found.segments == 3
 
 
 def test_a_scan_stops_at_its_budget_and_says_so(tmp_path):
@@ -110,6 +121,11 @@ def test_memory_covers_only_what_its_rings_still_hold():
     rings = [("d", {"t": ring})]
     assert history.memory_covers(q(**{"from": 25, "to": 30}), rings)
     assert not history.memory_covers(q(**{"from": 5, "to": 30}), rings)
+    # a ring that is not full but begins after `from` (a restart, a new device) is not enough
+    young = SeriesRing(100)
+    young.append(50.0, 1.0)
+    assert not history.memory_covers(q(**{"from": 40, "to": 60}), [("d", {"t": young})])
+    assert not history.memory_covers(q(), [])  # nothing in memory: ask the recording
     out = history.from_memory(q(**{"from": 20, "to": 30, "buckets": 1}), rings).to_json()
     assert out["aggregate"]["count"] == [10] and out["source"] == "memory"
 

@@ -1348,6 +1348,8 @@ class ClusterBus:
         log.info("shared devices %s: %s", why, diff.describe())
         for device_id in (*diff.removed, *diff.rotated):
             self.app.revoke(device_id)
+        for device_id in diff.removed:
+            self.app.forget_alarms(device_id)
         self.app.save_devices_cache()
 
     def _bad_credentials(self, problems: list[str]) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import trio
 
-from collector.core.events import DeviceOffline, Event, Telemetry
+from collector.core.events import Event, Telemetry
 
 log = logging.getLogger("collector.alarms")
 
@@ -47,8 +47,6 @@ MAX_ALARMS = 10_000
 MAX_WATCHED = 100_000
 MAX_MEMO = 200_000
 RECENT = 200  # alarms that left the list, kept for /api/alarms?recent=1
-#: why a device's alarms are forgotten with it: it is no longer a device of this collector
-FORGET_REASONS = frozenset({"removed", "revoked"})
 
 
 class AlarmConfigError(ValueError):
@@ -93,7 +91,7 @@ RULE_KEYS: dict[str, str] = {
     "above": "fire while a reading is above this value",
     "below": "fire while a reading is below this value",
     "no_data": "fire when a (device, metric) it watches has sent no reading for this many seconds",
-    "hysteresis": "an alarm above (below) clears only when the value is back below `above - hysteresis` (above `below + hysteresis`); default 0",
+    "hysteresis": "an alarm above (below) clears only when the value is back at or below `above - hysteresis` (at or above `below + hysteresis`); default 0",
     "severity": '"info", "warning" (default) or "critical"',
     "description": "a sentence for the page and the API",
 }
@@ -151,6 +149,15 @@ def parse_rules(body: Any) -> tuple[AlarmRule, ...]:
             and kw["below"] >= kw["above"]
         ):
             raise AlarmConfigError(f"{where}: below must be under above")
+        if (
+            kw.get("above") is not None
+            and kw.get("below") is not None
+            and kw.get("hysteresis", 0.0) * 2 >= kw["above"] - kw["below"]
+        ):
+            raise AlarmConfigError(
+                f"{where}: with both above and below, hysteresis must be under half the gap "
+                "(an alarm must be able to clear between them)"
+            )
         severity = table.get("severity", "warning")
         if severity not in SEVERITIES:
             raise AlarmConfigError(f"{where}: severity is one of {', '.join(SEVERITIES)}")
@@ -233,7 +240,10 @@ class AlarmEngine:
         emit: Callable[[AlarmChange], None] = lambda change: None,
         max_alarms: int = MAX_ALARMS,
         max_watched: int = MAX_WATCHED,
+        id_prefix: str = "",
     ) -> None:
+        #: "NODE." on a cluster node or worker: ids stay unique across the processes
+        self.id_prefix = id_prefix
         self.rules = tuple(rules)
         self.wall = wall
         self.emit = emit
@@ -286,8 +296,7 @@ class AlarmEngine:
                     self._reading(i, device_id, name, value, now)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, DeviceOffline) and event.reason in FORGET_REASONS:
-            self.forget_device(event.device_id)
+        pass  # a session's end is not the device's: removal calls forget_device
 
     def _reading(self, i: int, device_id: str, name: str, value: Any, now: float) -> None:
         rule = self.rules[i]
@@ -313,7 +322,8 @@ class AlarmEngine:
         elif rule.below is not None and value < rule.below:
             condition = "below"
         if condition is not None:
-            if alarm is None or alarm.state != "active":
+            # fires, or fires again for another reason (above, then below: a new condition)
+            if alarm is None or alarm.state != "active" or alarm.condition != condition:
                 self._raise(key, rule, device_id, name, condition, value)
             return
         if alarm is not None and alarm.state == "active" and alarm.condition != "no_data":
@@ -350,7 +360,8 @@ class AlarmEngine:
                 continue
             self._armed.discard(key)  # the next reading arms it again
             alarm = self.alarms.get(key)
-            if alarm is None or alarm.state != "active":
+            if alarm is None or alarm.state != "active" or alarm.condition != "no_data":
+                # silence is news even while the last value was out of range
                 self._raise(key, rule, key[1], key[2], "no_data", None)
 
     # -- changes ---------------------------------------------------------------------------
@@ -365,7 +376,8 @@ class AlarmEngine:
                 self.refused += 1
                 return
             self._ids += 1
-            alarm = Alarm(f"a{self._ids}", key, rule, device, metric, condition, value, wall)
+            alarm_id = f"{self.id_prefix}a{self._ids}"
+            alarm = Alarm(alarm_id, key, rule, device, metric, condition, value, wall)
             self.alarms[key] = alarm
             self.by_id[alarm.id] = alarm
         else:  # cleared, not acknowledged yet: active again

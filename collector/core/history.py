@@ -16,7 +16,9 @@ device id before it decodes its readings, and stops at `max_bytes`: the answer t
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import math
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,10 @@ MAX_BUCKETS = 2000
 MAX_SERIES = 50  # per-device series in one answer; the aggregate covers any number
 MAX_DEVICES_GLOBS = 32
 DEFAULT_MAX_BYTES = 1 << 30
+#: how long before a segment began a record in it may have been received: the recorder writes
+#: in batches (every `[recording] flush_interval`, 0.2 s), so a batch can land in the segment
+#: created after some of its records arrived; a generous bound
+LATE_WRITES = 60.0
 _READINGS = int(RecordType.READINGS)
 _READINGS_HEAD_LEN = 12  # u32 seq, u64 device time
 
@@ -232,16 +238,19 @@ def from_memory(query: HistoryQuery, rings: Iterable[tuple[str, Mapping[str, Any
 
 
 def memory_covers(query: HistoryQuery, rings: Iterable[tuple[str, Mapping[str, Any]]]) -> bool:
-    """Whether the rings reach back to the start of the range for every series they hold
-    (a ring that is not full holds everything since its device's first reading)."""
+    """Whether the rings hold the whole range: every matched series reaches back to its start,
+    and there is at least one. (Used only when a recording could answer instead: memory that
+    begins after `from`, after a restart or for a new device, is not enough then.)"""
     match = query.device_match()
+    found = False
     for device_id, series in rings:
         ring = series.get(query.metric)
         if ring is None or not match(device_id) or not ring.t:
             continue
-        if len(ring.t) >= ring.maxlen and ring.t[-ring.maxlen] > query.start:
+        found = True
+        if ring.t[max(0, len(ring.t) - ring.maxlen)] > query.start:
             return False
-    return True
+    return found
 
 
 def scan_recording(
@@ -257,11 +266,13 @@ def scan_recording(
     created: list[float | None] = []
     for _, path in segments:
         try:
-            with open(path, "rb") as f:
+            # a compressed segment's header is its first decompressed bytes
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as f:
                 head = f.read(SEGMENT_HEADER_LEN)
             created.append(decode_segment_header(head, str(path)).created_us / 1e6)
-        except (OSError, RecordingError):
-            created.append(None)  # compressed or damaged: read it to know
+        except (OSError, EOFError, zlib.error, RecordingError):
+            created.append(None)  # damaged: read it to know
     match = query.device_match()
     known: dict[bytes, bool] = {}
     metric = query.metric
@@ -269,10 +280,12 @@ def scan_recording(
     unpack_time = BODY_HEADER.unpack_from
     for i, (_, path) in enumerate(segments):
         nxt = next((c for c in created[i + 1 :] if c is not None), None)
-        if nxt is not None and nxt < start:
-            continue  # the next segment began before the range: this one ends before it
-        if created[i] is not None and created[i] >= end:  # type: ignore[operator]
-            break
+        if nxt is not None and nxt <= start:
+            # The next segment began at or before the range's start: every record in this one
+            # was written, and so received, before that.
+            continue
+        if created[i] is not None and created[i] >= end + LATE_WRITES:  # type: ignore[operator]
+            break  # a segment holds records received at most LATE_WRITES before it began
         if out.scanned_bytes >= max_bytes or cancelled():
             out.truncated = True
             break

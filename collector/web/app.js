@@ -1228,8 +1228,24 @@ function rangeDevices() {
 // One history query at a time from this page (the collector computes at most two at once).
 let historyQueue = Promise.resolve();
 
+let historyPending = 0; // queries queued or running: a refresh waits until none is
+
 function loadHistory(chart) {
-  historyQueue = historyQueue.then(() => fetchHistory(chart));
+  if (chart.histQueued) return; // already waiting for its turn: it will ask for the range then
+  chart.histQueued = true;
+  historyPending += 1;
+  historyQueue = historyQueue
+    .then(() => {
+      chart.histQueued = false;
+      return fetchHistory(chart);
+    })
+    .catch((err) => {
+      chart.hist = { error: `history: ${err?.message || err}` };
+      chart.dirty = true;
+    })
+    .finally(() => {
+      historyPending -= 1;
+    });
 }
 
 async function fetchHistory(chart) {
@@ -1259,10 +1275,10 @@ async function fetchHistory(chart) {
       if (answer.status !== 503 || body?.error?.code !== "busy" || attempt >= 5) break;
       await new Promise((done) => setTimeout(done, 500 * (attempt + 1)));
     }
-    if (model.range !== asked) return; // another range was picked meanwhile
+    if (!sameSpan(model.range, asked)) return; // another range was picked meanwhile
     chart.hist = answer.ok ? body : { error: body?.error?.message || `HTTP ${answer.status}` };
   } catch (err) {
-    if (model.range !== asked) return;
+    if (!sameSpan(model.range, asked)) return;
     chart.hist = { error: `history: ${err.message || err}` };
   }
   chart.dirty = true;
@@ -1271,12 +1287,22 @@ async function fetchHistory(chart) {
   renderRange();
 }
 
+/** The same range, or a refresh of the same "last N" span: its answers are still wanted. */
+function sameSpan(a, b) {
+  return a === b || (a && b && a.span && a.span === b.span);
+}
+
+/** Show a time range (null: live). The same range again (a new subscription) or a refresh
+ * of the same span keeps what the charts show until the new answers come. */
 function setRange(range) {
+  const keep = model.range === range || sameSpan(model.range, range);
   model.range = range;
   for (const chart of model.charts.values()) {
-    chart.hist = null;
-    chart.plotKey = "";
-    chart.dirty = true;
+    if (!keep) {
+      chart.hist = null;
+      chart.plotKey = "";
+      chart.dirty = true;
+    }
     if (range) loadHistory(chart);
   }
   renderRange();
@@ -1328,7 +1354,7 @@ function setupRange() {
   });
   setInterval(() => {
     const r = model.range;
-    if (r?.span && !document.hidden) {
+    if (r?.span && !document.hidden && historyPending === 0) {
       const now = serverNow();
       setRange({ from: now - r.span, to: now, span: r.span });
     }
@@ -1348,7 +1374,7 @@ function onAlarm(change, a) {
   if (change === "raised")
     activity(`alarm ${a.rule}: ${a.device} ${a.metric} ${CONDITION_TEXT[a.condition]} ${a.threshold}`, "bad", a.raised);
   else if (change === "cleared") activity(`alarm ${a.rule} cleared: ${a.device} ${a.metric}`, "good", a.cleared);
-  renderAlarms();
+  model.alarmsDirty = true; // drawn with the next render (a storm of alarms is one redraw)
 }
 
 async function loadMeta() {
@@ -1378,7 +1404,10 @@ async function loadAlarms() {
     });
     if (!answer.ok) return;
     const body = await answer.json();
-    model.alarms = new Map(body.alarms.map((a) => [a.id, a]));
+    // the stream keeps only the subscribed devices' alarms up to date: list only those
+    const globs = readFilters().devices.map(globToRegExp);
+    const shown = (a) => !globs.length || globs.some((re) => re.test(a.device));
+    model.alarms = new Map(body.alarms.filter(shown).map((a) => [a.id, a]));
     renderAlarms();
   } catch {
     // the next connection tries again
@@ -1629,6 +1658,10 @@ function render() {
   const online = counts.get("online") || 0;
   const total = model.devices.size;
   renderSummary(counts, total);
+  if (model.alarmsDirty) {
+    model.alarmsDirty = false;
+    renderAlarms();
+  }
   $("devices-empty").hidden = total > 0;
   setText($("devices-count"), total ? `${online} of ${total} online` : "");
   setText($("h-online"), conn.synced ? `${online} / ${total}` : "–");
