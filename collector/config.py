@@ -189,7 +189,9 @@ def parse_command_decls(body: Any) -> tuple[CommandDecl, ...]:
                 f"{where}: args maps argument names to a type: {', '.join(ARG_TYPES)}"
             )
         required = table.get("required", [])
-        if not isinstance(required, list) or not all(r in args for r in required):
+        if not isinstance(required, list) or not all(
+            isinstance(r, str) and r in args for r in required
+        ):
             raise ConfigError(f"{where}: required must list arguments named in args")
         out.append(CommandDecl(name, tuple(devices), description, dict(args), tuple(required)))
     return tuple(out)

@@ -105,6 +105,16 @@ def test_a_scan_reads_only_the_range_and_the_devices_asked_for(tmp_path, compres
     assert found.segments == 3
 
 
+def test_ranges_beyond_reason_are_refused_and_dropped_series_count_devices():
+    with pytest.raises(history.HistoryError, match="at most 10 years apart"):
+        history.parse_query({"metric": ["t"], "from": ["-1e308"], "to": ["1e308"]}, now=1.0)
+    out = history.History(q(**{"per_device": 1}), "memory")
+    for d in range(history.MAX_SERIES + 3):
+        for t in range(4):
+            out.add(f"d{d}", float(t), 1.0)
+    assert out.to_json()["series_dropped"] == 3  # devices, not their readings
+
+
 def test_a_scan_stops_at_its_budget_and_says_so(tmp_path):
     write_recording(tmp_path)
     found = history.scan_recording(tmp_path, q(**{"from": 0, "to": 100}), max_bytes=1)

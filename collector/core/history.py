@@ -37,6 +37,7 @@ from collector.wire.recording import (
 )
 
 MAX_BUCKETS = 2000
+MAX_SPAN = 10 * 366 * 86400.0
 MAX_SERIES = 50  # per-device series in one answer; the aggregate covers any number
 MAX_DEVICES_GLOBS = 32
 DEFAULT_MAX_BYTES = 1 << 30
@@ -152,6 +153,8 @@ def parse_query(q: Mapping[str, list[str]], now: float) -> HistoryQuery:
     start = number("from", end - 3600.0)
     if not start < end:
         raise HistoryError("bad_history", "from must be before to")
+    if not (0 <= start and end <= 4e9 and end - start <= MAX_SPAN):
+        raise HistoryError("bad_history", "from and to are Unix seconds, at most 10 years apart")
     buckets = number("buckets", 300)
     if buckets != int(buckets) or not 1 <= buckets <= MAX_BUCKETS:
         raise HistoryError("bad_history", f"buckets is a whole number from 1 to {MAX_BUCKETS}")
@@ -168,7 +171,7 @@ class History:
     aggregate: Buckets = attrs.field(init=False)
     series: dict[str, Buckets] = attrs.field(factory=dict)
     devices: set[str] = attrs.field(factory=set)
-    series_dropped: int = 0  # devices beyond MAX_SERIES, in the aggregate only
+    dropped_devices: set[str] = attrs.field(factory=set)  # beyond MAX_SERIES: aggregate only
     scanned_bytes: int = 0
     segments: int = 0
     truncated: bool = False
@@ -187,7 +190,7 @@ class History:
         b = self.series.get(device_id)
         if b is None:
             if len(self.series) >= MAX_SERIES:
-                self.series_dropped += 1
+                self.dropped_devices.add(device_id)
                 return
             q = self.query
             b = self.series[device_id] = Buckets(q.start, q.end, q.buckets)
@@ -207,7 +210,7 @@ class History:
         }
         if q.per_device:
             out["series"] = {d: b.to_json() for d, b in sorted(self.series.items())}
-            out["series_dropped"] = self.series_dropped
+            out["series_dropped"] = len(self.dropped_devices)
         if self.source == "recording":
             out.update(
                 scanned_bytes=self.scanned_bytes,
@@ -220,7 +223,8 @@ class History:
 
 
 def _numeric(v: Any) -> bool:
-    return v.__class__ is not bool and isinstance(v, int | float)
+    """Numbers, and booleans as 0 and 1 (as the hub's rings and the charts keep them)."""
+    return isinstance(v, int | float)
 
 
 def from_memory(query: HistoryQuery, rings: Iterable[tuple[str, Mapping[str, Any]]]) -> History:
@@ -302,10 +306,15 @@ def scan_recording(
         for rtype, body in scan_records(data):
             if rtype != _READINGS:
                 continue
+            if len(body) < 10:
+                continue
             t = unpack_time(body)[1] / 1e6
             if t < start or t >= end:
                 continue
+            out.reached = t
             n = body[9]
+            if len(body) < 10 + n + _READINGS_HEAD_LEN:
+                continue  # CRC-valid but too short to be a READINGS record: not ours
             raw_id = bytes(body[10 : 10 + n])
             ok = known.get(raw_id)
             if ok is None:
@@ -322,5 +331,4 @@ def scan_recording(
             for name, value in readings:
                 if name == metric and _numeric(value):
                     out.add(raw_id.decode("utf-8"), t, float(value))
-            out.reached = t
     return out

@@ -858,7 +858,12 @@ function withUnit(v, metric) {
 
 function globToRegExp(glob) {
   const body = glob.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
-  return new RegExp(`^${body.replace(/\[!/g, "[^")}$`);
+  try {
+    return new RegExp(`^${body.replace(/\[!/g, "[^")}$`);
+  } catch {
+    // an unbalanced "[" (fnmatch takes it literally): match the glob's text as it is
+    return new RegExp(`^${glob.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
+  }
 }
 
 function getChart(metric) {
