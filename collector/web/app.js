@@ -1372,10 +1372,25 @@ const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
 const CONDITION_TEXT = { above: "above", below: "below", no_data: "no data for" };
 
 /** An alarm stays listed while active, or until someone acknowledges it once cleared. */
-function onAlarm(change, a) {
+function changedAt(a) {
+  return Math.max(a.raised || 0, a.cleared || 0, a.acknowledged_at || 0);
+}
+
+function onAlarm(change, a, replay = false) {
+  if (model.alarmsLoading && !replay) {
+    if (model.alarmsLoading.length < 10000) model.alarmsLoading.push([change, a]);
+  }
+  if (replay) {
+    const known = model.alarms.get(a.id);
+    if (known && changedAt(known) > changedAt(a)) return; // the list is newer
+  }
   const listed = change !== "removed" && (a.state === "active" || !a.acknowledged);
   if (listed) model.alarms.set(a.id, a);
   else model.alarms.delete(a.id);
+  if (replay) {
+    model.alarmsDirty = true;
+    return;
+  }
   if (change === "raised")
     activity(`alarm ${a.rule}: ${a.device} ${a.metric} ${CONDITION_TEXT[a.condition]} ${a.threshold}`, "bad", a.raised);
   else if (change === "cleared") activity(`alarm ${a.rule} cleared: ${a.device} ${a.metric}`, "good", a.cleared);
@@ -1401,20 +1416,28 @@ async function loadMeta() {
 }
 
 async function loadAlarms() {
+  model.alarmsLoading = []; // alarm messages that come while the list is on its way
   try {
     const answer = await fetch("/api/alarms", {
       cache: "no-store",
       headers: authHeaders(),
       signal: AbortSignal.timeout(10000),
     });
-    if (!answer.ok) return;
+    if (!answer.ok) {
+      model.alarmsLoading = null;
+      return;
+    }
     const body = await answer.json();
     // the stream keeps only the subscribed devices' alarms up to date: list only those
     const globs = readFilters().devices.map(globToRegExp);
     const shown = (a) => !globs.length || globs.some((re) => re.test(a.device));
     model.alarms = new Map(body.alarms.filter(shown).map((a) => [a.id, a]));
+    const later = model.alarmsLoading || [];
+    model.alarmsLoading = null;
+    for (const [change, a] of later) onAlarm(change, a, true); // what is newer than the list
     renderAlarms();
   } catch {
+    model.alarmsLoading = null;
     // the next connection tries again
   }
 }
