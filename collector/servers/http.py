@@ -34,6 +34,7 @@ import collections
 import contextlib
 import hmac
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -299,6 +300,8 @@ class HttpServer:
         self.registry = metrics.make_registry(app)
         self.acceptor = Acceptor()
         self.work_limiter = trio.CapacityLimiter(HISTORY_THREADS)
+        self._drops: int | None = None  # kernel drops for /api/status, and when read
+        self._drops_at = -math.inf
         self.address: tuple[Any, ...] | None = None
         self.tls_port: int | None = None
         self.plaintext_address: tuple[Any, ...] | None = None
@@ -970,7 +973,11 @@ class HttpServer:
         app = self.app
         ing = app.ingest
         hub = self.hub
-        drops = kernel_drops(ing.sock) if ing.sock is not None else None
+        now = trio.current_time()
+        if now - self._drops_at >= 1.0:  # /proc/net/udp is read at most once a second
+            self._drops = kernel_drops(ing.sock) if ing.sock is not None else None
+            self._drops_at = now
+        drops = self._drops
         return {
             "time": app.wall(),
             "uptime": round(trio.current_time() - app.started_at, 3),
