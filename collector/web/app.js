@@ -208,6 +208,11 @@ function splitPatterns(text) {
   return parts.length ? parts : ["*"];
 }
 
+/** GET a read-only API route with the page's token, no cache, and a deadline. */
+function apiGet(url, ms) {
+  return fetch(url, { cache: "no-store", headers: authHeaders(), signal: AbortSignal.timeout(ms) });
+}
+
 function authHeaders() {
   return conn.token ? { Authorization: `Bearer ${conn.token}` } : {};
 }
@@ -1270,11 +1275,7 @@ async function fetchHistory(chart) {
     let answer;
     let body;
     for (let attempt = 0; ; attempt++) {
-      answer = await fetch(`/api/history?${q}`, {
-        cache: "no-store",
-        headers: authHeaders(),
-        signal: AbortSignal.timeout(60000),
-      });
+      answer = await apiGet(`/api/history?${q}`, 60000);
       body = await answer.json();
       // other pages' queries hold the collector's two history workers: wait a little
       if (answer.status !== 503 || body?.error?.code !== "busy" || attempt >= 5) break;
@@ -1399,11 +1400,7 @@ function onAlarm(change, a, replay = false) {
 
 async function loadMeta() {
   try {
-    const answer = await fetch("/api/meta", {
-      cache: "no-store",
-      headers: authHeaders(),
-      signal: AbortSignal.timeout(10000),
-    });
+    const answer = await apiGet("/api/meta", 10000);
     if (!answer.ok) return;
     const body = await answer.json();
     model.declared = body.commands || [];
@@ -1418,11 +1415,7 @@ async function loadMeta() {
 async function loadAlarms() {
   model.alarmsLoading = []; // alarm messages that come while the list is on its way
   try {
-    const answer = await fetch("/api/alarms", {
-      cache: "no-store",
-      headers: authHeaders(),
-      signal: AbortSignal.timeout(10000),
-    });
+    const answer = await apiGet("/api/alarms", 10000);
     if (!answer.ok) {
       model.alarmsLoading = null;
       return;
@@ -1521,11 +1514,7 @@ function setupAlarms() {
 async function pollStatus() {
   if (document.hidden || conn.status !== "connected") return;
   try {
-    const answer = await fetch("/api/status", {
-      cache: "no-store",
-      headers: authHeaders(),
-      signal: AbortSignal.timeout(5000),
-    });
+    const answer = await apiGet("/api/status", 5000);
     if (!answer.ok) return;
     const status = await answer.json();
     model.statusPrev = model.status;
@@ -1647,11 +1636,7 @@ function renderStatus() {
 async function loadSessions(id, detail) {
   const list = detail.querySelector(".session-list");
   try {
-    const answer = await fetch(`/api/devices/${encodeURIComponent(id)}`, {
-      cache: "no-store",
-      headers: authHeaders(),
-      signal: AbortSignal.timeout(10000),
-    });
+    const answer = await apiGet(`/api/devices/${encodeURIComponent(id)}`, 10000);
     const body = await answer.json();
     if (!answer.ok) throw new Error(body?.error?.message || `HTTP ${answer.status}`);
     const items = (body.session_history || []).slice(-20).reverse().map((h) => {
