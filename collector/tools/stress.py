@@ -20,8 +20,8 @@ so that the load generator is not the bottleneck:
 At each step the report records the offered and accepted rates, loss at the application level
 (the collector's sequence-gap counts) and in the kernel (the collector socket's drop counter and
 /proc/net/snmp RcvbufErrors), latency p50/p99/p999, the collector's CPU and RSS, and the
-senders' lateness. The knee is the highest offered rate before latency p99 reaches twice its
-low-load value or loss passes --max-loss. Writes report.json and knee.png (matplotlib) in --out.
+senders' lateness. The knee is the highest offered rate before latency p99 passes five times
+its low-load value (and 20 ms more), or loss passes --max-loss. Writes report.json and knee.png (matplotlib) in --out.
 
 --sessions-test sends heartbeats only, one per sensor every --heartbeat-interval seconds, for
 --duration, to a collector told the same interval and a timeout of three intervals. It reports
