@@ -39,11 +39,13 @@ from collector.core.commands import CommandError, CommandManager, CommandRecord
 from collector.core.events import Event, Listener
 from collector.core.hub import StreamConfig, StreamHub
 from collector.core.ingest import Ingest
+from collector.core.load import BusyMeter
 from collector.core.ratelimit import FlappingDetector, SourceLimiter
 from collector.core.recorder import Recorder, RecorderConfig
 from collector.core.sessions import Session, SessionRegistry
 from collector.core.statistics import CollectorStatistics, DeviceStatistics
 from collector.devices import DeviceRegistry, DevicesError
+from collector.gcpolicy import GcPolicy
 from collector.logs import RateLimitedLog
 from collector.outputs.gauges import Gauges
 from collector.outputs.runner import Output
@@ -219,6 +221,10 @@ class Collector:
         )
         self.ingest.commands = self.commands
         self.control = ControlServer(self)
+        #: how busy the event loop is: the UDP loop and the stream batch by it
+        self.load = BusyMeter()
+        #: full garbage collections, timed; the long ones freeze what survived them
+        self.gc = GcPolicy(config.gc_freeze_pause)
         self.hub: StreamHub = StreamHub(
             self,
             StreamConfig(
@@ -236,6 +242,7 @@ class Collector:
                 max_metrics=config.max_metrics_per_device,
             ),
             wall=wall,
+            load=self.load,
         )
         self.listeners.append(self.hub)
         self.recorder: Recorder | None = None
@@ -314,6 +321,19 @@ class Collector:
         cfg = self.config
         self.started_at = trio.current_time()
         socks = self._worker_sockets()
+        self.gc.schedule = trio.lowlevel.current_trio_token().run_sync_soon
+        self.gc.install()
+        try:
+            await self._serve(cfg, socks, task_status)
+        finally:
+            self.gc.uninstall()
+
+    async def _serve(
+        self,
+        cfg: Config,
+        socks: dict[str, socket.socket],
+        task_status: trio.TaskStatus[Addresses],
+    ) -> None:
         async with trio.open_nursery() as nursery:
             if self.recorder is not None:
                 await nursery.start(self.recorder.serve)  # repairs a torn tail before any data
@@ -329,6 +349,7 @@ class Collector:
                         rcvbuf=cfg.udp_rcvbuf,
                         coalesce=cfg.udp_coalesce,
                         sock=socks.get("udp"),
+                        load=self.load,
                     )
                 )
                 self.tcp_address = await nursery.start(

@@ -33,6 +33,7 @@ import trio_websocket
 from collector._version import __version__
 from collector.core.commands import command_json
 from collector.core.events import CommandUpdate, DeviceOffline, DeviceOnline, Event, Telemetry
+from collector.core.load import BusyMeter
 from collector.logs import RateLimitedLog
 from collector.wire import stream
 from collector.wire.stream import Matcher, Row, StreamError, Subscription
@@ -64,7 +65,7 @@ class StreamConfig:
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     heartbeat_interval: float = 1.0
-    min_interval: float = 0.002  # seconds between two rounds of messages (0: group commit)
+    min_interval: float = 0.002  # seconds between two rounds while busy (0: group commit always)
     max_subscribers: int = 100
     max_message: int = 65536  # largest message a client may send
     max_replies: int = 32  # pongs and errors queued for a subscriber before more are dropped
@@ -404,10 +405,18 @@ class HubHost(Protocol):
 
 
 class StreamHub:
-    def __init__(self, app: HubHost, config: StreamConfig, *, wall: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        app: HubHost,
+        config: StreamConfig,
+        *,
+        wall: Callable[[], float],
+        load: BusyMeter | None = None,
+    ) -> None:
         self.app = app
         self.config = config
         self.wall = wall
+        self.load = load if load is not None else BusyMeter()
         self.views: dict[str, DeviceView] = {}
         self.subscribers: set[Subscriber] = set()
         self.stream_seq = 0
@@ -602,10 +611,12 @@ class StreamHub:
     # -- periodic: heartbeats and per-device statistics ------------------------------------------
 
     def _notify(self, sub: Subscriber) -> None:
-        if not self.config.min_interval:
+        if not self.config.min_interval or not self.load.busy(trio.current_time()):
             # Group commit: wake the sender now. Whatever arrives while it waits for its turn
             # or while its send is in flight goes out together in its next message, so an
-            # idle stream sends at once and a busy one batches by itself.
+            # idle stream sends at once. Only while the collector is busy (the measure the UDP
+            # loop batches by) do updates wait for the next round: with cheap sends nothing is
+            # in flight for long, so group commit alone would send a message per wake-up.
             if not sub.wake.is_set():
                 sub.wake.set()
             return
@@ -614,10 +625,10 @@ class StreamHub:
             self._round.set()
 
     async def _flusher(self) -> None:
-        """Wake the senders of subscribers with something new, in rounds at most `min_interval`
-        apart: an idle stream is woken at once, a busy one lets updates gather into fewer,
-        bigger messages (each message costs tens of microseconds however little it carries),
-        with one timer for all subscribers instead of one each."""
+        """While the collector is busy, wake the senders of subscribers with something new in
+        rounds at most `min_interval` apart: updates gather into fewer, bigger messages (each
+        message costs tens of microseconds however little it carries), with one timer for all
+        subscribers instead of one each."""
         interval = self.config.min_interval
         while True:
             await self._round.wait()

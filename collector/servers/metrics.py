@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collector.core.sessions import SessionRegistry
     from collector.core.statistics import CollectorStatistics
     from collector.devices import DeviceRegistry
+    from collector.gcpolicy import GcPolicy
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,6 +46,7 @@ class MetricsHost(Protocol):
 
     boundary: ErrorBoundary
     devices: DeviceRegistry
+    gc: GcPolicy
     http: HttpCounters | None
     hub: StreamHub
     ingest: Ingest
@@ -129,6 +131,28 @@ class CollectorMetrics(PromCollector):
         for kind in KINDS:
             internal.add_metric([kind], app.boundary.counts.get(kind, 0))
         yield internal
+        gcp = app.gc
+        yield counter(
+            "gc_full_collections",
+            "Full garbage collections (they stop the loop).",
+            gcp.full_collections,
+        )
+        yield counter(
+            "gc_pause_seconds",
+            "Seconds the full garbage collections took, in all.",
+            gcp.pause_total,
+        )
+        yield gauge(
+            "gc_pause_max_seconds", "The longest full garbage collection, seconds.", gcp.pause_max
+        )
+        yield counter(
+            "gc_freezes",
+            "Full collections longer than [server] gc_freeze_pause, after which what survived was frozen.",
+            gcp.freezes,
+        )
+        yield gauge(
+            "gc_frozen_objects", "Objects frozen (left out of collections) now.", gcp.frozen()
+        )
         flapping = app.registry.flapping
         yield counter(
             "registrations_banned",

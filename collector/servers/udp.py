@@ -12,22 +12,18 @@ import logging
 import os
 import socket
 import sys
-import time
 from typing import Any
 
 import trio
 
 from collector.core.ingest import Ingest
+from collector.core.load import BusyMeter
 from collector.servers.serving import bind_error
 
 log = logging.getLogger("collector.udp")
 
 BATCH_LIMIT = 256
 SMALL_BATCH = 16
-#: ingest counts as busy when its thread used more than this share of a core over the last
-#: BUSY_WINDOW seconds; only then does a small batch wait `coalesce` for more
-BUSY_SHARE = 0.5
-BUSY_WINDOW = 0.1
 #: Linux's SO_RCVBUFFORCE (root may exceed net.core.rmem_max); Python does not name it.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 RECV_SIZE = 65536  # smaller buffers silently truncate larger datagrams
@@ -89,6 +85,7 @@ async def serve_udp(
     rcvbuf: int = 8 * 1024 * 1024,
     coalesce: float = 0.001,
     sock: socket.socket | None = None,
+    load: BusyMeter | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Receive datagrams until cancelled. Reports the bound address through `task_status`.
@@ -96,11 +93,13 @@ async def serve_udp(
     The socket stays open (and attached to `ingest` for replies) until this task exits.
 
     After a small batch, and only while the collector is busy (its thread used more than half
-    a core over the last 0.1 s), the loop waits `coalesce` seconds before it reads again: that
+    a core lately: `collector.core.load`), the loop waits `coalesce` seconds before it reads again: that
     turns a wake-up per datagram (tens of microseconds each) into a wake-up per millisecond when
     wake-ups are what the CPU is spent on. An idle or lightly loaded collector never waits, so a
     datagram costs no added latency; under heavy load batches are full and it never waits
     either; the kernel holds what arrives meanwhile.
+
+    `load`: the collector's measure of busy (shared with the stream, which batches by it too).
 
     `sock`: a socket bound already (a worker's, from the parent that steers datagrams to it),
     instead of binding `host`:`port`.
@@ -124,8 +123,7 @@ async def serve_udp(
         recvfrom = sock.recvfrom
         handle = ingest.handle_datagram
         report = ingest.boundary.report
-        cpu = time.thread_time
-        window_start, window_cpu, busy = trio.current_time(), cpu(), False
+        meter = load if load is not None else BusyMeter()
         while True:
             await trio.lowlevel.wait_readable(sock)
             ingest.begin_batch(trio.current_time())
@@ -145,14 +143,8 @@ async def serve_udp(
                     report("datagram", exc, f"from {addr}")
                 count += 1
             ingest.end_batch()
-            if count < SMALL_BATCH and coalesce > 0:
-                now = trio.current_time()
-                if now - window_start >= BUSY_WINDOW:
-                    used = cpu()
-                    busy = (used - window_cpu) > BUSY_SHARE * (now - window_start)
-                    window_start, window_cpu = now, used
-                if busy:
-                    await trio.sleep(coalesce)
+            if count < SMALL_BATCH and coalesce > 0 and meter.busy(trio.current_time()):
+                await trio.sleep(coalesce)
     finally:
         ingest.sock = None
         sock.close()
