@@ -839,6 +839,7 @@ class Collector:
             commands=dict(self.commands.by_state),
             command_retransmits=self.commands.retransmits,
             recording=self.recorder.statistics() if self.recorder is not None else None,
+            gc=self.gc.statistics(),
         )
 
 

@@ -59,6 +59,8 @@ class CollectorStatistics:
     commands: Mapping[str, int]
     command_retransmits: int
     recording: Mapping[str, Any] | None = None
+    #: full garbage collections: count, pauses, freezes (collector.gcpolicy)
+    gc: Mapping[str, float] | None = None
 
     @property
     def rejected_total(self) -> int:

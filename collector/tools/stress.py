@@ -707,6 +707,8 @@ def sessions_test(
         "rss_mb_max": max(s[2] for s in samples) / 2**20, "rss_mb_end": samples[-1][2] / 2**20,
         "rss_mb_target": max_rss,
         "cpu_percent": (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100,
+        # the collector's full garbage collections over its whole life (registration included)
+        "gc": stats.get("gc"),
     }  # fmt: skip
     (out / "sessions.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
