@@ -206,7 +206,7 @@ class Config:
     http_port: int | None = 8082  # None: no HTTP server (dashboards, API, metrics)
     udp_rcvbuf: int = 8 * 1024 * 1024
     udp_coalesce: float = 0.001
-    gc_freeze_pause: float = 0.1
+    gc_freeze_pause: float = 0.0
     # [tls]
     tls_cert: str = ""  # "" = no TLS: plain text on the TCP and HTTP ports
     tls_key: str = ""
@@ -443,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
         "server",
         "gc_freeze_pause",
         "gc_freeze_pause",
-        "seconds: after a full garbage collection that stopped the collector longer than this, the objects that survived it are left out of later collections (gc.freeze; short pauses with 100,000 devices); 0: never",
+        "seconds: after a full garbage collection that stopped the collector longer than this, the objects that survived it are left out of later collections (gc.freeze; short pauses with 100,000 devices); 0 (the default): never. Opt in for very large fleets: a reference cycle among objects frozen alive is never freed, and a device connection that ends with a control error or a dashboard closed as stalled makes one (docs/PERFORMANCE.md)",
     ),
     Setting(
         "sessions",

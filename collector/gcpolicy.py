@@ -13,8 +13,10 @@ collections look only at what was made since. Reference counting still frees eve
 object the moment it is no longer used; only a *reference cycle* among objects frozen while they
 were alive is never collected. A device's whole life leaves none: registration over UDP and
 over TCP, datagrams, timeouts, closes and supersessions (`tests/test_gcpolicy.py` checks it).
-With the default, a collector with a small heap never freezes anything: its full collections
-take milliseconds.
+It is off by default (`[server] gc_freeze_pause = 0`): two paths do make a cycle that a freeze
+would keep forever, a control connection that ends with a control error and a dashboard closed as
+stalled (each keeps the exception it ended with), so it is for very large fleets that accept
+that, until those are fixed.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ class GcPolicy:
         self._started: float | None = None
         self._pending = False
         self._last_frozen = 0
+        #: objects frozen, counted once after each freeze: gc.get_freeze_count() walks the
+        #: whole permanent generation, far too slow for every scrape or inside the callback
+        self._frozen = 0
 
     def install(self) -> None:
+        self._pending = False
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
 
@@ -73,10 +79,9 @@ class GcPolicy:
             "frozen_objects": self.frozen(),
         }
 
-    @staticmethod
-    def frozen() -> int:
-        """Objects in the permanent generation now (frozen and not freed since)."""
-        return gc.get_freeze_count()
+    def frozen(self) -> int:
+        """Objects in the permanent generation, as counted after the last freeze."""
+        return self._frozen
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if info.get("generation") != 2:
@@ -93,11 +98,10 @@ class GcPolicy:
         self.pause_last = took
         self.pause_max = max(self.pause_max, took)
         if self.freeze_pause > 0 and took > self.freeze_pause:
-            before = gc.get_freeze_count()
             gc.freeze()
             self.freezes += 1
-            self._last_frozen = gc.get_freeze_count() - before
             if self.schedule is None:
+                self._count()
                 self._log()
             elif not self._pending:
                 self._pending = True
@@ -114,8 +118,14 @@ class GcPolicy:
         full collection would wait for a quarter of everything frozen (a million objects at
         100,000 devices) and take seconds again."""
         self._pending = False
-        gc.collect()
+        if gc.isenabled():
+            gc.collect()
+        self._count()
         self._log()
+
+    def _count(self) -> None:
+        before, self._frozen = self._frozen, gc.get_freeze_count()
+        self._last_frozen = self._frozen - before
 
     def _log(self) -> None:
         log.info(
@@ -123,5 +133,5 @@ class GcPolicy:
             "that survived it, so later collections skip them (%d frozen in all)",
             self.pause_last * 1000,
             self._last_frozen,
-            gc.get_freeze_count(),
+            self._frozen,
         )

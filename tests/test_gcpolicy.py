@@ -57,6 +57,7 @@ def test_a_long_full_collection_freezes_what_survived_it(thawed):
     # a full collection over what is left, so that Python's count of what reached the oldest
     # generation starts again from what is not frozen
     assert gc.get_stats()[2]["collections"] == full + 1
+    assert policy.frozen() == gc.get_freeze_count()  # counted once, there, not per scrape
     policy._callback("start", {"generation": 2})
     clock.now += 0.2
     policy._callback("stop", {"generation": 2})
