@@ -633,7 +633,7 @@ SETTINGS: tuple[Setting, ...] = (
         "stream",
         "min_interval",
         "stream_min_interval",
-        "seconds between two rounds of messages to one dashboard while the collector is busy (its loop used more than half a core over the last 0.1 s): batches readings under load; otherwise, and always with 0, a dashboard is sent what is new at once, batching only what gathers while its previous send is in flight",
+        "seconds between two rounds of messages to one dashboard while the collector is busy (from when its loop used more than half a core over 0.1 s until it uses less than 0.35): batches readings under load; otherwise, and always with 0, a dashboard is sent what is new at once, batching only what gathers while its previous send is in flight",
     ),
     Setting(
         "stream",
