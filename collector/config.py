@@ -443,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
         "server",
         "gc_freeze_pause",
         "gc_freeze_pause",
-        "seconds: after a full garbage collection that stopped the collector longer than this, the objects that survived it are left out of later collections (gc.freeze; short pauses with 100,000 devices); 0 (the default): never. Opt in for very large fleets: a reference cycle among objects frozen alive is never freed, and a device connection that ends with a control error or a dashboard closed as stalled makes one (docs/PERFORMANCE.md)",
+        "seconds: after a full garbage collection that stopped the collector longer than this, the objects that survived it are left out of later collections (gc.freeze; short pauses with 100,000 devices); 0 (the default): never. Opt in for very large fleets: a reference cycle among objects frozen alive is never freed; the collector makes none, but with TLS each connection is one (trio's SSLStream), so a TLS connection alive at a freeze stays in memory after it closes (docs/PERFORMANCE.md)",
     ),
     Setting(
         "sessions",

@@ -11,12 +11,16 @@ So after a full collection that stopped the loop for longer than `freeze_pause` 
 objects that survived it are moved to the permanent generation (`gc.freeze()`): later
 collections look only at what was made since. Reference counting still frees every frozen
 object the moment it is no longer used; only a *reference cycle* among objects frozen while they
-were alive is never collected. A device's whole life leaves none: registration over UDP and
-over TCP, datagrams, timeouts, closes and supersessions (`tests/test_gcpolicy.py` checks it).
-It is off by default (`[server] gc_freeze_pause = 0`): two paths do make a cycle that a freeze
-would keep forever, a control connection that ends with a control error and a dashboard closed as
-stalled (each keeps the exception it ended with), so it is for very large fleets that accept
-that, until those are fixed.
+were alive is never collected. The collector's own paths make none: a device's whole life
+(registration over UDP and over TCP, datagrams, timeouts, closes and supersessions), and
+connections that end badly (a control error, a dashboard closed for not answering pings,
+kept-alive API requests, commands), all over TLS as well (`tests/test_gcpolicy.py`).
+
+One cycle is not the collector's: trio's `SSLStream` holds a bound method of itself, so with TLS
+every control and HTTP connection is one. A TLS connection alive at a freeze stays in memory after
+it closes (once: a frozen object is frozen only once). That is why it is off by default
+(`[server] gc_freeze_pause = 0`): turn it on for a large fleet that sends datagrams and uses
+plain-text or few TLS connections.
 """
 
 from __future__ import annotations

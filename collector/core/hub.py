@@ -779,7 +779,9 @@ class StreamHub:
                     try:
                         await fn(sub, ws)
                     except _Closed as exc:
-                        closed = exc
+                        # A copy without the traceback, which holds this frame and so the
+                        # cell of `closed`: a reference cycle.
+                        closed = _Closed(exc.code, exc.kind, exc.reason)
                     except trio_websocket.ConnectionClosed as exc:
                         reason = exc.reason
                         if reason is not None and reason.code == stream.CLOSE_TOO_BIG:

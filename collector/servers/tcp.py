@@ -317,14 +317,16 @@ class ControlServer:
         """Read from the device and write its outbox until the session ends, then say goodbye."""
         registry = self.app.registry
         outcome = "closed"
-        fatal: control.ControlError | None = None
+        # (code, message) of the error that ends the connection; not the exception itself,
+        # whose traceback holds this frame, which holds the closure cell: a reference cycle.
+        fatal: tuple[str, str] | None = None
 
         async def reader() -> None:
             nonlocal outcome, fatal
             try:
                 outcome = await self._read_loop(stream, conn, session)
             except control.ControlError as exc:
-                fatal, outcome = exc, exc.code
+                fatal, outcome = (exc.code, exc.message), exc.code
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 outcome = "broken"
             if session.goodbye_seq is None:  # not lingering for datagrams after a goodbye
@@ -350,7 +352,7 @@ class ControlServer:
                             continue
                         await self._send(stream, conn.send(msg))
                 if fatal is not None:
-                    await self._send(stream, conn.send(control.Error(fatal.code, fatal.message)))
+                    await self._send(stream, conn.send(control.Error(*fatal)))
                 elif conn.state is not control.State.CLOSED:
                     await self._send(
                         stream, conn.send(control.Goodbye(session.end_reason or "closed"))
