@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     if args.role == "mqtt-publisher":
         mqtt_publisher(args.port, args.rate, args.phase)
         return 0
+    if args.rounds < 1 or args.phase <= 0 or args.warmup < 0:
+        print(f"{prog}: --rounds must be at least 1 and --phase above 0", file=sys.stderr)
+        return 2
 
     from collector.device.sim import SimConfig
     from collector.devices import DeviceRegistry
@@ -260,6 +263,11 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     DeviceRegistry({d: f"secret-{d}" for d in ids}).save(
         work / "devices.toml"
     )  # the senders know them too
+    # The dashboard that never reads must stay through its whole phase B: the stall limit
+    # (10 s by default) would close it inside a phase of 10 s. Its queue is bounded either way.
+    stall_limit = max(10.0, args.phase + 5.0)
+    (work / "collector.toml").write_text(f"[stream]\nstall_limit = {stall_limit}\n")
+    config_args = ["--config", str(work / "collector.toml")]
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     me = [sys.executable, "-m", "collector.tools.bench_stream"]
     redis: subprocess.Popen[bytes] | None = None
@@ -273,7 +281,8 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     collector = subprocess.Popen(
         [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port", str(tcp),
          "--udp-port", str(udp), "--http-port", str(http), "--devices", str(work / "devices.toml"),
-         "--log-level", "WARNING", *cluster_args, *(["--node", "A"] if args.cluster else [])],
+         "--log-level", "WARNING", *config_args, *cluster_args,
+         *(["--node", "A"] if args.cluster else [])],
         stdout=subprocess.DEVNULL, stderr=open(work / "collector.log", "w"),
     )  # fmt: skip
     wait_for_tcp(http)
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
             [sys.executable, "-m", "collector", "serve", "--host", "127.0.0.1", "--tcp-port",
              str(free_port()), "--udp-port", str(free_port(socket.SOCK_DGRAM)), "--http-port",
              str(dash_port), "--devices", str(work / "devices.toml"), "--log-level", "WARNING",
-             *cluster_args, "--node", "B"],
+             *config_args, *cluster_args, "--node", "B"],
             stdout=subprocess.DEVNULL, stderr=open(work / "node-b.log", "w"),
         )  # fmt: skip
         wait_for_tcp(dash_port)
@@ -311,7 +320,8 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     print(
         f"collector pid {collector.pid}; {args.sensors} sensors x {args.rate:g}/s = "
         f"{args.sensors * args.rate:g} datagrams/s of one reading each (2 pre-signing senders); "
-        f"{args.dashboards} dashboards; {args.rounds} rounds of phases A and B of {args.phase:g}s",
+        f"{args.dashboards} dashboards; {args.rounds} rounds of phases A and B of {args.phase:g}s; "
+        f"stall limit {stall_limit:g}s",
         flush=True,
     )
     if args.cluster:
