@@ -149,6 +149,7 @@ class Collector:
         #: where `devices` came from: device changes through the API are saved there, and a
         #: reload (SIGHUP) reads it again
         self.devices_file = Path(devices_file) if devices_file is not None else None
+        self._devices_save_lock = trio.Lock()  # one save of the devices file at a time
         #: how to read the configuration again on a reload (set by `collector serve`)
         self.config_loader: Callable[[], Config] | None = None
         self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
@@ -475,15 +476,42 @@ class Collector:
         Sessions of devices that are still allowed with the same secret are never dropped;
         those of removed devices, and of devices with a new secret, end with reason `revoked`.
         Returns one line per thing that changed."""
+        return self._reload(config, None)
+
+    async def reload_async(self, config: Config | None = None) -> list[str]:
+        """`reload`, with the devices file read in a worker thread: the event loop (and so
+        every session's deadline) goes on while a large file is parsed."""
+        found: dict[str, str] | str | None = None  # a str: why the file was not taken
+        if self._reloads_devices_file():
+            assert self.devices_file is not None
+            try:
+                found = await trio.to_thread.run_sync(DeviceRegistry.read, self.devices_file)
+            except DevicesError as exc:
+                found = str(exc)  # not the exception: its traceback holds this frame
+        return self._reload(config, found)
+
+    def _reloads_devices_file(self) -> bool:
+        return (
+            not (self.cluster is not None and self.cluster.shared_devices)
+            and self.devices_file is not None
+            and isinstance(self.devices, DeviceRegistry)
+        )
+
+    def _reload(self, config: Config | None, found: dict[str, str] | str | None) -> list[str]:
         changed: list[str] = []
         if self.cluster is not None and self.cluster.shared_devices:
             log.info("reload: the devices are shared on Redis; the devices file is only a cache")
-        elif self.devices_file is not None and isinstance(self.devices, DeviceRegistry):
-            try:
-                diff = self.devices.reload(self.devices_file)
-            except DevicesError as exc:
-                log.error("reload: keeping the devices as they were: %s", exc)
+        elif self._reloads_devices_file():
+            assert isinstance(self.devices, DeviceRegistry) and self.devices_file is not None
+            if found is None:
+                try:
+                    found = DeviceRegistry.read(self.devices_file)
+                except DevicesError as exc:
+                    found = str(exc)
+            if isinstance(found, str):
+                log.error("reload: keeping the devices as they were: %s", found)
             else:
+                diff = self.devices.replace(found)
                 if diff:
                     changed.append(f"devices: {diff.describe()}")
                     for device_id in (*diff.removed, *diff.rotated):
@@ -562,34 +590,43 @@ class Collector:
             )
         return self.devices
 
-    def _save_devices(self) -> None:
-        if self.devices_file is not None:
-            self._devices_registry().save(self.devices_file)
+    async def _save_devices(self) -> None:
+        """Write the devices file, in a worker thread (a large file takes seconds to edit and
+        check). One save at a time, each of a copy taken when it starts: the last one to
+        finish holds every change made before it began."""
+        if self.devices_file is None:
+            return
+        registry = self._devices_registry()
+        async with self._devices_save_lock:
+            snapshot = registry.snapshot()
+            await trio.to_thread.run_sync(registry.save, self.devices_file, snapshot)
 
-    def add_device(self, device_id: str) -> str:
+    async def add_device(self, device_id: str) -> str:
         """A new device with a generated secret (saved to the devices file); returns the secret."""
         registry = self._devices_registry()
         self._may_change_devices(device_id)
         secret = registry.add(device_id)
         try:
-            self._save_devices()
+            await self._save_devices()
         except OSError:
-            registry.remove(device_id)
+            if registry.get(device_id) == secret:  # not changed again meanwhile
+                registry.remove(device_id)
             raise
         log.info("device %s added", device_id)
         self._devices_changed(device_id, secret)
         return secret
 
-    def remove_device(self, device_id: str) -> bool:
+    async def remove_device(self, device_id: str) -> bool:
         """Remove a device (from the devices file too); its session ends `revoked`."""
         registry = self._devices_registry()
         self._may_change_devices(device_id)
         secret = registry[device_id] if device_id in registry else None
         registry.remove(device_id)
         try:
-            self._save_devices()
+            await self._save_devices()
         except OSError:
-            registry.add(device_id, secret)
+            if device_id not in registry:
+                registry.add(device_id, secret)
             raise
         log.info("device %s removed", device_id)
         self._devices_changed(device_id, None)
@@ -602,17 +639,17 @@ class Collector:
         if self.alarms is not None:
             self.alarms.forget_device(device_id)
 
-    def rotate_device(self, device_id: str) -> str:
+    async def rotate_device(self, device_id: str) -> str:
         """A new secret for a device (saved); its session, on the old one, ends `revoked`."""
         registry = self._devices_registry()
         self._may_change_devices(device_id)
         old = registry[device_id] if device_id in registry else None
         secret = registry.rotate(device_id)
         try:
-            self._save_devices()
+            await self._save_devices()
         except OSError:
-            registry.remove(device_id)
-            registry.add(device_id, old)
+            if registry.get(device_id) == secret and old is not None:
+                registry.update({device_id: old})
             raise
         log.info("device %s has a new secret", device_id)
         self._devices_changed(device_id, secret)
@@ -631,10 +668,10 @@ class Collector:
         else:
             self.cluster.broadcast_devices_changed()  # the other nodes read the file again
 
-    def save_devices_cache(self) -> None:
+    async def save_devices_cache(self) -> None:
         """[cluster] shared_devices: keep the devices file as this node's copy of Redis's."""
         try:
-            self._save_devices()
+            await self._save_devices()
         except OSError as exc:
             log.error("could not save the devices file %s: %s", self.devices_file, exc)
 

@@ -68,6 +68,7 @@ BENCH: dict[str, tuple[str, str, str | None]] = {
     "flood": ("collector.tools.bench_flood", "real devices during a HELLO flood; refused handshakes", None),
     "workers": ("collector.tools.bench_workers", "UDP drain rate of one process against --workers N", None),
     "outputs": ("collector.tools.bench_outputs", "what each output sustains with its database or broker, and its CPU", None),
+    "devices": ("collector.tools.bench_devices", "the devices file at fleet size: read, and a change saved while the loop runs", None),
 }  # fmt: skip
 #: which module an extra's tools need, to say so before a traceback does
 _EXTRA_MODULES = {"tools": ("textual", "websockets", "rich"), "bench": ("matplotlib",)}
@@ -685,7 +686,7 @@ async def run_until_signalled(
                                     "SIGHUP: the config file is not valid, keeping the current one: %s",
                                     exc,
                                 )
-                        changed = collector.reload(new_config)
+                        changed = await collector.reload_async(new_config)
                         log.info(
                             "SIGHUP: reloaded %s",
                             ", ".join(changed) if changed else "nothing that changed",

@@ -6,18 +6,30 @@ The file is TOML, written by `collector devices add` and readable (and editable)
     [devices."greenhouse-1"]
     secret = "7q0n1pC1..."
 
-It holds secrets, so it is written atomically with mode 0600. Edits through `collector devices`
-keep everything else in the file as the operator wrote it (comments, order, other keys), with
-tomlkit.
+It holds secrets, so it is written atomically with mode 0600.
+
+A change (`collector devices`, the HTTP API) keeps everything else in the file as the operator
+wrote it: comments, order, other keys. The file is read with the standard library's `tomllib`,
+and a change edits the lines of the device tables it touches (`edit_devices_text`): a new
+secret replaces the value on the `secret =` line, a removed device loses its table (the comments
+above its header stay: they may be the file's own), a new device is appended. The result is
+parsed again and must hold exactly the devices wanted and everything else unchanged; a file
+these line edits do not fit (inline tables, dotted keys, a `[devices]` table with entries) is
+edited through tomlkit instead. At 100,000 devices that is 2 s against 19 s for a tomlkit parse,
+and nothing is kept in memory but the secrets (the tomlkit document was about 370 MB).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
+import threading
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import tomlkit
@@ -88,7 +100,7 @@ class DeviceRegistry(Mapping[str, str]):
 
     def __init__(self, secrets_by_id: Mapping[str, str] | None = None) -> None:
         self._secrets: dict[str, str] = {}
-        self._doc: tomlkit.TOMLDocument | None = None  # the file as read, to keep its comments
+        self._save_lock = threading.Lock()  # one write of the file at a time (worker threads)
         for device_id, secret in (secrets_by_id or {}).items():
             self._secrets[check_device_id(device_id)] = _check_secret(device_id, secret, "devices")
 
@@ -123,7 +135,9 @@ class DeviceRegistry(Mapping[str, str]):
     # -- files --------------------------------------------------------------------------------
 
     @staticmethod
-    def _parse(path: str | Path) -> tuple[dict[str, str], tomlkit.TOMLDocument]:
+    def read(path: str | Path) -> dict[str, str]:
+        """The devices a file holds, checked (DevicesError if it is not a valid devices file).
+        It touches no registry, so it may run in a worker thread."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -135,26 +149,13 @@ class DeviceRegistry(Mapping[str, str]):
         except UnicodeDecodeError:
             raise DevicesError(f"{path}: not UTF-8 text") from None
         try:
-            doc = tomlkit.parse(text)
-        except tomlkit.exceptions.ParseError as exc:
+            return devices_of(tomllib.loads(text), str(path))
+        except tomllib.TOMLDecodeError as exc:
             raise DevicesError(f"{path}: not valid TOML: {exc}") from None
-        table = doc.get("devices", {})
-        if not isinstance(table, Mapping):
-            raise DevicesError(f"{path}: [devices] must be a table")
-        out: dict[str, str] = {}
-        for device_id, entry in table.items():
-            check_device_id(str(device_id))
-            if not isinstance(entry, Mapping):
-                raise DevicesError(f"{path}: device {device_id!r} must be a table with a 'secret'")
-            out[str(device_id)] = _check_secret(device_id, entry.get("secret"), str(path))
-        return out, doc
 
     @classmethod
     def load(cls, path: str | Path) -> DeviceRegistry:
-        found, doc = cls._parse(path)
-        registry = cls(found)
-        registry._doc = doc
-        return registry
+        return cls(cls.read(path))
 
     @classmethod
     def load_or_empty(cls, path: str | Path) -> DeviceRegistry:
@@ -162,10 +163,7 @@ class DeviceRegistry(Mapping[str, str]):
 
     def reload(self, path: str | Path) -> Changes:
         """Read the file again and take what it says now; returns what changed."""
-        found, doc = self._parse(path)
-        changes = self.replace(found)
-        self._doc = doc
-        return changes
+        return self.replace(self.read(path))
 
     def replace(self, found: Mapping[str, str]) -> Changes:
         """Take `found` (checked already) as the whole set of devices; returns what changed."""
@@ -188,41 +186,187 @@ class DeviceRegistry(Mapping[str, str]):
                 rotated.append(device_id)
         return Changes(tuple(added), tuple(removed), tuple(rotated))
 
-    def to_toml(self) -> str:
-        doc = self._doc
-        if doc is None:
-            doc = tomlkit.document()
-            doc.add(tomlkit.comment("trio-collector device credentials: keep this file private."))
-            doc.add(tomlkit.comment("Add devices with: collector devices add ID --devices FILE"))
-            doc.add(tomlkit.nl())
-        if "devices" not in doc:
-            doc["devices"] = tomlkit.table(is_super_table=True)
-        table = doc["devices"]
-        for device_id in [d for d in table if d not in self._secrets]:
-            del table[device_id]
-        for device_id, secret in self._secrets.items():
-            if device_id in table:
-                if table[device_id].get("secret") != secret:
-                    table[device_id]["secret"] = secret
-            else:
-                entry = tomlkit.table()
-                entry["secret"] = secret
-                table[device_id] = entry
-        self._doc = doc
-        return tomlkit.dumps(doc)
+    def snapshot(self) -> dict[str, str]:
+        """A copy of the devices, to save from a worker thread while this registry changes."""
+        return dict(self._secrets)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, devices: Mapping[str, str] | None = None) -> None:
+        """Bring the file to `devices` (default: this registry), keeping the rest of it.
+
+        Safe in a worker thread with a `snapshot()`: writes are one at a time, and each is
+        atomic (a temporary file, fsync, rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_toml()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        wanted = self._secrets if devices is None else devices
+        with self._save_lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                old = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                old = None
+            text = new_devices_text(wanted) if old is None else edit_devices(old, wanted)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+
+def devices_of(doc: Mapping[str, Any], where: str) -> dict[str, str]:
+    """The checked device -> secret mapping of a parsed devices file."""
+    table = doc.get("devices", {})
+    if not isinstance(table, Mapping):
+        raise DevicesError(f"{where}: [devices] must be a table")
+    out: dict[str, str] = {}
+    for device_id, entry in table.items():
+        check_device_id(str(device_id))
+        if not isinstance(entry, Mapping):
+            raise DevicesError(f"{where}: device {device_id!r} must be a table with a 'secret'")
+        out[str(device_id)] = _check_secret(device_id, entry.get("secret"), where)
+    return out
+
+
+# -- the file's text: sans-IO ------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+_DEVICE_HEADER = re.compile(
+    r"""[ \t]*\[[ \t]*devices[ \t]*\.[ \t]*(?:([A-Za-z0-9_-]+)|"([^"\\\n]*)"|'([^'\n]*)')"""
+    r"""[ \t]*\][ \t]*(?:\#.*)?\r?\n?\Z"""
+)
+_SECRET_LINE = re.compile(
+    r"""([ \t]*secret[ \t]*=[ \t]*)("(?:[^"\\\n]|\\.)*"|'[^'\n]*')(.*\n?)\Z""", re.DOTALL
+)
+_HEADER_NOTE = (
+    "# trio-collector device credentials: keep this file private.\n"
+    "# Add devices with: collector devices add ID --devices FILE\n"
+)
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (control characters are refused before this)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _table_lines(device_id: str, secret: str) -> str:
+    key = device_id if _BARE_KEY.match(device_id) else toml_string(device_id)
+    return f"[devices.{key}]\nsecret = {toml_string(secret)}\n"
+
+
+def new_devices_text(devices: Mapping[str, str]) -> str:
+    """A new devices file."""
+    return _HEADER_NOTE + "".join("\n" + _table_lines(d, s) for d, s in devices.items())
+
+
+def edit_devices(text: str, devices: Mapping[str, str]) -> str:
+    """`text` (a devices file) brought to hold exactly `devices`, the rest kept: line edits
+    when they fit the file, else tomlkit (slow on large files, but any valid TOML)."""
+    edited = edit_devices_text(text, devices)
+    return edited if edited is not None else edit_devices_tomlkit(text, devices)
+
+
+def edit_devices_tomlkit(text: str, devices: Mapping[str, str]) -> str:
+    """`edit_devices` through a tomlkit document: any valid TOML, comments kept where tomlkit
+    keeps them (a removed table takes the comments right above the next one along)."""
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:
+        raise DevicesError(f"the devices file is not valid TOML: {exc}") from None
+    if "devices" not in doc:
+        doc["devices"] = tomlkit.table(is_super_table=True)
+    table = doc["devices"]
+    for device_id in [d for d in table if d not in devices]:
+        del table[device_id]
+    for device_id, secret in devices.items():
+        if device_id in table:
+            if table[device_id].get("secret") != secret:
+                table[device_id]["secret"] = secret
+        else:
+            entry = tomlkit.table()
+            entry["secret"] = secret
+            table[device_id] = entry
+    return tomlkit.dumps(doc)
+
+
+def edit_devices_text(text: str, devices: Mapping[str, str]) -> str | None:
+    """The line edits of `edit_devices`, or None where they do not fit this file.
+
+    The result is parsed again: it must hold exactly `devices`, and everything outside
+    `[devices]` as `text` did."""
+    try:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
+    had = before.get("devices", {})
+    if not isinstance(had, dict) or not all(isinstance(t, dict) for t in had.values()):
+        return None
+    lines = text.splitlines(keepends=True)
+    headers: list[tuple[int, str | None]] = []  # (line, device id or None for another table)
+    for i, line in enumerate(lines):
+        if line.lstrip(" \t").startswith("["):
+            m = _DEVICE_HEADER.match(line)
+            if m is None:
+                headers.append((i, None))
+            else:
+                bare, basic, literal = m.groups()
+                headers.append(
+                    (i, bare if bare is not None else basic if basic is not None else literal)
+                )
+    found = [d for _, d in headers if d is not None]
+    if len(set(found)) != len(found):
+        return None
+
+    def lead(i: int) -> int:
+        """The first of the comment lines right above line i (i if none)."""
+        while i > 0 and lines[i - 1].lstrip(" \t").startswith("#"):
+            i -= 1
+        return i
+
+    drop: set[int] = set()
+    replace: dict[int, str] = {}
+    for k, (start, device_id) in enumerate(headers):
+        if device_id is None:
+            continue
+        end = headers[k + 1][0] if k + 1 < len(headers) else len(lines)
+        if device_id not in devices:
+            drop.update(range(start, lead(end) if k + 1 < len(headers) else end))
+            continue
+        wanted = devices[device_id]
+        if device_id in had and had[device_id].get("secret") == wanted:
+            continue
+        for i in range(start + 1, end):
+            m = _SECRET_LINE.match(lines[i])
+            if m is not None:
+                replace[i] = m.group(1) + toml_string(wanted) + m.group(3)
+                break
+        else:
+            return None
+    out = [replace.get(i, line) for i, line in enumerate(lines) if i not in drop]
+    have = set(found)
+    added = [d for d in devices if d not in have]
+    if added:
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        for device_id in added:
+            if out and out[-1].strip():
+                out.append("\n")
+            out.append(_table_lines(device_id, devices[device_id]))
+    result = "".join(out)
+    try:
+        after = tomllib.loads(result)
+    except tomllib.TOMLDecodeError:
+        return None
+    rest = {k: v for k, v in after.items() if k != "devices"}
+    if rest != {k: v for k, v in before.items() if k != "devices"}:
+        return None
+    got = after.get("devices", {})
+    if not isinstance(got, dict) or set(got) != set(devices):
+        return None
+    for device_id, secret in devices.items():  # the secret wanted, the table's other keys kept
+        if got[device_id] != {**had.get(device_id, {}), "secret": secret}:
+            return None
+    return result

@@ -104,6 +104,7 @@ BAD_INPUT = [
     (("bench", "flood", "--phase", "x"), 2, "invalid"),
     (("bench", "workers", "--datagrams", "x"), 2, "a whole number"),
     (("bench", "outputs", "--rounds", "0"), 2, "a whole number of 1 or more"),
+    (("bench", "devices", "--devices", "0"), 2, "a whole number of 1 or more"),
     (("serve", "--devices", "x", "--workers", "0"), 2, "workers must be at least 1"),
     (("serve", "--devices", "x", "--redis", "http://h/"), 2, "redis must be a redis://"),
 ]

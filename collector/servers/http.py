@@ -67,7 +67,7 @@ from collector.wire.recording import RecordingError
 from collector.wire.stream import server_text_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from collector.config import Config
     from collector.core.commands import CommandManager, CommandRecord
@@ -168,6 +168,9 @@ class Response:
     #: waits for it any more (the collector shuts down). The work bounds itself (a scan reads
     #: at most history.DEFAULT_MAX_BYTES of segments, then answers `truncated`).
     work: Callable[[Callable[[], bool]], Response] | None = None
+    #: an answer the event loop must wait for (a change to the devices, saved to the file in
+    #: a worker thread): `await action()` gives the real answer
+    action: Callable[[], Awaitable[Response]] | None = None
 
 
 def json_response(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -262,9 +265,9 @@ class HttpHost(metrics.MetricsHost, Protocol):
     tls: TlsContexts | None
     wall: Callable[[], float]
 
-    def add_device(self, device_id: str) -> str: ...
-    def remove_device(self, device_id: str) -> bool: ...
-    def rotate_device(self, device_id: str) -> str: ...
+    async def add_device(self, device_id: str) -> str: ...
+    async def remove_device(self, device_id: str) -> bool: ...
+    async def rotate_device(self, device_id: str) -> str: ...
     def kick(self, device_id: str) -> bool: ...
     def push_config(
         self, match: str, config: Mapping[str, Any], *, forward: bool = True
@@ -459,6 +462,8 @@ class HttpServer:
                     route, response = self._answer(request, body)
                     if response.work is not None:
                         response = await self._work(response.work, request)
+                    elif response.action is not None:
+                        response = await self._act(response.action, request)
                     self.requests[(route, response.status)] += 1
                     await self._send(stream, conn, response, route, head=request.method == b"HEAD")
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -690,6 +695,21 @@ class HttpServer:
         finally:
             stop.set()
 
+    async def _act(
+        self, action: Callable[[], Awaitable[Response]], request: h11.Request
+    ) -> Response:
+        """The boundary of an answer that waits: as `_answer`'s."""
+        try:
+            return await action()
+        except _ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except Exception as exc:
+            what = f"{request.method.decode('ascii', 'replace')} {request.target[:200]!r}"
+            self.app.boundary.report("http_request", exc, what)
+            return error_response(
+                500, "internal_error", "the collector failed to answer this request"
+            )
+
     def _answer(self, request: h11.Request, body: bytes) -> tuple[str, Response]:
         """The boundary of one request: a bug answers 500 and costs nothing else."""
         try:
@@ -799,9 +819,13 @@ class HttpServer:
             device_id = req.get("id")
             if not isinstance(device_id, str):
                 raise _ApiError(400, "bad_device", 'send {"id": "the new device id"}')
-            with _devices_change():
-                secret = app.add_device(device_id)
-            return json_response(201, {"id": device_id, "secret": secret})
+
+            async def add() -> Response:
+                with _devices_change():
+                    secret = await app.add_device(device_id)
+                return json_response(201, {"id": device_id, "secret": secret})
+
+            return Response(201, action=add)
         if parts == ["api", "devices"]:
             _only(method, "GET", allow="GET, HEAD, POST")
             return json_response(
@@ -815,17 +839,27 @@ class HttpServer:
             device_id = parts[2]
             if device_id not in app.devices:
                 raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
-            with _devices_change():
-                ended = app.remove_device(device_id)
-            return json_response(200, {"id": device_id, "removed": True, "session_ended": ended})
+
+            async def remove() -> Response:
+                with _devices_change():
+                    ended = await app.remove_device(device_id)
+                return json_response(
+                    200, {"id": device_id, "removed": True, "session_ended": ended}
+                )
+
+            return Response(200, action=remove)
         if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "rotate":
             _only(method, "POST")
             device_id = parts[2]
             if device_id not in app.devices:
                 raise _ApiError(404, "unknown_device", f"no device {device_id[:100]!r}")
-            with _devices_change():
-                secret = app.rotate_device(device_id)
-            return json_response(200, {"id": device_id, "secret": secret})
+
+            async def rotate() -> Response:
+                with _devices_change():
+                    secret = await app.rotate_device(device_id)
+                return json_response(200, {"id": device_id, "secret": secret})
+
+            return Response(200, action=rotate)
         if len(parts) == 3 and parts[:2] == ["api", "devices"]:
             _only(method, "GET", allow="GET, HEAD, DELETE")
             device_id = parts[2]

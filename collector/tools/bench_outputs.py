@@ -213,16 +213,6 @@ def bench(
     }
 
 
-def _at_least(n: int) -> Any:
-    def check(text: str) -> int:
-        v = options.count(text)
-        if v < n:
-            raise argparse.ArgumentTypeError(f"a whole number of {n} or more, not {v}")
-        return v
-
-    return check
-
-
 def build_parser(prog: str = "collector bench outputs") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -239,12 +229,17 @@ def build_parser(prog: str = "collector bench outputs") -> argparse.ArgumentPars
         default=2000.0,
         help="readings/s during and after it (default 2000)",
     )
-    p.add_argument("--readings", type=_at_least(2), help="backlog readings (default outage x rate)")
     p.add_argument(
-        "--batch", type=_at_least(2), default=5000, help="readings per batch (default 5000)"
+        "--readings", type=options.at_least(2), help="backlog readings (default outage x rate)"
     )
     p.add_argument(
-        "--rounds", type=_at_least(1), default=3, help="rounds; medians are reported (default 3)"
+        "--batch", type=options.at_least(2), default=5000, help="readings per batch (default 5000)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=options.at_least(1),
+        default=3,
+        help="rounds; medians are reported (default 3)",
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     return p

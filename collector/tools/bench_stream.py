@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from collector.tools import options
 from collector.tools.common import (
     free_port,
     mosquitto,
@@ -209,10 +210,12 @@ def build_parser(prog: str = "collector bench stream") -> argparse.ArgumentParse
         help="two collector nodes on a Redis this tool starts: the sensors send to node A, the "
         "dashboards read node B (docs/SCALING.md); prints the Redis cost per 1000 readings",
     )
-    p.add_argument("--phase", type=float, default=10.0, help="seconds per phase (default 10)")
+    p.add_argument(
+        "--phase", type=options.positive, default=10.0, help="seconds per phase (default 10)"
+    )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=options.at_least(1),
         default=3,
         help="pairs of phases, A (fast dashboards alone) then B (plus one that never reads); "
         "default 3",
@@ -251,9 +254,6 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
     if args.role == "mqtt-publisher":
         mqtt_publisher(args.port, args.rate, args.phase)
         return 0
-    if args.rounds < 1 or args.phase <= 0 or args.warmup < 0:
-        print(f"{prog}: --rounds must be at least 1 and --phase above 0", file=sys.stderr)
-        return 2
 
     from collector.device.sim import SimConfig
     from collector.devices import DeviceRegistry

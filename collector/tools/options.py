@@ -74,6 +74,18 @@ def count(text: str) -> int:
     return v
 
 
+def at_least(n: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of `n` or more."""
+
+    def check(text: str) -> int:
+        v = count(text)
+        if v < n:
+            raise argparse.ArgumentTypeError(f"a whole number of {n} or more, not {v}")
+        return v
+
+    return check
+
+
 def share(text: str) -> float:
     try:
         v = float(text)
