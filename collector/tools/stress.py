@@ -319,6 +319,8 @@ def build_parser(prog: str = "collector stress") -> argparse.ArgumentParser:
                         "gets it as [sessions] heartbeat_interval, with a timeout of 3 times it (default 1)")  # fmt: skip
     p.add_argument("--max-rss-mb", type=float, default=None,
                    help="--sessions-test: fail above this collector RSS (default 300 up to 10,000 sensors, else 1536)")  # fmt: skip
+    p.add_argument("--gc-freeze-pause", type=float, default=0.0, metavar="S",
+                   help="the collector's [server] gc_freeze_pause (default 0: off, as the collector's own)")  # fmt: skip
     p.add_argument("--out", default="stress-report", help="directory for report.json and knee.png")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -358,6 +360,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"[sessions]\nheartbeat_interval = {hb}\ntimeout = {timeout}\n"
         f"[limits]\nmax_devices = {max(10_000, args.sensors)}\n"
         f"[stream]\nqueue_limit = 100000\nstall_limit = 30.0\n"
+        f"[server]\ngc_freeze_pause = {args.gc_freeze_pause}\n"
     )
     defaults = attrs.fields(Config)
     per_source, burst = defaults.ratelimit_per_source.default, defaults.ratelimit_burst.default
@@ -413,7 +416,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             print(
                 f"offered {rate:8,.0f}/s  accepted {step['accepted_rate']:8,.0f}/s  loss {step['loss']:.4%}  "
                 f"kernel drops {step['kernel_drops']:6.0f}  CPU {step['cpu_percent']:5.1f}%  RSS {step['rss_mb']:6.1f} MB  "
-                f"senders late p99 {step['sender_lateness_p99'] * 1000:7.1f} ms",
+                f"senders late p99 {step['sender_lateness_p99'] * 1000:7.1f} ms  "
+                f"full GCs {step['gc_full_collections']:3.0f} ({step['gc_pause_s'] * 1000:.0f} ms)",
                 flush=True,
             )
             if step["loss"] > args.max_loss:
@@ -504,8 +508,13 @@ def run_step(
         "collector_udp_kernel_drops_total", 0
     )
     cpu = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]) * 100
+    gc_full = "collector_gc_full_collections_total"
+    gc_pause = "collector_gc_pause_seconds_total"
     return {
         "offered_rate": rate,
+        # the collector's full garbage collections during the step, and their summed pause
+        "gc_full_collections": after.get(gc_full, 0) - before.get(gc_full, 0),
+        "gc_pause_s": after.get(gc_pause, 0) - before.get(gc_pause, 0),
         "sent": sent,
         "accepted": accepted,
         "accepted_rate": accepted / args.step_seconds,
