@@ -149,7 +149,10 @@ class Collector:
         #: where `devices` came from: device changes through the API are saved there, and a
         #: reload (SIGHUP) reads it again
         self.devices_file = Path(devices_file) if devices_file is not None else None
-        self._devices_save_lock = trio.Lock()  # one save of the devices file at a time
+        self._devices_lock = trio.Lock()  # one change to the devices (or reload) at a time
+        self._devices_wake = trio.Event()  # background work on the devices file is wanted
+        self._devices_cache_wanted = False
+        self._devices_reload_why: set[str] = set()
         #: how to read the configuration again on a reload (set by `collector serve`)
         self.config_loader: Callable[[], Config] | None = None
         self.serve_ingest = ingest  # False: no TCP/UDP servers (a stand-in serving a recording)
@@ -361,6 +364,7 @@ class Collector:
             else:
                 self.control.handlers_done.set()  # nothing to wait for on shutdown
             await nursery.start(self.hub.serve)
+            await nursery.start(self._devices_file_task)
             if self.alarms is not None:
                 await nursery.start(
                     self.alarms.serve, lambda: self.boundary.guard("task", "alarms")
@@ -482,13 +486,15 @@ class Collector:
         """`reload`, with the devices file read in a worker thread: the event loop (and so
         every session's deadline) goes on while a large file is parsed."""
         found: dict[str, str] | str | None = None  # a str: why the file was not taken
-        if self._reloads_devices_file():
-            assert self.devices_file is not None
+        if not self._reloads_devices_file():
+            return self._reload(config, None)
+        assert self.devices_file is not None
+        async with self._devices_lock:  # no change is in flight, none begins meanwhile
             try:
                 found = await trio.to_thread.run_sync(DeviceRegistry.read, self.devices_file)
             except DevicesError as exc:
                 found = str(exc)  # not the exception: its traceback holds this frame
-        return self._reload(config, found)
+            return self._reload(config, found)
 
     def _reloads_devices_file(self) -> bool:
         return (
@@ -590,48 +596,68 @@ class Collector:
             )
         return self.devices
 
-    async def _save_devices(self) -> None:
-        """Write the devices file, in a worker thread (a large file takes seconds to edit and
-        check). One save at a time, each of a copy taken when it starts: the last one to
-        finish holds every change made before it began."""
+    # A change to the devices through the API is whole or not at all, one at a time
+    # (`_devices_lock`): the change in memory, the file saved in a worker thread (a large file
+    # takes seconds to edit and check), then its effects (revoked sessions, the cluster told).
+    # If the save fails the change is undone, and no other change can be in the file by then.
+    # Once begun, it is shielded from cancellation: a shutdown waits for it rather than leave
+    # it half done. A reload takes the same lock, so it never undoes a change in flight.
+    # With [cluster] shared_devices the file is only this node's cache of Redis's: a change
+    # takes effect and is owed to Redis at once, and the cache is saved in the background.
+
+    def _shared_devices(self) -> bool:
+        return self.cluster is not None and self.cluster.shared_devices
+
+    async def _save_devices_file(self) -> None:
         if self.devices_file is None:
             return
         registry = self._devices_registry()
-        async with self._devices_save_lock:
-            snapshot = registry.snapshot()
-            await trio.to_thread.run_sync(registry.save, self.devices_file, snapshot)
+        await trio.to_thread.run_sync(registry.save, self.devices_file, registry.snapshot())
 
     async def add_device(self, device_id: str) -> str:
         """A new device with a generated secret (saved to the devices file); returns the secret."""
         registry = self._devices_registry()
-        self._may_change_devices(device_id)
-        secret = registry.add(device_id)
-        try:
-            await self._save_devices()
-        except OSError:
-            if registry.get(device_id) == secret:  # not changed again meanwhile
-                registry.remove(device_id)
-            raise
-        log.info("device %s added", device_id)
-        self._devices_changed(device_id, secret)
+        if self._shared_devices():
+            self._may_change_devices(device_id)
+            secret = registry.add(device_id)
+            self._devices_saved_later(f"device {device_id} added")
+            self._devices_changed(device_id, secret)
+            return secret
+        async with self._devices_lock:
+            with trio.CancelScope(shield=True):
+                secret = registry.add(device_id)
+                try:
+                    await self._save_devices_file()
+                except OSError:
+                    registry.remove(device_id)
+                    raise
+                log.info("device %s added", device_id)
+                self._devices_changed(device_id, secret)
         return secret
 
     async def remove_device(self, device_id: str) -> bool:
         """Remove a device (from the devices file too); its session ends `revoked`."""
         registry = self._devices_registry()
-        self._may_change_devices(device_id)
-        secret = registry[device_id] if device_id in registry else None
-        registry.remove(device_id)
-        try:
-            await self._save_devices()
-        except OSError:
-            if device_id not in registry:
-                registry.add(device_id, secret)
-            raise
-        log.info("device %s removed", device_id)
-        self._devices_changed(device_id, None)
-        self.forget_alarms(device_id)
-        return self.revoke(device_id)
+        if self._shared_devices():
+            self._may_change_devices(device_id)
+            registry.remove(device_id)
+            self._devices_saved_later(f"device {device_id} removed")
+            self._devices_changed(device_id, None)
+            self.forget_alarms(device_id)
+            return self.revoke(device_id)
+        async with self._devices_lock:
+            with trio.CancelScope(shield=True):
+                secret = registry[device_id] if device_id in registry else None
+                registry.remove(device_id)
+                try:
+                    await self._save_devices_file()
+                except OSError:
+                    registry.add(device_id, secret)
+                    raise
+                log.info("device %s removed", device_id)
+                self._devices_changed(device_id, None)
+                self.forget_alarms(device_id)
+                return self.revoke(device_id)
 
     def forget_alarms(self, device_id: str) -> None:
         """A device that is gone takes its alarms along (not one that is only offline, or
@@ -642,18 +668,26 @@ class Collector:
     async def rotate_device(self, device_id: str) -> str:
         """A new secret for a device (saved); its session, on the old one, ends `revoked`."""
         registry = self._devices_registry()
-        self._may_change_devices(device_id)
-        old = registry[device_id] if device_id in registry else None
-        secret = registry.rotate(device_id)
-        try:
-            await self._save_devices()
-        except OSError:
-            if registry.get(device_id) == secret and old is not None:
-                registry.update({device_id: old})
-            raise
-        log.info("device %s has a new secret", device_id)
-        self._devices_changed(device_id, secret)
-        self.revoke(device_id)
+        if self._shared_devices():
+            self._may_change_devices(device_id)
+            secret = registry.rotate(device_id)
+            self._devices_saved_later(f"device {device_id} has a new secret")
+            self._devices_changed(device_id, secret)
+            self.revoke(device_id)
+            return secret
+        async with self._devices_lock:
+            with trio.CancelScope(shield=True):
+                old = registry[device_id] if device_id in registry else None
+                secret = registry.rotate(device_id)
+                try:
+                    await self._save_devices_file()
+                except OSError:
+                    if old is not None:
+                        registry.update({device_id: old})
+                    raise
+                log.info("device %s has a new secret", device_id)
+                self._devices_changed(device_id, secret)
+                self.revoke(device_id)
         return secret
 
     def _may_change_devices(self, device_id: str) -> None:
@@ -668,10 +702,43 @@ class Collector:
         else:
             self.cluster.broadcast_devices_changed()  # the other nodes read the file again
 
+    def _devices_saved_later(self, what: str) -> None:
+        log.info("%s (shared devices: the devices file is saved in the background)", what)
+        self.request_devices_cache_save()
+
+    def request_devices_cache_save(self) -> None:
+        """[cluster] shared_devices: save the devices file (this node's copy of Redis's) soon,
+        in the background; requests while a save runs make one more save after it."""
+        self._devices_cache_wanted = True
+        self._devices_wake.set()
+
+    def request_devices_reload(self, why: str) -> None:
+        """Read the devices file again soon, in the background (another node changed it);
+        requests while a reload runs make one more after it."""
+        self._devices_reload_why.add(why)
+        self._devices_wake.set()
+
+    async def _devices_file_task(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._devices_wake.wait()
+            self._devices_wake = trio.Event()
+            if self._devices_reload_why:
+                why = ", ".join(sorted(self._devices_reload_why))
+                self._devices_reload_why.clear()
+                for line in await self.reload_async(None):
+                    log.info("%s changed the devices: %s", why, line)
+            if self._devices_cache_wanted:
+                self._devices_cache_wanted = False
+                await self.save_devices_cache()
+
     async def save_devices_cache(self) -> None:
         """[cluster] shared_devices: keep the devices file as this node's copy of Redis's."""
         try:
-            await self._save_devices()
+            async with self._devices_lock:
+                await self._save_devices_file()
         except OSError as exc:
             log.error("could not save the devices file %s: %s", self.devices_file, exc)
 

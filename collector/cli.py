@@ -671,26 +671,32 @@ async def run_until_signalled(
                 report = await collector.shutdown()
                 nursery.cancel_scope.cancel()
 
+            async def reload() -> None:
+                # Beside the signal loop, not in it: a large devices file takes seconds to
+                # read, and a SIGTERM meanwhile is answered at once. Reloads queue on the
+                # collector's devices lock.
+                new_config = None
+                loader = getattr(collector, "config_loader", None)
+                if loader is not None:
+                    try:
+                        new_config = loader()
+                    except ConfigError as exc:
+                        log.error(
+                            "SIGHUP: the config file is not valid, keeping the current one: %s",
+                            exc,
+                        )
+                changed = await collector.reload_async(new_config)
+                log.info(
+                    "SIGHUP: reloaded %s",
+                    ", ".join(changed) if changed else "nothing that changed",
+                )
+
             async def watch_signals() -> None:
                 count = 0
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum == signal.SIGHUP:
-                        new_config = None
-                        loader = getattr(collector, "config_loader", None)
-                        if loader is not None:
-                            try:
-                                new_config = loader()
-                            except ConfigError as exc:
-                                log.error(
-                                    "SIGHUP: the config file is not valid, keeping the current one: %s",
-                                    exc,
-                                )
-                        changed = await collector.reload_async(new_config)
-                        log.info(
-                            "SIGHUP: reloaded %s",
-                            ", ".join(changed) if changed else "nothing that changed",
-                        )
+                        nursery.start_soon(reload)
                         continue
                     count += 1
                     if count == 1:

@@ -38,6 +38,11 @@ import tomlkit.exceptions
 from collector.wire.datagram import DEVICE_ID_RE
 
 
+class DevicesFileError(OSError):
+    """The devices file cannot be saved because of what it holds now (someone left it invalid):
+    an OSError, like a full disk, so a change that cannot be saved is undone the same way."""
+
+
 class DevicesError(ValueError):
     """A change or a file the devices registry refuses; `code` is the HTTP API's error code."""
 
@@ -200,13 +205,18 @@ class DeviceRegistry(Mapping[str, str]):
         with self._save_lock:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                old = path.read_text(encoding="utf-8")
+                old = path.read_bytes().decode("utf-8")  # line ends as they are
             except FileNotFoundError:
                 old = None
-            text = new_devices_text(wanted) if old is None else edit_devices(old, wanted)
+            except UnicodeDecodeError:
+                raise DevicesFileError(f"{path} is not UTF-8 text: not saved") from None
+            try:
+                text = new_devices_text(wanted) if old is None else edit_devices(old, wanted)
+            except DevicesError as exc:
+                raise DevicesFileError(f"{path}: {exc}; not saved") from None
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
@@ -279,6 +289,8 @@ def edit_devices_tomlkit(text: str, devices: Mapping[str, str]) -> str:
     if "devices" not in doc:
         doc["devices"] = tomlkit.table(is_super_table=True)
     table = doc["devices"]
+    if not isinstance(table, Mapping) or not all(isinstance(t, Mapping) for t in table.values()):
+        raise DevicesError("[devices] must be a table of tables")
     for device_id in [d for d in table if d not in devices]:
         del table[device_id]
     for device_id, secret in devices.items():
@@ -304,7 +316,11 @@ def edit_devices_text(text: str, devices: Mapping[str, str]) -> str | None:
     had = before.get("devices", {})
     if not isinstance(had, dict) or not all(isinstance(t, dict) for t in had.values()):
         return None
-    lines = text.splitlines(keepends=True)
+    # Lines end at "\n" only (str.splitlines would split on U+2028 and others, which TOML
+    # allows inside strings and comments); "\r\n" files stay so.
+    parts = text.split("\n")
+    lines = [line + "\n" for line in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    nl = "\r\n" if "\r\n" in text else "\n"
     headers: list[tuple[int, str | None]] = []  # (line, device id or None for another table)
     for i, line in enumerate(lines):
         if line.lstrip(" \t").startswith("["):
@@ -320,10 +336,18 @@ def edit_devices_text(text: str, devices: Mapping[str, str]) -> str | None:
     if len(set(found)) != len(found):
         return None
 
-    def lead(i: int) -> int:
-        """The first of the comment lines right above line i (i if none)."""
-        while i > 0 and lines[i - 1].lstrip(" \t").startswith("#"):
-            i -= 1
+    def body_end(start: int, end: int) -> int:
+        """Where a removed table's lines end: after its last key (or value) line and the
+        blank lines after it. Comment lines after its last key stay: they may be about the
+        next table, or the file's own."""
+        last = start
+        for i in range(start + 1, end):
+            stripped = lines[i].strip()
+            if stripped and not stripped.startswith("#"):
+                last = i
+        i = last + 1
+        while i < end and not lines[i].strip():
+            i += 1
         return i
 
     drop: set[int] = set()
@@ -333,7 +357,7 @@ def edit_devices_text(text: str, devices: Mapping[str, str]) -> str | None:
             continue
         end = headers[k + 1][0] if k + 1 < len(headers) else len(lines)
         if device_id not in devices:
-            drop.update(range(start, lead(end) if k + 1 < len(headers) else end))
+            drop.update(range(start, body_end(start, end)))
             continue
         wanted = devices[device_id]
         if device_id in had and had[device_id].get("secret") == wanted:
@@ -350,11 +374,11 @@ def edit_devices_text(text: str, devices: Mapping[str, str]) -> str | None:
     added = [d for d in devices if d not in have]
     if added:
         if out and not out[-1].endswith("\n"):
-            out[-1] += "\n"
+            out[-1] += nl
         for device_id in added:
             if out and out[-1].strip():
-                out.append("\n")
-            out.append(_table_lines(device_id, devices[device_id]))
+                out.append(nl)
+            out.append(_table_lines(device_id, devices[device_id]).replace("\n", nl))
     result = "".join(out)
     try:
         after = tomllib.loads(result)

@@ -4,6 +4,7 @@ last test, which changes devices through the API all at once."""
 
 from __future__ import annotations
 
+import time
 import tomllib
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from collector.devices import (
     DeviceRegistry,
     DevicesError,
+    DevicesFileError,
     edit_devices,
     edit_devices_text,
     new_devices_text,
@@ -168,9 +170,45 @@ def test_an_edit_holds_exactly_the_devices_wanted_and_keeps_the_rest(text, more,
     for device_id in wanted.keys() & had.keys():  # other keys of a device's table stay
         assert after["devices"][device_id].get("note") == before["devices"][device_id].get("note")
     lined = edit_devices_text(text, wanted)
-    assert lined is None or lined == out
+    assert lined == out  # files as people keep them take the line edits, not tomlkit
+    removed = had.keys() - wanted.keys()
+    for line in text.splitlines():  # every comment stays (those of a removed table's own
+        if line.startswith("#"):  # key lines go with them)
+            assert line in out
+    assert not any(f"[devices.{d}]" in out or f'[devices."{d}"]' in out for d in removed)
     # nothing to change: the same text
     assert edit_devices(text, had) == text
+
+
+def test_comments_after_a_removed_table_stay():
+    text = '[devices.a]\nsecret = "1"\n# about b\n\n# ---- site ----\n\n[other]\nx = 1\n# end\n'
+    out = edit_devices_text(text, {})
+    assert out == "# about b\n\n# ---- site ----\n\n[other]\nx = 1\n# end\n"
+    text = '[other]\nx = 1\n\n[devices.a]\nsecret = "1"  # a\n\n# the end of the file\n'
+    assert edit_devices_text(text, {}) == "[other]\nx = 1\n\n# the end of the file\n"
+
+
+def test_line_separators_that_are_not_newlines_stay_in_their_line():
+    text = '# a comment\u2028with a line separator\n[devices.a]\nsecret = "x\u2028y"\n'
+    out = edit_devices_text(text, {"a": "z", "b": "w"})
+    assert out is not None and out.startswith("# a comment\u2028with a line separator\n")
+
+
+def test_save_keeps_crlf_and_refuses_a_file_left_invalid(tmp_path):
+    path = tmp_path / "devices.toml"
+    path.write_bytes(b'# crlf\r\n[devices.a]\r\nsecret = "1"\r\n')
+    registry = DeviceRegistry.load(path)
+    registry.add("b", "2")
+    registry.save(path)
+    assert (
+        path.read_bytes()
+        == b'# crlf\r\n[devices.a]\r\nsecret = "1"\r\n\r\n[devices.b]\r\nsecret = "2"\r\n'
+    )
+    for broken in (b"[devices.a\n", b"\xff\xfe", b"devices = 5\n"):
+        path.write_bytes(broken)
+        with pytest.raises(DevicesFileError):  # an OSError: a change that cannot be saved is undone
+            registry.save(path)
+        assert path.read_bytes() == broken
 
 
 def test_a_new_file():
@@ -201,3 +239,71 @@ async def test_changes_at_once_through_the_api_are_all_saved(nursery, tmp_path):
     assert saved.keys() == {"greenhouse-1", "pump.3", *secrets}
     assert saved["pump.3"] != "old-3" and all(saved[d] == s for d, s in secrets.items())
     assert path.read_text().startswith(HAND_WRITTEN.split("[devices.greenhouse-2]")[0])
+
+
+async def test_a_reload_never_undoes_a_change_in_flight(nursery, tmp_path, monkeypatch):
+    path = tmp_path / "devices.toml"
+    path.write_text(HAND_WRITTEN)
+    collector, _ = await start_collector(nursery, devices=DeviceRegistry.load(path), http_port=0)
+    collector.devices_file = path
+    read = DeviceRegistry.read
+
+    def slow_read(p):
+        found = read(p)
+        time.sleep(0.3)  # a large file: an API change comes in meanwhile
+        return found
+
+    monkeypatch.setattr(DeviceRegistry, "read", staticmethod(slow_read))
+    answers = {}
+
+    async def change(name, *request):
+        answers[name] = await api(collector, *request)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(collector.reload_async)
+        await trio.sleep(0.05)
+        n.start_soon(change, "add", "POST", "/api/devices", {"id": "new-1"})
+        n.start_soon(change, "rotate", "POST", "/api/devices/pump.3/rotate")
+        n.start_soon(change, "remove", "DELETE", "/api/devices/greenhouse-2")
+    assert {k: v[0] for k, v in answers.items()} == {"add": 201, "rotate": 200, "remove": 200}
+    assert dict(collector.devices) == dict(read(path))
+    assert collector.devices["new-1"] == answers["add"][1]["secret"]
+    assert collector.devices["pump.3"] == answers["rotate"][1]["secret"]
+    assert "greenhouse-2" not in collector.devices
+
+
+async def test_a_change_that_cannot_be_saved_is_undone_and_no_other(nursery, tmp_path, monkeypatch):
+    path = tmp_path / "devices.toml"
+    path.write_text(HAND_WRITTEN)
+    registry = DeviceRegistry.load(path)
+    collector, _ = await start_collector(nursery, devices=registry, http_port=0)
+    collector.devices_file = path
+    save, calls = DeviceRegistry.save, []
+
+    def failing_save(self, p, devices=None):
+        calls.append(sorted(devices or self))
+        if "new-2" in (devices or self):
+            raise OSError(28, "No space left on device")
+        save(self, p, devices)
+
+    monkeypatch.setattr(DeviceRegistry, "save", failing_save)
+    answers = {}
+
+    async def add(name):
+        answers[name] = await api(collector, "POST", "/api/devices", {"id": name})
+
+    async with trio.open_nursery() as n:
+        for name in ("new-1", "new-2", "new-3"):
+            n.start_soon(add, name)
+            await trio.sleep(0.01)
+    assert answers["new-2"][0] == 500 and answers["new-2"][1]["error"]["code"] == "save_failed"
+    assert answers["new-1"][0] == answers["new-3"][0] == 201
+    assert dict(collector.devices) == dict(DeviceRegistry.read(path))
+    assert "new-2" not in collector.devices and {"new-1", "new-3"} <= collector.devices.keys()
+    assert not any("new-2" in c and "new-3" in c for c in calls)  # one change at a time
+    # The file left invalid by hand: a change cannot be saved, so it is not made.
+    monkeypatch.setattr(DeviceRegistry, "save", save)
+    path.write_text(HAND_WRITTEN + "[oops\n")
+    status, body = await api(collector, "POST", "/api/devices/pump.3/rotate")
+    assert (status, body["error"]["code"]) == (500, "save_failed")
+    assert collector.devices["pump.3"] == "old-3"

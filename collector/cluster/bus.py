@@ -1200,14 +1200,14 @@ class ClusterBus:
                             if len(self._seen_requests) > SEEN_REQUESTS:
                                 self._seen_requests.popitem(last=False)
                         with self.app.boundary.guard("task", "cluster request"):
-                            await self._on_request(doc)
+                            self._on_request(doc)
                     except (JsonError, KeyError, TypeError, ValueError) as exc:
                         self.counters["bad_entries"] += 1
                         self.rlog.warning(
                             "bad_request", trio.current_time(), "cluster: a bad request: %s", exc
                         )
 
-    async def _on_request(self, doc: dict[str, Any]) -> None:
+    def _on_request(self, doc: dict[str, Any]) -> None:
         op = doc["op"]
         self.counters[f"requests_{op}"] += 1
         if op == "command":
@@ -1217,8 +1217,8 @@ class ClusterBus:
         elif op == "config":
             self.app.push_config(doc["match"], doc["config"], forward=False)
         elif op == "devices":
-            for line in await self.app.reload_async(None):
-                log.info("cluster: node %s changed the devices: %s", doc.get("from"), line)
+            # read in the background: this task goes on following requests meanwhile
+            self.app.request_devices_reload(f"cluster: node {doc.get('from')}")
         elif op == "resync":
             for device_id in list(self.app.registry.online):
                 s = self.app.registry.online[device_id]
@@ -1305,7 +1305,7 @@ class ClusterBus:
         self._bad_credentials(problems)
         # A change made through the API during the awaits above is in the registry already
         # and owed to Redis: the hash does not hold it yet, so it must not undo it here.
-        await self._apply_credentials(registry.replace(self._with_mine(found)), "joined")
+        self._apply_credentials(registry.replace(self._with_mine(found)), "joined")
 
     async def _credentials_changed(self, c: Any, entries: Sequence[Any]) -> None:
         wanted: list[str] = []
@@ -1337,9 +1337,9 @@ class ClusterBus:
         # changed here while the values were read: this node's change is the newer one
         found = {d: secret for d, secret in found.items() if d not in self._credentials_owed}
         why = f"changed by {', '.join(sorted(origins))}" if origins else "written by this node"
-        await self._apply_credentials(registry.update(found), why)
+        self._apply_credentials(registry.update(found), why)
 
-    async def _apply_credentials(self, diff: Any, why: str) -> None:
+    def _apply_credentials(self, diff: Any, why: str) -> None:
         if not diff:
             return
         self.counters["credentials_applied"] += (
@@ -1350,7 +1350,7 @@ class ClusterBus:
             self.app.revoke(device_id)
         for device_id in diff.removed:
             self.app.forget_alarms(device_id)
-        await self.app.save_devices_cache()
+        self.app.request_devices_cache_save()  # in the background: this task goes on
 
     def _bad_credentials(self, problems: list[str]) -> None:
         for problem in problems:

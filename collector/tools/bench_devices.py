@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     return p
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 class Ticker:
@@ -108,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             doc: Any = kept[0], device: str = device, k: int = k
                         ) -> None:
                             doc["devices"][device]["secret"] = f"rotated-{k}"
-                            path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+                            atomic_write(path, tomlkit.dumps(doc))  # as the collector did
 
                         saved, save_stop = await measure(ticker, save_reference)
                         del save_reference, kept  # the document: not there for the other's GC

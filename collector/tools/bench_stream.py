@@ -264,9 +264,13 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
         work / "devices.toml"
     )  # the senders know them too
     # The dashboard that never reads must stay through its whole phase B: the stall limit
-    # (10 s by default) would close it inside a phase of 10 s. Its queue is bounded either way.
+    # (10 s by default) would close it inside a phase of 10 s, and the ping timeout (it answers
+    # no ping) after 20 s. Its queue is bounded either way.
     stall_limit = max(10.0, args.phase + 5.0)
-    (work / "collector.toml").write_text(f"[stream]\nstall_limit = {stall_limit}\n")
+    (work / "collector.toml").write_text(
+        f"[stream]\nstall_limit = {stall_limit}\nping_interval = {stall_limit}\n"
+        f"ping_timeout = {stall_limit}\n"
+    )
     config_args = ["--config", str(work / "collector.toml")]
     tcp, udp, http = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     me = [sys.executable, "-m", "collector.tools.bench_stream"]
