@@ -725,14 +725,15 @@ class Collector:
         while True:
             await self._devices_wake.wait()
             self._devices_wake = trio.Event()
-            if self._devices_reload_why:
-                why = ", ".join(sorted(self._devices_reload_why))
-                self._devices_reload_why.clear()
-                for line in await self.reload_async(None):
-                    log.info("%s changed the devices: %s", why, line)
-            if self._devices_cache_wanted:
-                self._devices_cache_wanted = False
-                await self.save_devices_cache()
+            with self.boundary.guard("task", "devices file"):  # a bug here costs this round
+                if self._devices_reload_why:
+                    why = ", ".join(sorted(self._devices_reload_why))
+                    self._devices_reload_why.clear()
+                    for line in await self.reload_async(None):
+                        log.info("%s changed the devices: %s", why, line)
+                if self._devices_cache_wanted:
+                    self._devices_cache_wanted = False
+                    await self.save_devices_cache()
 
     async def save_devices_cache(self) -> None:
         """[cluster] shared_devices: keep the devices file as this node's copy of Redis's."""

@@ -108,6 +108,21 @@ def dumps_bytes(value: Any) -> bytes:
     return dumps(value).encode()
 
 
+try:  # 10-15x faster for the stream's rows (the hot path of every dashboard)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a platform without an orjson wheel
+    _orjson = None
+
+
+def dumps_rows(rows: list[Any]) -> str:
+    """A list of readings rows (strings and finite numbers, checked where they entered) as
+    compact JSON: the same value as `dumps`, with orjson when it is installed (it writes a
+    small float in plain decimal, `0.00001` where `json` writes `1e-05`)."""
+    if _orjson is not None:
+        return _orjson.dumps(rows).decode()
+    return dumps(rows)
+
+
 def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
     """Apply the boundary's rules to a value that did not come from JSON text (a TOML table, a
     value built in code): only JSON types, finite numbers, string keys. Raises JsonError."""

@@ -9,7 +9,6 @@ does the fan-out.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 import struct
@@ -18,7 +17,7 @@ from typing import Any, TypeAlias
 
 import attrs
 
-from collector.wire.jsonio import JsonError, dumps, loads_object
+from collector.wire.jsonio import JsonError, dumps, dumps_rows, loads_object
 
 PROTOCOL_VERSION = 1
 MAX_PATTERNS = 64
@@ -217,9 +216,7 @@ def hello_message(
 
 def encode_rows(rows: Iterable[Row]) -> str:
     """Rows as the inside of a JSON array: `["d","m",t,v],["d","m",t,v]`."""
-    return json.dumps(
-        rows if isinstance(rows, list) else list(rows), separators=(",", ":"), allow_nan=False
-    )[1:-1]
+    return dumps_rows(rows if isinstance(rows, list) else list(rows))[1:-1]
 
 
 def readings_text(fragments: Iterable[str], seq: int) -> str:
