@@ -37,6 +37,7 @@ from collector.tools.common import (
     mosquitto,
     mosquitto_path,
     proc_stat,
+    read_stream,
     scrape,
     start_redis,
     wait_for_tcp,
@@ -94,50 +95,20 @@ async def _dashboards(args: argparse.Namespace) -> None:
     missed = {"total": 0}
     marks: dict[str, float] = {}
 
-    async def dashboard(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # wsproto on a plain trio stream, every message of a read at once, like the MQTT
-        # subscribers below: trio-websocket's task and channel per message would make this
-        # process, not the collector, what limits the latency measured.
-        from wsproto import ConnectionType, WSConnection
-        from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+    def on_message(now: float, msg: dict[str, Any]) -> None:
+        if msg["type"] == "readings":
+            name = phase["name"]
+            if name in latencies:
+                lat = latencies[name]
+                for row in msg["readings"]:
+                    if row[1] == "sent_at":
+                        lat.append(now - row[3])
+                received[name] += len(msg["readings"])
+        elif msg["type"] == "missed":
+            missed["total"] += msg["count"]
 
-        stream = await trio.open_tcp_stream("127.0.0.1", args.http_port)
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="bench", target="/stream")))
-        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-            ws.receive_data(await stream.receive_some(65536))
-        await stream.send_all(
-            ws.send(TextMessage(data=json.dumps({"type": "subscribe", "history": 0})))
-        )
-        task_status.started()
-        parts: list[str] = []
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            now = time.time()
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, Ping):
-                    await stream.send_all(ws.send(event.response()))
-                    continue
-                if not isinstance(event, TextMessage):
-                    continue
-                parts.append(event.data)
-                if not event.message_finished:
-                    continue
-                msg = json.loads("".join(parts))
-                parts.clear()
-                if msg["type"] == "readings":
-                    name = phase["name"]
-                    if name in latencies:
-                        lat = latencies[name]
-                        for row in msg["readings"]:
-                            if row[1] == "sent_at":
-                                lat.append(now - row[3])
-                        received[name] += len(msg["readings"])
-                elif msg["type"] == "missed":
-                    missed["total"] += msg["count"]
+    async def dashboard(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await read_stream(args.http_port, on_message, task_status)
 
     async def stalled(scope: trio.CancelScope) -> None:
         # A dashboard that subscribes to everything and then never reads again; it leaves

@@ -11,8 +11,9 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -125,3 +126,52 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     )  # fmt: skip
     wait_for_tcp(port)
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+async def read_stream(
+    port: int,
+    on_message: Callable[[float, dict[str, Any]], None],
+    task_status: Any = None,
+    subscribe: dict[str, Any] | None = None,
+) -> None:
+    """A dashboard for the benchmarks: subscribe on ws://127.0.0.1:`port`/stream, then call
+    `on_message(received_at, message)` for every message until the collector closes.
+
+    wsproto on a plain trio stream, every message of a read handled at once, as the MQTT
+    subscribers of the benchmarks do: trio-websocket's task switch and channel per message
+    would make this process, not the collector, what limits the latency measured. Pings are
+    answered."""
+    import json
+
+    import trio
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="bench", target="/stream")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await stream.receive_some(65536))
+    sub = subscribe if subscribe is not None else {"type": "subscribe", "history": 0}
+    await stream.send_all(ws.send(TextMessage(data=json.dumps(sub))))
+    if task_status is not None:
+        task_status.started()
+    parts: list[str] = []
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        now = time.time()
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, Ping):
+                await stream.send_all(ws.send(event.response()))
+                continue
+            if not isinstance(event, TextMessage):
+                continue
+            parts.append(event.data)
+            if not event.message_finished:
+                continue
+            message = json.loads("".join(parts))
+            parts.clear()
+            on_message(now, message)

@@ -242,28 +242,24 @@ def sender_main(args: argparse.Namespace) -> None:
 
 def dashboards_main(args: argparse.Namespace) -> None:
     import trio
-    from trio_websocket import open_websocket_url
+
+    from collector.tools.common import read_stream
 
     hists: dict[int, list[int]] = {}
 
+    def on_message(now: float, msg: dict[str, Any]) -> None:
+        if msg["type"] != "readings":
+            return
+        sec = int(now)
+        hist = hists.get(sec)
+        if hist is None:
+            hist = hists[sec] = [0] * (len(EDGES) + 1)
+        for row in msg["readings"]:
+            if row[1] == "sent_at":
+                hist[bisect.bisect_left(EDGES, now - row[3])] += 1
+
     async def one(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_websocket_url(
-            f"ws://127.0.0.1:{args.port}/stream", message_queue_size=4096
-        ) as ws:
-            await ws.send_message(json.dumps({"type": "subscribe", "history": 0}))
-            task_status.started()
-            while True:
-                text = await ws.get_message()
-                if not text.startswith('{"type":"readings"'):
-                    continue
-                now = time.time()
-                sec = int(now)
-                hist = hists.get(sec)
-                if hist is None:
-                    hist = hists[sec] = [0] * (len(EDGES) + 1)
-                for row in json.loads(text)["readings"]:
-                    if row[1] == "sent_at":
-                        hist[bisect.bisect_left(EDGES, now - row[3])] += 1
+        await read_stream(args.port, on_message, task_status)
 
     def dump() -> None:
         Path(args.out).write_text(json.dumps({str(k): v for k, v in hists.items()}))
