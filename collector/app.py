@@ -608,11 +608,20 @@ class Collector:
     def _shared_devices(self) -> bool:
         return self.cluster is not None and self.cluster.shared_devices
 
-    async def _save_devices_file(self) -> None:
+    async def _save_devices_file(self, device_id: str | None = None) -> None:
+        """Save one device's change (`device_id`: what the registry holds for it now, or its
+        removal) on top of what the file holds; with None, the whole registry (the cache of
+        shared devices)."""
         if self.devices_file is None:
             return
         registry = self._devices_registry()
-        await trio.to_thread.run_sync(registry.save, self.devices_file, registry.snapshot())
+        if device_id is None:
+            await trio.to_thread.run_sync(registry.save, self.devices_file, registry.snapshot())
+        else:
+            change = {device_id: registry.get(device_id)}
+            await trio.to_thread.run_sync(
+                functools.partial(registry.save, self.devices_file, changes=change)
+            )
 
     async def add_device(self, device_id: str) -> str:
         """A new device with a generated secret (saved to the devices file); returns the secret."""
@@ -627,8 +636,8 @@ class Collector:
             with trio.CancelScope(shield=True):
                 secret = registry.add(device_id)
                 try:
-                    await self._save_devices_file()
-                except OSError:
+                    await self._save_devices_file(device_id)
+                except BaseException:  # not saved: not made (nothing else changed meanwhile)
                     registry.remove(device_id)
                     raise
                 log.info("device %s added", device_id)
@@ -650,8 +659,8 @@ class Collector:
                 secret = registry[device_id] if device_id in registry else None
                 registry.remove(device_id)
                 try:
-                    await self._save_devices_file()
-                except OSError:
+                    await self._save_devices_file(device_id)
+                except BaseException:
                     registry.add(device_id, secret)
                     raise
                 log.info("device %s removed", device_id)
@@ -680,8 +689,8 @@ class Collector:
                 old = registry[device_id] if device_id in registry else None
                 secret = registry.rotate(device_id)
                 try:
-                    await self._save_devices_file()
-                except OSError:
+                    await self._save_devices_file(device_id)
+                except BaseException:
                     if old is not None:
                         registry.update({device_id: old})
                     raise

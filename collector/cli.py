@@ -371,7 +371,10 @@ def _devices(args: argparse.Namespace) -> int:
     else:
         registry.remove(args.device_id)
         secret = None
-    registry.save(args.devices)
+    try:  # only this change, on top of what the file holds by now (a collector may save too)
+        registry.save(args.devices, changes={args.device_id: secret})
+    except OSError as exc:
+        raise options.UserError(f"could not save {args.devices}: {exc}") from None
     verb = {"add": "added device", "remove": "removed device", "rotate": "new secret for device"}[
         action
     ]
@@ -459,7 +462,9 @@ def _devices_api(args: argparse.Namespace, action: str) -> int:
 
         context = client_context(args.ca)
     try:
-        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+        # A change is saved before it is answered: at 100,000 devices that is seconds, and
+        # changes are saved one at a time.
+        with urllib.request.urlopen(req, timeout=120, context=context) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:

@@ -280,11 +280,11 @@ async def test_a_change_that_cannot_be_saved_is_undone_and_no_other(nursery, tmp
     collector.devices_file = path
     save, calls = DeviceRegistry.save, []
 
-    def failing_save(self, p, devices=None):
-        calls.append(sorted(devices or self))
-        if "new-2" in (devices or self):
+    def failing_save(self, p, devices=None, *, changes=None):
+        calls.append(sorted(changes or devices or self))
+        if "new-2" in (changes or devices or self):
             raise OSError(28, "No space left on device")
-        save(self, p, devices)
+        save(self, p, devices, changes=changes)
 
     monkeypatch.setattr(DeviceRegistry, "save", failing_save)
     answers = {}
@@ -307,3 +307,18 @@ async def test_a_change_that_cannot_be_saved_is_undone_and_no_other(nursery, tmp
     status, body = await api(collector, "POST", "/api/devices/pump.3/rotate")
     assert (status, body["error"]["code"]) == (500, "save_failed")
     assert collector.devices["pump.3"] == "old-3"
+
+
+def test_a_change_keeps_what_another_process_wrote_meanwhile(tmp_path):
+    path = tmp_path / "devices.toml"
+    path.write_text(HAND_WRITTEN)
+    server = DeviceRegistry.load(path)
+    other = DeviceRegistry.load(path)  # `collector devices add --devices FILE`, say
+    other.add("from-the-cli", "s1")
+    other.save(path)
+    server.rotate("pump.3")
+    server.save(path, changes={"pump.3": server["pump.3"]})
+    server.remove("greenhouse-2")
+    server.save(path, changes={"greenhouse-2": None})
+    saved = DeviceRegistry.read(path)
+    assert saved == {"greenhouse-1": "old-1", "pump.3": server["pump.3"], "from-the-cli": "s1"}

@@ -10,7 +10,8 @@ reference  what the collector did until 2026-12-04: the file parsed with tomlkit
            loop (the document kept, to keep the operator's comments), and a change saved on the
            loop by editing that document and dumping it;
 collector  the file read with tomllib, nothing kept but the secrets, and a change saved by line
-           edits checked by a parse of the result, in a worker thread (DeviceRegistry.save).
+           edits checked by a parse of the result, in a worker thread, as the collector saves an
+           API change (DeviceRegistry.save with `changes`: the one change, on the file as it is).
 
 Each change is a new secret for one device. It prints the median time and longest loop stop of
 each over --rounds, taking turns, and their ratios.
@@ -19,6 +20,7 @@ each over --rounds, taking turns, and their ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -129,9 +131,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         reg = DeviceRegistry.load(path)
                         reg.update({device: f"rotated-{k}"})
+                        # as the collector saves an API change: this one, on the file as it is
+                        save = functools.partial(reg.save, path, changes={device: f"rotated-{k}"})
                         saved, save_stop = await measure(
-                            ticker,
-                            lambda reg=reg: trio.to_thread.run_sync(reg.save, path, reg.snapshot()),
+                            ticker, lambda save=save: trio.to_thread.run_sync(save)
                         )
                     assert DeviceRegistry.read(path)[device] == f"rotated-{k}"
                     reg = None

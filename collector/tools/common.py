@@ -135,7 +135,8 @@ async def read_stream(
     subscribe: dict[str, Any] | None = None,
 ) -> None:
     """A dashboard for the benchmarks: subscribe on ws://127.0.0.1:`port`/stream, then call
-    `on_message(received_at, message)` for every message until the collector closes.
+    `on_message(received_at, message)` for every message. It runs until cancelled; the
+    collector closing the stream, or refusing it, is an error (RuntimeError).
 
     wsproto on a plain trio stream, every message of a read handled at once, as the MQTT
     subscribers of the benchmarks do: trio-websocket's task switch and channel per message
@@ -145,13 +146,28 @@ async def read_stream(
 
     import trio
     from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+    from wsproto.events import (
+        AcceptConnection,
+        CloseConnection,
+        Ping,
+        RejectConnection,
+        Request,
+        TextMessage,
+    )
 
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     ws = WSConnection(ConnectionType.CLIENT)
     await stream.send_all(ws.send(Request(host="bench", target="/stream")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        ws.receive_data(await stream.receive_some(65536))
+    accepted = False
+    while not accepted:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise RuntimeError("the collector closed the connection during the handshake")
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, RejectConnection):
+                raise RuntimeError(f"the collector refused the stream: HTTP {event.status_code}")
+            accepted = accepted or isinstance(event, AcceptConnection)
     sub = subscribe if subscribe is not None else {"type": "subscribe", "history": 0}
     await stream.send_all(ws.send(TextMessage(data=json.dumps(sub))))
     if task_status is not None:
@@ -159,11 +175,13 @@ async def read_stream(
     parts: list[str] = []
     while True:
         data = await stream.receive_some(65536)
-        if not data:
-            return
+        if not data:  # a measuring dashboard that stops quietly would bias what it measures
+            raise RuntimeError("the collector closed the stream without a close frame")
         now = time.time()
         ws.receive_data(data)
         for event in ws.events():
+            if isinstance(event, CloseConnection):
+                raise RuntimeError(f"the collector closed the stream: {event.code} {event.reason}")
             if isinstance(event, Ping):
                 await stream.send_all(ws.send(event.response()))
                 continue

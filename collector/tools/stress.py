@@ -509,6 +509,10 @@ def run_step(
     accepted = (
         after["collector_datagrams_accepted_total"] - before["collector_datagrams_accepted_total"]
     )
+    # Loss from readings, not datagrams: the senders' keep-alive heartbeats (between steps,
+    # inside the scrapes' window) are accepted datagrams but carry no reading.
+    readings = after["collector_readings_total"] - before["collector_readings_total"]
+    per_datagram = 2  # step_datagrams: `sent_at` and `value`
     lost = after["collector_device_lost_total"] - before["collector_device_lost_total"]
     kernel = after.get("collector_udp_kernel_drops_total", 0) - before.get(
         "collector_udp_kernel_drops_total", 0
@@ -524,7 +528,8 @@ def run_step(
         "sent": sent,
         "accepted": accepted,
         "accepted_rate": accepted / args.step_seconds,
-        "loss": max(0.0, 1 - accepted / sent) if sent else 0.0,
+        "readings_accepted": readings,
+        "loss": max(0.0, 1 - readings / (sent * per_datagram)) if sent else 0.0,
         "app_lost": lost,
         "kernel_drops": kernel,
         "rcvbuf_errors": rcvbuf_errors() - drops_before,
