@@ -723,8 +723,12 @@ async def test_mqtt_subscriber_gets_every_reading_across_a_broker_restart(
                 if topic == "collector/dev-1/t" and (doc := json.loads(payload))
             }
 
+        # The subscriber may get a reading before the output has the broker's PUBACK for it:
+        # wait for both.
         with trio.move_on_after(60):
-            while not recorded <= received():  # noqa: ASYNC110 (paho's thread delivers)
+            while not (  # noqa: ASYNC110 (paho's threads deliver and acknowledge)
+                recorded <= received() and output.status()["acknowledged"] >= 300
+            ):
                 await trio.sleep(0.2)
         assert recorded <= received()
         assert all(topic in ("collector/dev-1/t", "collector/dev-1/events") for topic, _ in sub.got)
