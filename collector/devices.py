@@ -23,7 +23,6 @@ whose document took about 370 MB (docs/PERFORMANCE.md, "The devices file at flee
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -36,6 +35,11 @@ from typing import Any
 
 import attrs
 import tomlkit
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: no lock among processes
+    fcntl = None  # type: ignore[assignment]
 import tomlkit.exceptions
 
 from collector.wire.datagram import DEVICE_ID_RE
@@ -259,7 +263,8 @@ def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # and with it the lock
