@@ -485,10 +485,10 @@ class Collector:
     async def reload_async(self, config: Config | None = None) -> list[str]:
         """`reload`, with the devices file read in a worker thread: the event loop (and so
         every session's deadline) goes on while a large file is parsed."""
-        found: dict[str, str] | str | None = None  # a str: why the file was not taken
         if not self._reloads_devices_file():
             return self._reload(config, None)
         assert self.devices_file is not None
+        found: dict[str, str] | str  # a str: why the file was not taken
         async with self._devices_lock:  # no change is in flight, none begins meanwhile
             try:
                 found = await trio.to_thread.run_sync(DeviceRegistry.read, self.devices_file)
@@ -498,14 +498,14 @@ class Collector:
 
     def _reloads_devices_file(self) -> bool:
         return (
-            not (self.cluster is not None and self.cluster.shared_devices)
+            not self._shared_devices()
             and self.devices_file is not None
             and isinstance(self.devices, DeviceRegistry)
         )
 
     def _reload(self, config: Config | None, found: dict[str, str] | str | None) -> list[str]:
         changed: list[str] = []
-        if self.cluster is not None and self.cluster.shared_devices:
+        if self._shared_devices():
             log.info("reload: the devices are shared on Redis; the devices file is only a cache")
         elif self._reloads_devices_file():
             assert isinstance(self.devices, DeviceRegistry) and self.devices_file is not None

@@ -244,17 +244,23 @@ class DeviceRegistry(Mapping[str, str]):
                 raise DevicesFileError(f"{path}: not valid TOML: {exc}; not saved") from None
             except DevicesError as exc:
                 raise DevicesFileError(f"{path}: {exc}; not saved") from None
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_private(path, text)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace the file with `text` atomically (a temporary file beside it, fsync, rename),
+    mode 0600, line ends as they are in `text`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

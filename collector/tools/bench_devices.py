@@ -23,7 +23,6 @@ import argparse
 import functools
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import tomlkit
 import trio
 
-from collector.devices import DeviceRegistry
+from collector.devices import DeviceRegistry, write_private
 from collector.tools import options
 
 
@@ -49,16 +48,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     return p
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 class Ticker:
@@ -121,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             doc: Any = kept[0], device: str = device, k: int = k
                         ) -> None:
                             doc["devices"][device]["secret"] = f"rotated-{k}"
-                            atomic_write(path, tomlkit.dumps(doc))  # as the collector did
+                            write_private(path, tomlkit.dumps(doc))  # as the collector did
 
                         saved, save_stop = await measure(ticker, save_reference)
                         del save_reference, kept  # the document: not there for the other's GC

@@ -86,6 +86,21 @@ def at_least(n: int) -> Callable[[str], int]:
     return check
 
 
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from `low` to `high`."""
+
+    def check(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number of seconds, not {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"from {low:g} to {high:g} seconds, not {v:g}")
+        return v
+
+    return check
+
+
 def share(text: str) -> float:
     try:
         v = float(text)

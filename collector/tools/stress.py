@@ -57,6 +57,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from collector.tools import options
 from collector.tools.common import free_port, proc_stat, rcvbuf_errors, scrape, wait_for_tcp
 
 HERE = Path(__file__).resolve()
@@ -284,16 +285,6 @@ def dashboards_main(args: argparse.Namespace) -> None:
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def _freeze_pause(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of seconds, not {text!r}") from None
-    if not 0 <= v <= 60:
-        raise argparse.ArgumentTypeError(f"from 0 to 60 seconds, not {v:g}")
-    return v
-
-
 def build_parser(prog: str = "collector stress") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -325,7 +316,7 @@ def build_parser(prog: str = "collector stress") -> argparse.ArgumentParser:
                         "gets it as [sessions] heartbeat_interval, with a timeout of 3 times it (default 1)")  # fmt: skip
     p.add_argument("--max-rss-mb", type=float, default=None,
                    help="--sessions-test: fail above this collector RSS (default 300 up to 10,000 sensors, else 1536)")  # fmt: skip
-    p.add_argument("--gc-freeze-pause", type=_freeze_pause, default=0.0, metavar="S",
+    p.add_argument("--gc-freeze-pause", type=options.seconds_in(0, 60), default=0.0, metavar="S",
                    help="the collector's [server] gc_freeze_pause (default 0: off, as the collector's own)")  # fmt: skip
     p.add_argument("--out", default="stress-report", help="directory for report.json and knee.png")
     p.add_argument("--role", help=argparse.SUPPRESS)
