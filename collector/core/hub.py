@@ -939,7 +939,8 @@ class StreamHub:
                 sub.send_started = None
                 sub.unsent -= 1
                 sub.messages_sent += 1
-                sub.bytes_sent += len(text)
+                # UTF-8 bytes of the payload (isascii is a flag: free for the usual rows)
+                sub.bytes_sent += len(text) if text.isascii() else len(text.encode())
             if sub.closing is not None:
                 raise _Closed(*sub.closing)
 
