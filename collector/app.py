@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -731,9 +732,13 @@ class Collector:
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
+        retry_at, backoff = math.inf, 1.0  # a cache save that failed is tried again then
         while True:
-            await self._devices_wake.wait()
+            with trio.move_on_at(retry_at):
+                await self._devices_wake.wait()
             self._devices_wake = trio.Event()
+            if trio.current_time() >= retry_at:
+                self._devices_cache_wanted = True
             with self.boundary.guard("task", "devices file"):  # a bug here costs this round
                 if self._devices_reload_why:
                     why = ", ".join(sorted(self._devices_reload_why))
@@ -742,15 +747,29 @@ class Collector:
                         log.info("%s changed the devices: %s", why, line)
                 if self._devices_cache_wanted:
                     self._devices_cache_wanted = False
-                    await self.save_devices_cache()
+                    if await self.save_devices_cache(retry_in=backoff):
+                        retry_at, backoff = math.inf, 1.0
+                    else:
+                        retry_at, backoff = trio.current_time() + backoff, min(backoff * 2, 60.0)
 
-    async def save_devices_cache(self) -> None:
-        """[cluster] shared_devices: keep the devices file as this node's copy of Redis's."""
+    async def save_devices_cache(self, *, retry_in: float | None = None) -> bool:
+        """[cluster] shared_devices: keep the devices file as this node's copy of Redis's.
+        Returns whether it was saved; a failure is logged (and tried again `retry_in`
+        seconds later, by the background task, or sooner with the next change)."""
         try:
             async with self._devices_lock:
                 await self._save_devices_file()
         except OSError as exc:
-            log.error("could not save the devices file %s: %s", self.devices_file, exc)
+            if self.cluster is not None:
+                self.cluster.counters["devices_cache_save_failures"] += 1
+            log.error(
+                "could not save the devices file %s: %s%s",
+                self.devices_file,
+                exc,
+                "" if retry_in is None else f"; trying again in {retry_in:g}s",
+            )
+            return False
+        return True
 
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:

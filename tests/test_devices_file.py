@@ -4,6 +4,7 @@ last test, which changes devices through the API all at once."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import tomllib
 
@@ -307,6 +308,34 @@ async def test_a_change_that_cannot_be_saved_is_undone_and_no_other(nursery, tmp
     status, body = await api(collector, "POST", "/api/devices/pump.3/rotate")
     assert (status, body["error"]["code"]) == (500, "save_failed")
     assert collector.devices["pump.3"] == "old-3"
+
+
+async def test_a_cache_save_that_fails_is_tried_again(nursery, autojump_clock, tmp_path, caplog):
+    """[cluster] shared_devices keeps the devices file as a copy saved in the background: a
+    save that fails is tried again after 1, 2, 4 ... s (at most 60), not only at the next
+    change."""
+    path = tmp_path / "devices.toml"
+    path.write_text(HAND_WRITTEN)
+    registry = DeviceRegistry.load(path)
+    collector, _ = await start_collector(nursery, devices=registry, http_port=0)
+    collector.devices_file = path
+    save, tries, saved = collector._save_devices_file, [], trio.Event()
+
+    async def full_disk_at_first(device_id=None):
+        tries.append(trio.current_time())
+        if len(tries) <= 3:
+            raise OSError(28, "No space left on device")
+        await save(device_id)
+        saved.set()
+
+    collector._save_devices_file = full_disk_at_first
+    collector.devices.add("new-1")  # as a shared change is made: in memory at once, the file later
+    collector.request_devices_cache_save()
+    await saved.wait()  # no deadline: the clock jumps while the save's thread runs
+    await trio.sleep(60)
+    assert [b - a for a, b in itertools.pairwise(tries)] == pytest.approx([1, 2, 4], abs=0.01)
+    assert "new-1" in DeviceRegistry.read(path)
+    assert "No space left on device; trying again in 4s" in caplog.text
 
 
 def test_a_change_keeps_what_another_process_wrote_meanwhile(tmp_path):

@@ -477,6 +477,10 @@ def cluster_metrics(c: Mapping[str, Any], counter: Any, gauge: Any) -> Iterator[
         ("requests_duplicate", "Requests from other nodes received twice and run once."),
         ("credentials_written", "Changes to the shared devices this node wrote to Redis."),
         ("credentials_applied", "Changes to the shared devices this node took from Redis."),
+        (
+            "devices_cache_save_failures",
+            "Saves of the devices file (the shared devices' local copy) that failed.",
+        ),
     ):
         yield counter(f"cluster_{key}", doc, c.get(key, 0))
 
