@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -270,6 +271,46 @@ async def test_bad_stream_messages_get_an_error_and_the_stream_goes_on(
         await ws.send_message(json.dumps({"type": "ping", "id": 5}))
         assert (await next_of(ws, "pong"))["id"] == 5
     assert collector.hub.errors[code] == 1
+
+
+async def test_bytes_sent_counts_utf8_bytes(nursery, autojump_clock):
+    """A subscriber's `bytes_sent` is the UTF-8 size of what it was sent, not its characters:
+    the stream's rows keep non-ASCII text (a string reading) as it is."""
+    collector, _ = await start(nursery)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        got = [await ws.get_message()]  # hello
+        await ws.send_message(json.dumps({"type": "subscribe", "history": 0}))
+        await trio.sleep(0.5)
+        collector.hub.on_telemetry([Telemetry(1.0, "dev-1", 1, 0, (Reading("note", "café ☕"),))])
+        while "café" not in got[-1]:
+            got.append(await ws.get_message())
+        [sub] = collector.hub.statistics()["per_subscriber"]
+        assert sub["bytes_sent"] == sum(len(m.encode()) for m in got) > sum(map(len, got))
+
+
+async def test_the_benchmarks_dashboard_decodes_only_the_types_it_is_asked_for(
+    nursery, autojump_clock
+):
+    """The benchmarks' dashboard (tools.common.read_stream) with `only`: the stats and
+    heartbeats the collector sends each second are skipped undecoded, readings are not."""
+    from collector.tools.common import read_stream
+
+    collector, _ = await start(nursery, stream_heartbeat=0.5)
+    seen, everything = [], []
+    port = collector.http_address[1]
+    await nursery.start(
+        functools.partial(read_stream, only=("readings",)),
+        port,
+        lambda _, m: seen.append(m["type"]),
+    )
+    await nursery.start(read_stream, port, lambda _, m: everything.append(m["type"]))
+    for k in range(5):
+        await trio.sleep(0.5)
+        collector.hub.on_telemetry([Telemetry(1.0, "dev-1", k, 0, (Reading("x", float(k)),))])
+    await trio.sleep(1)
+    assert seen and set(seen) == {"readings"}
+    assert {"hello", "snapshot", "readings", "heartbeat"} <= set(everything)
+    assert seen.count("readings") == everything.count("readings")
 
 
 async def test_oversized_client_message_closes_with_1009(nursery, autojump_clock):

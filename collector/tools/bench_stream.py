@@ -108,7 +108,7 @@ async def _dashboards(args: argparse.Namespace) -> None:
             missed["total"] += msg["count"]
 
     async def dashboard(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await read_stream(args.http_port, on_message, task_status)
+        await read_stream(args.http_port, on_message, task_status, only=("readings", "missed"))
 
     async def stalled(scope: trio.CancelScope) -> None:
         # A dashboard that subscribes to everything and then never reads again; it leaves

@@ -260,7 +260,7 @@ def dashboards_main(args: argparse.Namespace) -> None:
                 hist[bisect.bisect_left(EDGES, now - row[3])] += 1
 
     async def one(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        await read_stream(args.port, on_message, task_status)
+        await read_stream(args.port, on_message, task_status, only=("readings",))
 
     def dump() -> None:
         Path(args.out).write_text(json.dumps({str(k): v for k, v in hists.items()}))
