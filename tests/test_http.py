@@ -288,29 +288,129 @@ async def test_bytes_sent_counts_utf8_bytes(nursery, autojump_clock):
         assert sub["bytes_sent"] == sum(len(m.encode()) for m in got) > sum(map(len, got))
 
 
-async def test_the_benchmarks_dashboard_decodes_only_the_types_it_is_asked_for(
+async def test_the_benchmarks_dashboard_reads_frames_of_every_size_and_answers_pings(
     nursery, autojump_clock
 ):
-    """The benchmarks' dashboard (tools.common.read_stream) with `only`: the stats and
-    heartbeats the collector sends each second are skipped undecoded, readings are not."""
+    """The benchmarks' dashboard (tools.common.read_stream) reads the server's frames by hand:
+    lengths in 7, 16 and 64 bits, pings answered (else the collector closes it for a ping
+    timeout, an error there). With `only`, the stats and heartbeats are skipped undecoded."""
     from collector.tools.common import read_stream
 
-    collector, _ = await start(nursery, stream_heartbeat=0.5)
+    collector, _ = await start(
+        nursery, stream_heartbeat=0.5, stream_ping_interval=0.3, stream_ping_timeout=1
+    )
     seen, everything = [], []
     port = collector.http_address[1]
     await nursery.start(
         functools.partial(read_stream, only=("readings",)),
         port,
-        lambda _, m: seen.append(m["type"]),
+        lambda _, m: seen.append((m["type"], len(m.get("readings", ())))),
     )
     await nursery.start(read_stream, port, lambda _, m: everything.append(m["type"]))
-    for k in range(5):
+    for k, size in enumerate((1, 20, 1500, 1, 2000)):  # messages of 60 B, 1 kB, 80 kB, ...
         await trio.sleep(0.5)
-        collector.hub.on_telemetry([Telemetry(1.0, "dev-1", k, 0, (Reading("x", float(k)),))])
-    await trio.sleep(1)
-    assert seen and set(seen) == {"readings"}
-    assert {"hello", "snapshot", "readings", "heartbeat"} <= set(everything)
-    assert seen.count("readings") == everything.count("readings")
+        metric = "a-long-metric-name-" * 2
+        batch = [Telemetry(1.0, f"d{i}", k, 0, (Reading(metric, 1.5),)) for i in range(size)]
+        collector.hub.on_telemetry(batch)
+    await trio.sleep(3)  # pinged ten times meanwhile
+    assert seen == [("readings", n) for n in (1, 20, 1500, 1, 2000)]
+    assert {"snapshot", "readings", "heartbeat"} <= set(everything)  # all after the hello
+    assert everything.count("readings") == 5
+    assert collector.hub.closed_by_reason == {}
+
+
+async def test_a_slow_dashboard_gets_every_frame_whole_and_in_order(nursery, monkeypatch):
+    """The hub writes for idle senders, a frame the socket takes only in part is finished
+    before anything else, and pings go between frames, never inside one: a client with a
+    small buffer that reads slowly, pinged every 5 ms, gets valid frames numbered 1, 2, 3..."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+
+    from collector.servers.http import PrefixedStream
+
+    offer, in_part = PrefixedStream.offer, []
+
+    def spy(self, data):
+        taken = offer(self, data)
+        in_part.append(self.tail is not None)
+        return taken
+
+    monkeypatch.setattr(PrefixedStream, "offer", spy)
+    collector, _ = await start(nursery, stream_ping_interval=0.005, stream_queue=100_000)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", collector.http_address[1]))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await sock.send(ws.send(Request(host="test", target="/stream")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await sock.recv(4096))
+    await sock.send(ws.send(TextMessage(data=json.dumps({"type": "subscribe", "history": 0}))))
+    seqs, types, values, pings, parts = [], [], [], 0, []
+    sent, per_batch = 8000, 400  # messages of about 20 kB, beyond what the socket holds
+
+    async def receive():
+        nonlocal pings
+        data = await sock.recv(4096)
+        assert data
+        ws.receive_data(data)  # a frame broken into by another would fail here
+        for event in ws.events():
+            if isinstance(event, Ping):
+                pings += 1
+                await sock.send(ws.send(event.response()))
+            elif isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    msg = json.loads("".join(parts))
+                    parts.clear()
+                    seqs.append(msg["seq"])
+                    types.append(msg["type"])
+                    if msg["type"] == "readings":
+                        values.extend(row[3] for row in msg["readings"])
+
+    async def feed():
+        for b in range(sent // per_batch):
+            batch = [
+                Telemetry(1.0, "dev-1", k, 0, (Reading(f"m{k % 50}", float(k)),))
+                for k in range(b * per_batch, (b + 1) * per_batch)
+            ]
+            collector.hub.on_telemetry(batch)
+            await trio.sleep(0.001)
+
+    with trio.fail_after(60):
+        while "snapshot" not in types:  # subscribed: every reading from now on is for it
+            await receive()
+        nursery.start_soon(feed)
+        while len(values) < sent:
+            await receive()
+            await trio.sleep(0.005)
+    sock.close()
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert values == [float(i) for i in range(sent)]  # none missed, none twice, in order
+    assert pings >= 1 and any(in_part)  # pinged, and frames the socket took in part
+    stats = collector.hub.statistics()
+    assert 0 < stats["messages_direct"] < stats["messages_sent"]  # some waited for the socket
+
+
+async def test_what_is_left_of_a_frame_goes_before_anything_else():
+    """PrefixedStream.offer writes what the socket takes; the rest of that frame is written
+    before any other write (a pong, a close, the next frame), so none breaks into it."""
+    from collector.servers.http import PrefixedStream
+
+    ours, peer = trio.socket.socketpair()
+    ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    stream = PrefixedStream(trio.SocketStream(ours), b"")
+    frame = bytes(range(256)) * 1000
+    assert stream.offer(frame) and stream.tail is not None  # taken in part
+    assert not stream.offer(b"next")  # nothing goes after a pending tail
+    got = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, b"PONG")
+            while len(got) < len(frame) + 4:
+                got += await peer.recv(65536)
+    assert bytes(got) == frame + b"PONG" and stream.tail is None
+    assert stream.offer(b"more")
+    assert await peer.recv(100) == b"more"
 
 
 async def test_oversized_client_message_closes_with_1009(nursery, autojump_clock):

@@ -5,7 +5,10 @@ Ingest calls `on_telemetry` / `on_event` synchronously. For each subscriber the 
 a bounded queue and sets its wake-up event; nothing here awaits. Each subscriber has its own
 sender task that drains everything queued as few messages as possible (one `readings` message
 per wake-up, however many readings), so batches grow with load and latency stays minimal at low
-load.
+load. While a subscriber's sender is idle and its socket has room, one task of the hub writes
+its messages for it instead (`_write_or_wake`): one task switch for all dashboards rather than
+one each, and the sender wakes only for what must wait (a full socket, a new subscription, a
+close).
 
 When a subscriber's queue is full it coalesces: from then on only the latest reading per series
 is kept, and every reading replaced that way is counted and reported to the client in a
@@ -54,6 +57,30 @@ SNAPSHOT_POINTS = 200_000
 RATE_WINDOW = 5.0  # seconds over which a device's datagram rate is measured
 SNAPSHOT_DEVICES_PER_MESSAGE = 50
 RECENT_COMMANDS = 10
+
+
+class DirectWriter(Protocol):
+    """Sends a dashboard's text messages (collector.servers.http.StreamWriter)."""
+
+    async def send_text(self, text: str) -> None:
+        """Send one message, waiting as long as the socket needs."""
+
+    @property
+    def can_offer(self) -> bool:
+        """`offer` can write at all (not on TLS, where every write goes through the TLS
+        layer's task)."""
+
+    def offer(self, text: str) -> bool:
+        """Write one message now if the socket takes it; False if not a byte of it was
+        written. Part of a frame the socket did not take is kept, and written before
+        anything else (`flush`)."""
+
+    @property
+    def pending(self) -> bool:
+        """Part of a frame `offer` began is still to be written."""
+
+    async def flush(self) -> None:
+        """Write what is left of a frame `offer` began."""
 
 
 @attrs.frozen(kw_only=True)
@@ -182,6 +209,13 @@ class Subscriber:
     #: a subscribe not acted on yet: the sender builds its snapshot when it next runs, so a
     #: client that sends subscribe after subscribe without reading costs one snapshot, not many
     pending_subscription: Subscription | None = None
+    #: writes frames without waiting, so the hub can send for an idle sender (None: none can,
+    #: as on TLS, and the sender task sends everything)
+    writer: DirectWriter | None = None
+    parked: bool = False  # the sender task waits for `wake` with nothing in hand
+    #: messages the hub took for the sender but could not write: it sends them first (after
+    #: the rest of a frame the socket took only in part, which the writer keeps)
+    backlog: list[dict[str, Any] | ReadingsText | StatsText] | None = None
 
     @property
     def queued(self) -> int:
@@ -434,6 +468,9 @@ class StreamHub:
         # per device: (wall time, datagrams) at the last ticks, for a rate over RATE_WINDOW
         self._samples: dict[str, collections.deque[tuple[float, int]]] = {}
         self._due: set[Subscriber] = set()  # subscribers with something new, to wake next round
+        self._direct: dict[Subscriber, None] = {}  # with something new, to write for at once
+        self.messages_direct = 0  # of messages_sent, those the hub wrote for an idle sender
+        self._direct_wake = trio.Event()
         self._round = trio.Event()
         self._last_round = -math.inf
         self._rates: dict[str, float] = {}
@@ -617,7 +654,11 @@ class StreamHub:
             # idle stream sends at once. Only while the collector is busy (the measure the UDP
             # loop batches by) do updates wait for the next round: with cheap sends nothing is
             # in flight for long, so group commit alone would send a message per wake-up.
-            if not sub.wake.is_set():
+            if sub.parked and sub.writer is not None:  # written for it by _direct_writer
+                self._direct[sub] = None
+                if not self._direct_wake.is_set():
+                    self._direct_wake.set()
+            elif not sub.wake.is_set():
                 sub.wake.set()
             return
         self._due.add(sub)
@@ -637,13 +678,59 @@ class StreamHub:
             self._round = trio.Event()
             self._last_round = trio.current_time()
             due, self._due = self._due, set()
+            now = trio.current_time()
             for sub in due:
-                if not sub.wake.is_set():
+                self._write_or_wake(sub, now)
+
+    async def _direct_writer(self) -> None:
+        """Write, at once, for the subscribers with something new whose senders are idle."""
+        while True:
+            await self._direct_wake.wait()
+            self._direct_wake = trio.Event()
+            due, self._direct = self._direct, {}
+            now = trio.current_time()
+            for sub in due:
+                self._write_or_wake(sub, now)
+
+    def _write_or_wake(self, sub: Subscriber, now: float) -> None:
+        """Send what is queued for `sub` here and now if its sender is idle and its socket
+        takes it; otherwise (or for what the socket does not take) wake its sender."""
+        if sub.wake.is_set():
+            return
+        if (
+            not sub.parked
+            or sub.writer is None
+            or sub.backlog is not None
+            or sub.pending_subscription is not None
+            or sub.resync
+            or sub.closing is not None
+        ):
+            sub.wake.set()
+            return
+        try:
+            messages = list(sub.take(now))
+            for i, message in enumerate(messages):
+                text = self._text(sub, message)
+                if not sub.writer.offer(text):  # the socket is full (or closed): the sender
+                    sub.seq -= 1  # numbered again when it is sent
+                    sub.backlog = messages[i:]
                     sub.wake.set()
+                    return
+                self._sent(sub, text)
+                self.messages_direct += 1
+                if sub.writer.pending:  # taken in part: the sender writes the rest, then more
+                    sub.backlog = messages[i + 1 :]
+                    sub.wake.set()
+                    return
+        except Exception as exc:  # the boundary of one dashboard, as in its sender task
+            self.app.boundary.report("subscriber", exc, f"subscriber {sub.id} {sub.remote}")
+            sub.closing = (stream.CLOSE_INTERNAL_ERROR, "internal error", "internal error")
+            sub.wake.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher)
+            nursery.start_soon(self._direct_writer)
             await self._tick_forever(task_status=task_status)
 
     async def _tick_forever(
@@ -704,6 +791,7 @@ class StreamHub:
             "readings_in": self.readings_in,
             "stream_seq": self.stream_seq,
             "messages_sent": self.messages_sent_closed + sum(s.messages_sent for s in subs),
+            "messages_direct": self.messages_direct,
             "readings_sent": self.readings_sent_closed + sum(s.readings_sent for s in subs),
             "missed": self.missed_closed + sum(s.missed_total for s in subs),
             "replies_dropped": self.replies_dropped_closed + sum(s.replies_dropped for s in subs),
@@ -734,12 +822,12 @@ class StreamHub:
         remote: str,
         *,
         can_command: bool,
-        send_text: Callable[[str], Awaitable[None]] | None = None,
+        writer: DirectWriter | None = None,
     ) -> Subscriber:
         """Serve one connected dashboard until it leaves or is closed; returns it.
 
-        `send_text` sends one text message (default: `ws.send_message`); the HTTP server
-        passes one that writes the frames itself."""
+        `writer` sends its text messages (default: `ws.send_message`, and no writes for an
+        idle sender); the HTTP server passes one that writes the frames itself."""
         cfg = self.config
         now = trio.current_time()
         sub = Subscriber(
@@ -750,6 +838,7 @@ class StreamHub:
             now,
             notify=self._notify,
             max_replies=cfg.max_replies,
+            writer=writer if writer is not None and writer.can_offer else None,
         )
         self.connections += 1
         self.subscribers.add(sub)
@@ -797,9 +886,8 @@ class StreamHub:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run, self._reader)
-                nursery.start_soon(
-                    run, functools.partial(self._sender, send=send_text or ws.send_message)
-                )
+                send = writer.send_text if writer is not None else ws.send_message
+                nursery.start_soon(run, functools.partial(self._sender, send=send))
                 nursery.start_soon(run, self._pinger)
                 nursery.start_soon(run, self._watchdog)
         finally:
@@ -903,13 +991,25 @@ class StreamHub:
         send: Callable[[str], Awaitable[None]],
     ) -> None:
         while True:
-            due = sub.next_due()
-            if due == math.inf:
-                await sub.wake.wait()
-            else:  # readings held back by max_rate fall due then
-                with trio.move_on_at(due):
-                    await sub.wake.wait()
+            if sub.backlog is None:
+                due = sub.next_due()
+                sub.parked = True  # from here until it wakes, the hub may write for it
+                try:
+                    if due == math.inf:
+                        await sub.wake.wait()
+                    else:  # readings held back by max_rate fall due then
+                        with trio.move_on_at(due):
+                            await sub.wake.wait()
+                finally:
+                    sub.parked = False
             sub.wake = trio.Event()
+            if sub.backlog is not None:  # the hub began, the socket was full: finish, in order
+                backlog, sub.backlog = sub.backlog, None
+                assert sub.writer is not None
+                sub.send_started = trio.current_time()  # the watchdog times this send
+                await sub.writer.flush()
+                sub.send_started = None
+                await self._send_all(sub, backlog, send)
             if sub.pending_subscription is not None:
                 subscription, sub.pending_subscription = sub.pending_subscription, None
                 self._subscribe(sub, subscription)
@@ -917,32 +1017,44 @@ class StreamHub:
             elif sub.resync and sub.matcher is not None:
                 self._subscribe(sub, sub.matcher.subscription)
                 sub.wake = trio.Event()
-            batch = list(sub.take(trio.current_time()))
-            sub.unsent = len(batch)
-            for message in batch:
-                sub.seq += 1
-                if isinstance(message, ReadingsText):
-                    text = stream.readings_text(message.fragments, sub.seq)
-                elif isinstance(message, StatsText):
-                    text = (
-                        '{"type":"stats","devices":'
-                        + message.devices_json
-                        + ',"seq":'
-                        + str(sub.seq)
-                        + "}"
-                    )
-                else:
-                    message["seq"] = sub.seq
-                    text = stream.encode(message)
-                sub.send_started = trio.current_time()  # the watchdog times this send
-                await send(text)
-                sub.send_started = None
-                sub.unsent -= 1
-                sub.messages_sent += 1
-                # UTF-8 bytes of the payload (isascii is a flag: free for the usual rows)
-                sub.bytes_sent += len(text) if text.isascii() else len(text.encode())
+            await self._send_all(sub, list(sub.take(trio.current_time())), send)
             if sub.closing is not None:
                 raise _Closed(*sub.closing)
+
+    @staticmethod
+    def _text(sub: Subscriber, message: dict[str, Any] | ReadingsText | StatsText) -> str:
+        """A message taken from the queue, numbered, as text (encoded only now: a large
+        snapshot in parts is encoded a part at a time, as each can be sent)."""
+        sub.seq += 1
+        if isinstance(message, ReadingsText):
+            return stream.readings_text(message.fragments, sub.seq)
+        if isinstance(message, StatsText):
+            return (
+                '{"type":"stats","devices":' + message.devices_json + ',"seq":' + str(sub.seq) + "}"
+            )
+        message["seq"] = sub.seq
+        return stream.encode(message)
+
+    async def _send_all(
+        self,
+        sub: Subscriber,
+        messages: list[dict[str, Any] | ReadingsText | StatsText],
+        send: Callable[[str], Awaitable[None]],
+    ) -> None:
+        sub.unsent = len(messages)
+        for message in messages:
+            text = self._text(sub, message)
+            sub.send_started = trio.current_time()  # the watchdog times this send
+            await send(text)
+            sub.send_started = None
+            sub.unsent -= 1
+            self._sent(sub, text)
+
+    @staticmethod
+    def _sent(sub: Subscriber, text: str) -> None:
+        sub.messages_sent += 1
+        # UTF-8 bytes of the payload (isascii is a flag: free for the usual rows)
+        sub.bytes_sent += len(text) if text.isascii() else len(text.encode())
 
     async def _watchdog(self, sub: Subscriber, ws: trio_websocket.WebSocketConnection) -> None:
         """Close a subscriber whose current send has made no progress for `stall_limit`.

@@ -41,7 +41,7 @@ import re
 import socket
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
@@ -88,12 +88,14 @@ class PrefixedStream(trio.abc.Stream):
     """A stream that first returns bytes already read from `stream`, then reads on.
 
     Its writes are serialized by one lock, so that the stream's own text frames
-    (`StreamWriter`) and trio-websocket's frames (pongs, pings, close) never interleave."""
+    (`StreamWriter`) and trio-websocket's frames (pongs, pings, close) never interleave; what
+    is left of a frame `offer` began is written before anything else."""
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self.stream = stream
         self.prefix = prefix
         self._send_lock = trio.StrictFIFOLock()
+        self.tail: memoryview | None = None  # the rest of a frame `offer` wrote in part
         # a plain TCP connection can be written without a trip through the scheduler
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
 
@@ -107,21 +109,40 @@ class PrefixedStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
+            await self._send_tail()
             await self.stream.send_all(data)
 
-    def send_nowait(self, data: bytes) -> int:
-        """Write what the socket takes now, without waiting; returns how many bytes that was
-        (0 when another write is in progress, on TLS, or when the socket buffer is full). The
-        caller sends the rest with `send_all`. An error is left for `send_all` to raise."""
-        if self._sock is None or self._send_lock.locked():
-            return 0
+    async def flush(self) -> None:
+        """Write what is left of a frame `offer` began."""
+        async with self._send_lock:
+            await self._send_tail()
+
+    async def _send_tail(self) -> None:
+        if self.tail is not None:
+            await self.stream.send_all(self.tail)
+            self.tail = None
+
+    @property
+    def can_offer(self) -> bool:
+        return self._sock is not None
+
+    def offer(self, data: bytes) -> bool:
+        """Write what the socket takes now, without waiting. What it does not take becomes
+        `tail`, written before anything else (`flush`, `send_all`). False, and nothing
+        written, when another write is in progress or a tail is pending, on TLS, or when the
+        socket buffer is full; an error is left for `send_all` to raise."""
+        if self._sock is None or self.tail is not None or self._send_lock.locked():
+            return False
         fd = self._sock.fileno()  # asked each time: -1 once closed, never a reused number
         if fd < 0:
-            return 0
+            return False
         try:
-            return os.write(fd, data)
+            sent = os.write(fd, data)
         except OSError:  # EAGAIN, or a broken connection: send_all finds out which
-            return 0
+            return False
+        if sent < len(data):
+            self.tail = memoryview(data)[sent:]
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -143,18 +164,40 @@ class StreamWriter:
         self.ws = ws
         self.stream = stream
 
-    async def send_text(self, text: str) -> None:
+    def offer(self, text: str) -> bool:
+        """Write one message now if the socket takes it (see PrefixedStream.offer); False
+        if not a byte of it was written (a full socket, TLS, or the WebSocket closing)."""
         if self.ws.closed is not None:  # closing or closed: no data frame may follow
+            return False
+        return self.stream.offer(server_text_frame(text.encode()))
+
+    @property
+    def pending(self) -> bool:
+        return self.stream.tail is not None
+
+    @property
+    def can_offer(self) -> bool:
+        return self.stream.can_offer
+
+    async def flush(self) -> None:
+        await self._wait(self.stream.flush())
+
+    async def send_text(self, text: str) -> None:
+        if self.ws.closed is not None:
             raise trio_websocket.ConnectionClosed(self.ws.closed)
         frame = server_text_frame(text.encode())
-        sent = self.stream.send_nowait(frame)
-        if sent < len(frame):
-            try:
-                await self.stream.send_all(frame[sent:])  # frame[0:] is frame itself: no copy
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise trio_websocket.ConnectionClosed(
-                    self.ws.closed or trio_websocket.CloseReason(1006, "connection lost")
-                ) from None
+        if not self.stream.offer(frame):
+            await self._wait(self.stream.send_all(frame))
+        elif self.stream.tail is not None:
+            await self.flush()
+
+    async def _wait(self, send: Awaitable[None]) -> None:
+        try:
+            await send
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise trio_websocket.ConnectionClosed(
+                self.ws.closed or trio_websocket.CloseReason(1006, "connection lost")
+            ) from None
 
 
 @attrs.frozen
@@ -662,7 +705,7 @@ class HttpServer:
                 ws,
                 peer,
                 can_command=access >= COMMAND,
-                send_text=StreamWriter(ws, prefixed).send_text,
+                writer=StreamWriter(ws, prefixed),
             )
             nursery.cancel_scope.cancel()
 

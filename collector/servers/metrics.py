@@ -218,6 +218,11 @@ class CollectorMetrics(PromCollector):
             )
             yield counter("stream_messages_sent", "Stream messages sent.", hub["messages_sent"])
             yield counter(
+                "stream_messages_direct",
+                "Of the stream messages sent, those the hub wrote at once for an idle sender.",
+                hub["messages_direct"],
+            )
+            yield counter(
                 "stream_readings_sent", "Readings sent to subscribers.", hub["readings_sent"]
             )
             yield counter(
