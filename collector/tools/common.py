@@ -136,23 +136,24 @@ async def read_stream(
     only: Collection[str] | None = None,
 ) -> None:
     """A dashboard for the benchmarks: subscribe on ws://127.0.0.1:`port`/stream, then call
-    `on_message(received_at, message)` for every message. It runs until cancelled; the
-    collector closing the stream, or refusing it, is an error (RuntimeError).
+    `on_message(received_at, message)` for every message after the hello. It runs until
+    cancelled; the collector closing the stream, or refusing it, is an error (RuntimeError).
 
-    wsproto on a plain trio stream, every message of a read handled at once, as the MQTT
-    subscribers of the benchmarks do: trio-websocket's task switch and channel per message
-    would make this process, not the collector, what limits the latency measured. Pings are
-    answered. With `only`, messages of other types are not decoded: the once-a-second `stats`
-    message (about 40 kB for 200 devices), decoded by 10 dashboards in one process, held up
-    the readings behind it by a few milliseconds, and the tail latency measured was that."""
+    wsproto for the handshake; then the server's frames (never masked: a header of 2 to 10
+    bytes and the payload) are read by hand, every message of a read handled at once, as the
+    MQTT subscribers of the benchmarks read theirs. trio-websocket's task switch and channel
+    per message, and wsproto's events (about 20 us a frame), would make this process, not the
+    collector, what the latency measures. Pings are answered. With `only`, messages of other
+    types are not decoded: the once-a-second `stats` message (about 40 kB for 200 devices),
+    decoded by 10 dashboards in one process, held up the readings behind it by a few
+    milliseconds, and the tail latency measured was that."""
     import json
 
     import trio
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import (
-        AcceptConnection,
         CloseConnection,
-        Ping,
+        Pong,
         RejectConnection,
         Request,
         TextMessage,
@@ -161,8 +162,8 @@ async def read_stream(
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     ws = WSConnection(ConnectionType.CLIENT)
     await stream.send_all(ws.send(Request(host="bench", target="/stream")))
-    accepted = False
-    while not accepted:
+    hello = False  # wsproto reads up to the end of the first message, the hello
+    while not hello:
         data = await stream.receive_some(65536)
         if not data:
             raise RuntimeError("the collector closed the connection during the handshake")
@@ -170,34 +171,56 @@ async def read_stream(
         for event in ws.events():
             if isinstance(event, RejectConnection):
                 raise RuntimeError(f"the collector refused the stream: HTTP {event.status_code}")
-            accepted = accepted or isinstance(event, AcceptConnection)
+            if isinstance(event, CloseConnection):
+                raise RuntimeError(f"the collector closed the stream: {event.code} {event.reason}")
+            hello = hello or (isinstance(event, TextMessage) and event.message_finished)
     sub = subscribe if subscribe is not None else {"type": "subscribe", "history": 0}
     await stream.send_all(ws.send(TextMessage(data=json.dumps(sub))))
     if task_status is not None:
         task_status.started()
-    parts: list[str] = []
+    wanted = None if only is None else {kind.encode() for kind in only}
+    parts: list[bytes] = []
+    buf = b""
     while True:
         data = await stream.receive_some(65536)
         if not data:  # a measuring dashboard that stops quietly would bias what it measures
             raise RuntimeError("the collector closed the stream without a close frame")
         now = time.time()
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, CloseConnection):
-                raise RuntimeError(f"the collector closed the stream: {event.code} {event.reason}")
-            if isinstance(event, Ping):
-                await stream.send_all(ws.send(event.response()))
+        buf = buf + data if buf else data
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            first, length = buf[pos], buf[pos + 1]
+            if length & 0x80:
+                raise RuntimeError("a masked frame from the collector")
+            head = 2
+            if length == 126:
+                head, length = 4, int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            elif length == 127:
+                head, length = 10, int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            if end - pos < head + length:
+                break  # the rest of the frame comes with the next read
+            payload = buf[pos + head : pos + head + length]
+            pos += head + length
+            opcode = first & 0x0F
+            if opcode == 0x9:  # ping
+                await stream.send_all(ws.send(Pong(payload=payload)))
                 continue
-            if not isinstance(event, TextMessage):
+            if opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big") if payload else None
+                raise RuntimeError(f"the collector closed the stream: {code} {payload[2:]!r}")
+            if opcode == 0xA:  # pong
                 continue
-            parts.append(event.data)
-            if not event.message_finished:
+            if opcode not in (0x0, 0x1):
+                raise RuntimeError(f"a frame of opcode {opcode} from the collector")
+            if not first & 0x80:  # a message in several frames
+                parts.append(payload)
                 continue
-            text = "".join(parts)
-            parts.clear()
-            if only is not None and text.startswith('{"type":"'):  # the stream's compact JSON
-                kind = text[9 : text.find('"', 9)]
-                if kind not in only:
+            if parts:
+                parts.append(payload)
+                payload = b"".join(parts)
+                parts.clear()
+            if wanted is not None and payload.startswith(b'{"type":"'):  # compact JSON
+                if payload[9 : payload.find(b'"', 9)] not in wanted:
                     continue
-            message = json.loads(text)
-            on_message(now, message)
+            on_message(now, json.loads(payload))
+        buf = buf[pos:]
