@@ -60,6 +60,11 @@ def percentile(values: list[float], p: float) -> float:
     return values[k]
 
 
+#: fewer rounds than this give a bootstrap interval too narrow to trust (three rounds have
+#: ten distinct resamples): the stalled dashboard's verdict then says so
+MIN_ROUNDS_TO_DECIDE = 10
+
+
 def pooled_percentile(rounds: list[list[float]], p: float) -> float:
     """`percentile` of all of `rounds` (each sorted) together, found without merging them."""
     rounds = [r for r in rounds if r]
@@ -481,7 +486,10 @@ def main(argv: list[str] | None = None, prog: str = "collector bench stream") ->
             f"against all A phases: {change:+.1f} %{spread}"
         )
     else:
-        verdict = "met" if high <= 10 else "not met" if low > 10 else "not decided by these rounds"
+        if args.rounds < MIN_ROUNDS_TO_DECIDE:
+            verdict = f"too few rounds to decide ({args.rounds}; --rounds 20 --phase 4 decides)"
+        else:
+            verdict = "met" if high <= 10 else "not met" if low > 10 else "not decided"
         print(
             f"\np99 change with the stalled dashboard, all B phases against all A phases: "
             f"{change:+.1f} %{spread}; target at most +10 %: {verdict}"
