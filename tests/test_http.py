@@ -411,6 +411,47 @@ async def test_what_is_left_of_a_frame_goes_before_anything_else():
     assert bytes(got) == frame + b"PONG" and stream.tail is None
     assert stream.offer(b"more")
     assert await peer.recv(100) == b"more"
+    # A write of the tail cancelled part way (a ping's timeout) sends nothing twice.
+    assert stream.offer(frame) and stream.tail is not None
+    got = bytearray()
+    with trio.move_on_after(0.5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.flush)
+            while len(got) < 50_000:  # some of the tail goes, then the reader stops
+                got += await peer.recv(4096)
+            await trio.sleep_forever()
+    assert stream.tail is not None
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, b"CLOSE")
+            while len(got) < len(frame) + 5:
+                got += await peer.recv(65536)
+    assert bytes(got) == frame + b"CLOSE"
+
+
+async def test_a_value_max_rate_holds_back_goes_out_when_due(nursery, autojump_clock):
+    """With max_rate 2 a second value within 0.5 s waits, and goes out when it falls due,
+    not with the next reading or heartbeat (the hub writing for the idle sender must leave
+    the sender's timer set for it)."""
+    collector, _ = await start(nursery, stream_heartbeat=30)
+    async with open_websocket_url(ws_url(collector)) as ws:
+        await subscribed(ws, max_rate=2, history=0)
+        t0 = trio.current_time()
+
+        async def feed():
+            for k, at in enumerate((0.0, 0.1)):
+                await trio.sleep_until(t0 + at)
+                row = Telemetry(1.0, "dev-1", k, 0, (Reading("x", float(k)),))
+                collector.hub.on_telemetry([row])
+
+        nursery.start_soon(feed)
+        arrived = []
+        while len(arrived) < 2:
+            msg = json.loads(await ws.get_message())
+            if msg["type"] == "readings":
+                arrived += [(trio.current_time() - t0, row[3]) for row in msg["readings"]]
+    assert [v for _, v in arrived] == [0.0, 1.0]
+    assert arrived[0][0] < 0.1 and 0.45 < arrived[1][0] < 0.7
 
 
 async def test_oversized_client_message_closes_with_1009(nursery, autojump_clock):

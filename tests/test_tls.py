@@ -78,6 +78,8 @@ async def test_https_and_wss_with_the_same_certificate(nursery, certs):
     assert answer.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in answer
     async with open_websocket_url(f"wss://127.0.0.1:{port}/stream", ssl_context=ctx) as ws:
         assert json.loads(await ws.get_message())["type"] == "hello"
+        [sub] = collector.hub.subscribers
+        assert sub.writer is None  # over TLS the hub never writes for the sender
         await ws.send_message(json.dumps({"type": "subscribe"}))
         assert json.loads(await ws.get_message())["type"] == "snapshot"
         await ws.send_message(json.dumps({"type": "ping", "id": 1}))

@@ -722,6 +722,8 @@ class StreamHub:
                     sub.backlog = messages[i + 1 :]
                     sub.wake.set()
                     return
+            if sub.deferred:  # max_rate held some back: the sender sets its timer for them
+                sub.wake.set()
         except Exception as exc:  # the boundary of one dashboard, as in its sender task
             self.app.boundary.report("subscriber", exc, f"subscriber {sub.id} {sub.remote}")
             sub.closing = (stream.CLOSE_INTERNAL_ERROR, "internal error", "internal error")

@@ -118,9 +118,15 @@ class PrefixedStream(trio.abc.Stream):
             await self._send_tail()
 
     async def _send_tail(self) -> None:
-        if self.tail is not None:
-            await self.stream.send_all(self.tail)
-            self.tail = None
+        # A send at a time, keeping what is left: a cancelled wait (a ping's timeout, the
+        # stall watchdog) writes nothing twice, and whoever writes next finishes the frame.
+        while self.tail is not None:
+            assert self._sock is not None  # only `offer` makes a tail, on a plain socket
+            try:
+                sent = await self._sock.send(self.tail)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+            self.tail = self.tail[sent:] if sent < len(self.tail) else None
 
     @property
     def can_offer(self) -> bool:
