@@ -171,3 +171,20 @@ async def api(
 ):
     status, _, raw = await http(collector, method, path, body, token)
     return status, json.loads(raw) if raw else None
+
+
+async def ws_handshake(collector: Collector, *, rcvbuf: int = 4096) -> tuple[Any, Any]:
+    """A raw WebSocket client of /stream on a socket with a small receive buffer: the
+    handshake done with wsproto directly (so no library reads on its behalf), nothing more.
+    Returns the trio socket and the wsproto connection."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", collector.http_address[1]))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await sock.send(ws.send(Request(host="test", target="/stream")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await sock.recv(4096))
+    return sock, ws

@@ -22,7 +22,7 @@ from collector.wire import recording as rec
 from collector.wire.datagram import U32
 from collector.wire.recording import EventRecord, ReadingsRecord, RecordType
 
-from .helpers import SECRETS, api, http, start_collector, udp_socket
+from .helpers import SECRETS, api, http, start_collector, udp_socket, ws_handshake
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,26 +183,11 @@ async def test_refused_handshakes_are_closed_and_leave_nothing_behind(nursery, a
 # -- 3. ping replies --------------------------------------------------------------------------------
 
 
-async def raw_subscriber(collector):
-    """A WebSocket client that does the handshake, then sends what it is told and never reads."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request
-
-    sock = trio.socket.socket()
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", collector.http_address[1]))
-    ws = WSConnection(ConnectionType.CLIENT)
-    await sock.send(ws.send(Request(host="test", target="/stream")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        ws.receive_data(await sock.recv(4096))
-    return sock, ws
-
-
 async def test_ping_ids_and_queued_replies_are_bounded(nursery, autojump_clock):
     from wsproto.events import TextMessage
 
     collector, _ = await start(nursery, stream_ping_interval=1000.0)
-    sock, ws = await raw_subscriber(collector)
+    sock, ws = await ws_handshake(collector)  # sends what it is told, never reads
     await trio.sleep(0.1)
     (sub,) = collector.hub.subscribers
     big = json.dumps({"type": "ping", "id": "x" * 60_000})

@@ -16,7 +16,7 @@ from collector.core.events import Telemetry
 from collector.device.client import open_device
 from collector.wire.datagram import Reading
 
-from .helpers import SECRETS, api, http, start_collector
+from .helpers import SECRETS, api, http, start_collector, ws_handshake
 
 
 async def start(nursery, **overrides):
@@ -323,8 +323,7 @@ async def test_a_slow_dashboard_gets_every_frame_whole_and_in_order(nursery, mon
     """The hub writes for idle senders, a frame the socket takes only in part is finished
     before anything else, and pings go between frames, never inside one: a client with a
     small buffer that reads slowly, pinged every 5 ms, gets valid frames numbered 1, 2, 3..."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+    from wsproto.events import Ping, TextMessage
 
     from collector.servers.http import PrefixedStream
 
@@ -337,13 +336,7 @@ async def test_a_slow_dashboard_gets_every_frame_whole_and_in_order(nursery, mon
 
     monkeypatch.setattr(PrefixedStream, "offer", spy)
     collector, _ = await start(nursery, stream_ping_interval=0.005, stream_queue=100_000)
-    sock = trio.socket.socket()
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", collector.http_address[1]))
-    ws = WSConnection(ConnectionType.CLIENT)
-    await sock.send(ws.send(Request(host="test", target="/stream")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        ws.receive_data(await sock.recv(4096))
+    sock, ws = await ws_handshake(collector)
     await sock.send(ws.send(TextMessage(data=json.dumps({"type": "subscribe", "history": 0}))))
     seqs, types, values, pings, parts = [], [], [], 0, []
     sent, per_batch = 8000, 400  # messages of about 20 kB, beyond what the socket holds
@@ -482,19 +475,12 @@ def _flood(collector, n_batches, per_batch=500):
         collector.hub.on_telemetry(batch)
 
 
-async def raw_subscriber(collector, *, rcvbuf=4096):
+async def raw_subscriber(collector):
     """A WebSocket client on a socket with a tiny receive buffer that, once subscribed, never
-    reads again (wsproto directly, so no library reads on its behalf)."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request, TextMessage
+    reads again."""
+    from wsproto.events import TextMessage
 
-    sock = trio.socket.socket()
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
-    await sock.connect(("127.0.0.1", collector.http_address[1]))
-    ws = WSConnection(ConnectionType.CLIENT)
-    await sock.send(ws.send(Request(host="test", target="/stream")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        ws.receive_data(await sock.recv(4096))
+    sock, ws = await ws_handshake(collector)
     await sock.send(ws.send(TextMessage(data=json.dumps({"type": "subscribe"}))))
     return sock
 
